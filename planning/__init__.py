@@ -1,0 +1,1 @@
+"""wam.planning."""
