@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data import-dqn-replay": ("wam.runs.data_cmds", "import_dqn_replay", "Import DQN-Replay files for one game."),
     "data import-minari": ("wam.runs.data_cmds", "import_minari", "Import a Minari Atari dataset (210x160 RGB) into wam's format."),
     "data export-minari": ("wam.runs.data_cmds", "export_minari", "Export a wam dataset as a Minari dataset."),
+    "demo": ("wam.runs.demo", "demo", "Run the whole pipeline end to end on the debug preset (CPU, minutes)."),
+    "eval": ("wam.runs.eval_cmds", "evaluate", "Evaluate an agent on Atari games with Ray workers (scores, HNS, IQM, CIs)."),
+    "report": ("wam.runs.report", "report", "Write report.md with tables and plots from eval and run directories."),
     "bench": ("wam.runs.bench", "bench", "Run benchmarks and write JSON figures (data, cores, tokenizer, ...)."),
 }
 

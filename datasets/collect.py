@@ -1,0 +1,301 @@
+"""Collect Atari episodes with Ray actors; the parent alone writes the HDF5 datasets.
+
+Work is split into episodes. Episode j of game g runs with its own seed derived from (seed, g, j), so the
+dataset depends only on the seed, never on the number of workers or the order in which workers finish:
+the parent buffers finished episodes and writes them in index order. With a step budget, the parent
+writes the shortest prefix of episodes that reaches it and truncates the last one to the budget exactly
+(marking it `truncated`). Running again on the same `--out` resumes: the episodes already committed are
+kept and only the missing ones are collected. A worker that dies has its episode re-run on a fresh actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wam.datasets.errors import WamError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectSummary:
+    steps: int = 0  # transitions written by this call
+    episodes: int = 0  # episodes written by this call
+    seconds: float = 0.0
+    returns: list[float] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    restarted_workers: int = 0
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+def dataset_name(policy: str, epsilon: float) -> str:
+    """Minari-style dataset name for a behaviour policy, e.g. `scripted-eps30`."""
+    return policy if epsilon == 0 else f"{policy}-eps{int(round(epsilon * 100)):02d}"
+
+
+def episode_seed(seed: int, game: str, index: int) -> int:
+    """A 32-bit seed for episode `index` of `game`, stable across runs and machines."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(game.encode()), index]).generate_state(1)[0])
+
+
+def run_episode(env, policy, legal: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Play one episode of `policy` in `env` (legal: bool[18]); returns the arrays of a stored episode."""
+    rng = np.random.default_rng(seed)
+    ale = env.unwrapped.ale
+    obs, info = env.reset(seed=seed)
+    policy.reset(rng)
+    frames, actions, rewards, terms, truncs, lives = [obs], [], [], [], [], []
+    while True:
+        a = policy.act(obs, ale.getRAM(), legal, rng)
+        obs, r, terminated, truncated, info = env.step(a)
+        frames.append(obs)
+        actions.append(a)
+        rewards.append(r)
+        terms.append(terminated)
+        truncs.append(truncated)
+        lives.append(info.get("lives", 0))
+        if terminated or truncated:
+            break
+    return {
+        "observations": np.stack(frames).astype(np.uint8),
+        "actions": np.asarray(actions, dtype=np.int64),
+        "rewards": np.asarray(rewards, dtype=np.float32),
+        "terminations": np.asarray(terms, dtype=bool),
+        "truncations": np.asarray(truncs, dtype=bool),
+        "lives": np.asarray(lives, dtype=np.int32),
+    }
+
+
+class _EpisodeRunner:
+    """Body of the Ray actor: keeps one environment per game and plays requested episodes."""
+
+    def __init__(self, protocol: str, policy: str, epsilon: float, die_on: tuple[str, int, str] | None = None):
+        self.protocol, self.policy_name, self.epsilon = protocol, policy, epsilon
+        self.envs: dict[str, tuple] = {}
+        self.die_on = die_on  # fault injection for tests: (game, episode index, marker file)
+
+    def run(self, game: str, index: int, seed: int) -> tuple[str, int, dict[str, np.ndarray]]:
+        if self.die_on is not None and (game, index) == self.die_on[:2]:
+            marker = Path(self.die_on[2])
+            if not marker.exists():  # die once, the way a crashed worker process does
+                marker.touch()
+                import os
+
+                os._exit(1)
+        from wam.datasets.atari import legal_action_mask, make_env
+        from wam.datasets.policies import make_policy
+
+        if game not in self.envs:
+            self.envs[game] = (make_env(game, protocol=self.protocol, seed=seed),
+                               make_policy(self.policy_name, game, epsilon=self.epsilon),
+                               legal_action_mask(game))
+        env, policy, legal = self.envs[game]
+        return game, index, run_episode(env, policy, legal, seed)
+
+    def ping(self) -> bool:
+        return True
+
+
+@dataclass
+class _GameJob:
+    game: str
+    store: object
+    writer: object
+    start_index: int  # first episode index this call collects
+    steps_done: int  # transitions already in the dataset
+    episodes_done: int
+    target_steps: int | None
+    target_episodes: int | None
+    next_submit: int = 0
+    next_write: int = 0
+    pending: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    finished: bool = False
+
+    def wants_more(self) -> bool:
+        if self.finished:
+            return False
+        if self.target_episodes is not None:
+            return self.next_submit < self.target_episodes
+        return True  # step budget: keep a few episodes in flight; surplus ones are discarded
+
+
+def collect(
+    games: Sequence[str],
+    policy: str = "random",
+    epsilon: float = 0.0,
+    steps: int | None = None,
+    episodes: int | None = None,
+    workers: int = 2,
+    protocol: str = "jowa",
+    seed: int = 0,
+    out: str | Path = "data",
+    progress: bool = True,
+    ray_address: str | None = None,
+    _die_on: tuple[str, int, str] | None = None,
+) -> CollectSummary:
+    """Collect `steps` transitions (split evenly over games) or `episodes` episodes per game into `out`.
+
+    `out` is a dataset root: each game goes to `out/atari/<game>/<policy-name>-v0/`.
+    `_die_on` = (game, episode index, marker file) makes the worker that runs that episode exit the first
+    time (tests use it to check that a dead worker's episode is re-run and counted once).
+    """
+    import ray
+    from tqdm import tqdm
+
+    from wam.datasets.atari import PROTOCOLS, canonical_game
+    from wam.datasets.distributed import ray_session
+    from wam.datasets.policies import make_policy
+    from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+
+    if (steps is None) == (episodes is None):
+        raise WamError("give exactly one of --steps or --episodes")
+    if (steps is not None and steps <= 0) or (episodes is not None and episodes <= 0):
+        raise WamError("--steps/--episodes must be positive")
+    if not 0.0 <= epsilon <= 1.0:
+        raise WamError(f"--epsilon must lie in [0, 1], got {epsilon}")
+    if workers < 1:
+        raise WamError(f"--workers must be at least 1, got {workers}")
+    if not games:
+        raise WamError("give at least one --game")
+    if protocol not in PROTOCOLS:
+        raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    games = list(dict.fromkeys(canonical_game(g) for g in games))
+    for g in games:  # fail fast (e.g. scripted policy missing for a game) before starting Ray
+        make_policy(policy, g, epsilon=epsilon)
+    from importlib.metadata import version
+
+    name = dataset_name(policy, epsilon)
+    per_game_steps = None if steps is None else -(-steps // len(games))
+    jobs: list[_GameJob] = []
+    summary = CollectSummary()
+    t0 = time.perf_counter()
+    try:
+        for g in games:
+            provenance = {"game": g, "protocol": protocol, "policy": policy, "epsilon": float(epsilon),
+                          "seed": int(seed), "ale_py_version": version("ale-py"), "collector": "wam data collect"}
+            store = TrajectoryStore.create(dataset_dir(out, g, name), game=g, provenance=provenance, exist_ok=True)
+            if int(store.provenance.get("seed", seed)) != seed:
+                raise WamError(f"{dataset_dir(out, g, name)} was collected with --seed {store.provenance['seed']}; "
+                               f"resume with the same seed or choose another --out")
+            done_steps, done_eps = int(store.num_steps), int(store.num_episodes)
+            summary.datasets.append(str(dataset_dir(out, g, name)))
+            job = _GameJob(g, store, None, done_eps, done_steps, done_eps, per_game_steps, episodes,
+                           next_submit=done_eps, next_write=done_eps)
+            if (per_game_steps is not None and done_steps >= per_game_steps) or \
+               (episodes is not None and done_eps >= episodes):
+                job.finished = True
+            jobs.append(job)
+        todo = [j for j in jobs if not j.finished]
+        if not todo:
+            log.info("nothing to collect: %s already complete", out)
+            return summary
+        for j in todo:
+            j.writer = j.store.writer(commit_every=1).__enter__()
+
+        total = (sum(j.target_steps - j.steps_done for j in todo) if steps is not None
+                 else sum(j.target_episodes - j.episodes_done for j in todo))
+        bar = tqdm(total=total, unit="step" if steps is not None else "ep", disable=not progress,
+                   desc=f"collect {'+'.join(games)}", dynamic_ncols=True)
+        with ray_session(num_cpus=workers, address=ray_address):
+            n_cpu = ray.available_resources().get("CPU", 1)
+            cpus_per = min(1.0, max(0.01, n_cpu / workers))
+            Runner = ray.remote(num_cpus=cpus_per)(_EpisodeRunner)
+            actors = [Runner.remote(protocol, policy, epsilon, _die_on) for _ in range(workers)]
+            inflight: dict[object, tuple[int, str, int]] = {}  # ref -> (actor idx, game, episode index)
+            rr = 0
+
+            def submit(ai: int) -> bool:
+                nonlocal rr
+                live = [j for j in todo if j.wants_more()]
+                if not live:
+                    return False
+                # keep a bounded number of episodes per game ahead of the writer
+                live.sort(key=lambda j: j.next_submit - j.next_write)
+                j = live[0]
+                if steps is not None and j.next_submit - j.next_write >= workers:
+                    return False
+                idx = j.next_submit
+                j.next_submit += 1
+                ref = actors[ai].run.remote(j.game, idx, episode_seed(seed, j.game, idx))
+                inflight[ref] = (ai, j.game, idx)
+                return True
+
+            for ai in range(workers):
+                submit(ai)
+            by_game = {j.game: j for j in todo}
+            while inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                ref = ready[0]
+                ai, game, idx = inflight.pop(ref)
+                try:
+                    _, _, arrays = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    log.warning("worker %d died on %s episode %d; restarting it and re-running the episode",
+                                ai, game, idx)
+                    summary.restarted_workers += 1
+                    actors[ai] = Runner.remote(protocol, policy, epsilon, _die_on)
+                    ref = actors[ai].run.remote(game, idx, episode_seed(seed, game, idx))
+                    inflight[ref] = (ai, game, idx)
+                    continue
+                job = by_game[game]
+                if not job.finished:
+                    job.pending[idx] = arrays
+                    _write_ready(job, Episode, episode_seed, seed, summary, bar, steps is not None)
+                if job.finished:  # drop surplus episodes of a finished game
+                    job.pending.clear()
+                submit(ai)
+                bar.set_postfix(eps=summary.episodes,
+                                ret=f"{np.mean(summary.returns):.1f}" if summary.returns else "-",
+                                sps=f"{summary.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
+            for a in actors:
+                ray.kill(a)
+        bar.close()
+    finally:
+        for j in jobs:
+            if j.writer is not None:
+                j.writer.__exit__(None, None, None)
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _write_ready(job: _GameJob, Episode, seed_fn, seed: int, summary: CollectSummary, bar, by_steps: bool) -> None:
+    """Write the episodes that are next in index order; stop the game when its budget is met."""
+    while job.next_write in job.pending and not job.finished:
+        idx = job.next_write
+        arrays = job.pending.pop(idx)
+        if by_steps:
+            room = job.target_steps - job.steps_done
+            if len(arrays["actions"]) >= room:
+                arrays = _truncate(arrays, room)
+                job.finished = True
+        ep = Episode(**arrays, seed=seed_fn(seed, job.game, idx), attrs={"episode_index": idx})
+        job.writer.append(ep)
+        n = len(arrays["actions"])
+        job.steps_done += n
+        job.episodes_done += 1
+        job.next_write += 1
+        summary.steps += n
+        summary.episodes += 1
+        summary.returns.append(float(arrays["rewards"].sum()))
+        bar.update(n if by_steps else 1)
+        if job.target_episodes is not None and job.episodes_done >= job.target_episodes:
+            job.finished = True
+
+
+def _truncate(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The first n transitions of an episode, flagged as truncated when cut short."""
+    if len(arrays["actions"]) == n:
+        return arrays
+    out = {k: (v[: n + 1] if k == "observations" else v[:n]).copy() for k, v in arrays.items()}
+    out["truncations"][-1] = not out["terminations"][-1]
+    return out

@@ -1,0 +1,81 @@
+"""Collection with real Ray actors, real ALE environments and real HDF5 files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wam.datasets.collect import collect, dataset_name
+from wam.datasets.errors import WamError
+from wam.datasets.store import TrajectoryStore, dataset_dir, validate
+
+
+def _episodes(root, game, name):
+    store = TrajectoryStore.open(dataset_dir(root, game, name))
+    return [store.read_episode(i) for i in range(store.num_episodes)]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.observations, y.observations)
+        np.testing.assert_array_equal(x.actions, y.actions)
+        np.testing.assert_array_equal(x.rewards, y.rewards)
+        np.testing.assert_array_equal(x.terminations, y.terminations)
+        np.testing.assert_array_equal(x.truncations, y.truncations)
+
+
+def test_same_seed_same_dataset_whatever_the_worker_count(ray_session, tmp_path):
+    kw = dict(games=["Pong", "breakout"], policy="random", episodes=2, seed=3, progress=False)
+    s2 = collect(workers=2, out=tmp_path / "a", **kw)
+    s1 = collect(workers=1, out=tmp_path / "b", **kw)
+    assert s2.episodes == s1.episodes == 4
+    for game in ("Pong", "Breakout"):
+        a, b = _episodes(tmp_path / "a", game, "random"), _episodes(tmp_path / "b", game, "random")
+        assert len(a) == 2
+        _same(a, b)
+        assert a[0].observations.shape[1:] == (84, 84) and a[0].observations.dtype == np.uint8
+        assert len(a[0].observations) == len(a[0].actions) + 1
+        assert a[0].terminations[-1] or a[0].truncations[-1]
+        assert not np.array_equal(a[0].actions, a[1].actions), "two episodes of a game must differ"
+        assert validate(dataset_dir(tmp_path / "a", game, "random")) == []
+
+
+def test_step_budget_is_exact_and_a_rerun_resumes(ray_session, tmp_path):
+    name = dataset_name("scripted", 0.25)
+    s = collect(["Pong"], policy="scripted", epsilon=0.25, steps=700, workers=2, seed=1, out=tmp_path, progress=False)
+    assert s.steps == 700
+    first = _episodes(tmp_path, "Pong", name)
+    assert sum(len(e.actions) for e in first) == 700
+    assert first[-1].truncations[-1] or first[-1].terminations[-1]
+    again = collect(["Pong"], policy="scripted", epsilon=0.25, steps=700, workers=2, seed=1, out=tmp_path,
+                    progress=False)
+    assert again.steps == 0, "a complete dataset must not grow on a rerun"
+    more = collect(["Pong"], policy="scripted", epsilon=0.25, steps=1500, workers=2, seed=1, out=tmp_path,
+                   progress=False)
+    assert more.steps == 800
+    after = _episodes(tmp_path, "Pong", name)
+    _same(after[: len(first)], first)  # resume never rewrites what was there
+    assert sum(len(e.actions) for e in after) == 1500
+    with pytest.raises(WamError, match="seed"):
+        collect(["Pong"], policy="scripted", epsilon=0.25, steps=2000, workers=1, seed=2, out=tmp_path, progress=False)
+
+
+def test_a_dead_worker_has_its_episode_rerun_once(ray_session, tmp_path):
+    marker = tmp_path / "died"
+    s = collect(["Pong"], policy="random", episodes=3, workers=2, seed=5, out=tmp_path / "x", progress=False,
+                _die_on=("Pong", 1, str(marker)))
+    assert marker.exists(), "the fault was not injected"
+    assert s.restarted_workers == 1
+    ref = collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path / "y", progress=False)
+    assert s.episodes == ref.episodes == 3
+    _same(_episodes(tmp_path / "x", "Pong", "random"), _episodes(tmp_path / "y", "Pong", "random"))
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    with pytest.raises(WamError, match="exactly one"):
+        collect(["Pong"], steps=10, episodes=1, out=tmp_path)
+    with pytest.raises(WamError, match="epsilon"):
+        collect(["Pong"], steps=10, epsilon=1.5, out=tmp_path)
+    with pytest.raises(WamError, match="Pong"):
+        collect(["Pongg"], steps=10, out=tmp_path)
