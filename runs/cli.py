@@ -117,7 +117,14 @@ def run_command(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run_command(sys.argv[1:] if argv is None else argv))
+    try:
+        code = run_command(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # e.g. `wam data info --json | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

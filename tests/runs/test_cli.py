@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,9 +12,9 @@ from wam.runs.cli import COMMANDS, run_command
 
 
 def _wam(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    exe = shutil.which("wam")
-    assert exe, "the `wam` console script is not installed"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    exe = Path(sys.executable).parent / "wam"  # the console script installed beside this interpreter
+    assert exe.exists(), "the `wam` console script is not installed"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def test_top_level_help_lists_every_command(capsys):
