@@ -200,7 +200,7 @@ def collect(
             log.info("nothing to collect: %s already complete", out)
             return summary
         for j in todo:
-            j.writer = j.store.writer(commit_every=1).__enter__()
+            j.writer = j.store.writer(commit_every=64, commit_seconds=5.0).__enter__()
 
         total = (sum(j.target_steps - j.steps_done for j in todo) if steps is not None
                  else sum(j.target_episodes - j.episodes_done for j in todo))
