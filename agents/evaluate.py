@@ -1,0 +1,540 @@
+"""Ray-distributed evaluation: play N episodes per game with an agent, write a per-episode CSV and results.json.
+
+Work is split into *batches* of `envs_per_worker` consecutive episodes of one game (episodes 0..k-1,
+k..2k-1, ...); a Ray actor plays one batch at a time, all of its episodes in lockstep (one `agent.act`
+call for the whole batch), and returns their results to the parent, which alone writes files:
+
+- `episodes.csv`: one row per finished episode (columns `wam.agents.metrics.EPISODE_COLUMNS`),
+  appended and flushed as batches finish, so Ctrl-C or a crash keeps every finished episode; at
+  the end it is rewritten sorted by (game, episode);
+- `results.json`: settings, the live environment settings each worker read back, per-game and
+  aggregate scores with confidence intervals (`wam.agents.metrics.summarize`), status
+  (`complete` / `interrupted`), timings; written at the end and on interrupt;
+- `videos/<game>_ep0.mp4` with `--video`: the first episode of each game (the agent's view, upscaled,
+  beside its Q-values when the agent reports them).
+
+Determinism: episode j of game g is seeded with `episode_seed(seed, g, j)` (the collector's
+derivation): the environment is reset with it and the agent's per-row generator derives from it.
+Batches are fixed by episode index, so results do not depend on the number of workers or on which
+worker plays a batch. A worker that dies has its batch re-run on a fresh actor; its episodes are
+counted once. Running again into the same `out_dir` with the same settings resumes: episodes already
+in `episodes.csv` are kept and only the missing ones are played.
+
+Exploration: epsilon-greedy is applied here, the same way for every agent: in each step and row,
+with probability epsilon the agent's action is replaced by a uniform legal action.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wam.agents.base import Agent, PlanSettings, load_agent
+from wam.agents.metrics import EPISODE_COLUMNS, EpisodeRecord, read_episodes, summarize
+from wam.datasets.errors import WamError
+
+log = logging.getLogger(__name__)
+
+AGENT_STREAM = 0x5EED_A6E7
+"""Mixed into an episode's seed to seed the agent's generator (so it differs from the env's stream)."""
+VIDEO_MAX_FRAMES = 5000
+"""Frames kept for a video (84x84 each); a longer episode's video shows its start."""
+MAX_BATCH_RETRIES = 3
+"""Restarts of a dead worker for the same batch before evaluation gives up."""
+SETTINGS_KEYS = ("agent_spec", "protocol", "epsilon", "plan", "max_steps", "seed", "checkpoint_ids")
+"""The settings that change scores; resuming into a directory requires them to be equal."""
+
+
+@dataclass
+class EnvSettings:
+    """Environment settings read back from a live env inside a worker."""
+
+    game: str
+    protocol: str
+    sticky_action_prob: float  # ALE's repeat_action_probability
+    protocol_cap: int  # the protocol's cap in agent steps
+    episode_cap: int  # the cap in force (max_steps when given)
+    frame_skip: int
+
+
+@dataclass
+class EpisodeResult:
+    """What a worker returns for one episode."""
+
+    game: str
+    episode: int
+    seed: int
+    score: float
+    length: int
+    truncated: bool
+    frames: np.ndarray | None = None  # uint8 [T+1, 84, 84] when recorded
+    q_values: np.ndarray | None = None  # float32 [T, 18] when recorded and the agent reports them
+    actions: np.ndarray | None = None  # int64 [T] when recorded
+
+
+@dataclass
+class EvalResult:
+    """The outcome of `evaluate` (also in `out_dir/results.json` and `out_dir/episodes.csv`)."""
+
+    out_dir: Path
+    records: list[EpisodeRecord]
+    summary: dict[str, Any]
+    env_settings: dict[str, EnvSettings]
+    complete: bool
+    seconds: float = 0.0
+    steps: int = 0  # agent steps played by this call
+    episodes_run: int = 0  # episodes played by this call
+    restarted_workers: int = 0
+    videos: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+def agent_rng(seed: int) -> np.random.Generator:
+    """The agent's generator for the episode seeded with `seed`."""
+    return np.random.default_rng([AGENT_STREAM, int(seed)])
+
+
+def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequence[int], epsilon: float,
+                  record: Sequence[bool] | None = None, video_max_frames: int = VIDEO_MAX_FRAMES
+                  ) -> list[tuple[float, int, bool, dict[str, np.ndarray] | None]]:
+    """Play one episode in each env (seeded by `seeds`) in lockstep; per env (return, length, truncated, recording).
+
+    legal: bool [18] (the game's mask). `record[i]` keeps env i's frames, actions and Q-values (if the
+    agent's info has `q_values`), up to `video_max_frames` frames.
+    """
+    from wam.datasets.policies import uniform_legal_action
+
+    n = len(envs)
+    assert len(seeds) == n and n > 0, f"{len(seeds)} seeds for {n} envs"
+    record = list(record) if record is not None else [False] * n
+    legal_rows = np.broadcast_to(np.asarray(legal, dtype=bool), (n, legal.shape[-1]))  # [N, 18]
+    rngs = [agent_rng(s) for s in seeds]
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])  # [N, 84, 84]
+    state = agent.reset(agent.init_state(n), np.ones(n, dtype=bool), rngs)
+    active = np.ones(n, dtype=bool)
+    returns = np.zeros(n, dtype=np.float64)
+    lengths = np.zeros(n, dtype=np.int64)
+    truncated = np.zeros(n, dtype=bool)
+    rec: list[dict[str, list] | None] = [
+        {"frames": [obs[i].copy()], "actions": [], "q_values": []} if record[i] else None for i in range(n)
+    ]
+    while active.any():
+        ram = np.stack([env.unwrapped.ale.getRAM() for env in envs])  # [N, 128]
+        actions, state, info = agent.act(state, obs, legal_rows, rngs, ram=ram)
+        actions = np.asarray(actions, dtype=np.int64).copy()  # [N]
+        q = info.get("q_values")
+        for i in np.flatnonzero(active):
+            if epsilon > 0.0 and rngs[i].random() < epsilon:
+                actions[i] = uniform_legal_action(legal_rows[i], rngs[i])
+            o, r, term, trunc, _ = envs[i].step(int(actions[i]))
+            obs[i] = o
+            returns[i] += r
+            lengths[i] += 1
+            r_i = rec[i]
+            if r_i is not None and len(r_i["frames"]) < video_max_frames:
+                r_i["frames"].append(o.copy())
+                r_i["actions"].append(int(actions[i]))
+                if q is not None:
+                    r_i["q_values"].append(np.asarray(q[i], dtype=np.float32))
+            if term or trunc:
+                active[i] = False
+                truncated[i] = bool(trunc) and not term
+    out = []
+    for i in range(n):
+        recording = None
+        if rec[i] is not None:
+            recording = {"frames": np.stack(rec[i]["frames"]).astype(np.uint8),
+                         "actions": np.asarray(rec[i]["actions"], dtype=np.int64),
+                         "q_values": np.stack(rec[i]["q_values"]) if rec[i]["q_values"] else None}
+        out.append((float(returns[i]), int(lengths[i]), bool(truncated[i]), recording))
+    return out
+
+
+class _EvalWorker:
+    """Body of the Ray actor: per game, one agent and a set of environments; plays batches of episodes."""
+
+    def __init__(self, agent_spec: str, protocol: str, epsilon: float, plan: dict[str, Any] | None,
+                 max_steps: int | None, agent_kwargs: dict[str, Any], video_max_frames: int,
+                 num_threads: int = 1, die_on: tuple[str, int, str] | None = None) -> None:
+        self.agent_spec, self.protocol, self.epsilon = agent_spec, protocol, epsilon
+        self.plan = PlanSettings(**plan) if plan is not None else None
+        self.max_steps, self.agent_kwargs, self.video_max_frames = max_steps, agent_kwargs, video_max_frames
+        self.die_on = die_on  # fault injection for tests: (game, episode index, marker file)
+        self.agents: dict[str, Agent] = {}
+        self.envs: dict[str, list] = {}
+        if agent_spec not in ("random", "scripted"):
+            import torch
+
+            torch.set_num_threads(num_threads)
+
+    def _setup(self, game: str, n: int, seed: int) -> tuple[Agent, list]:
+        from wam.datasets.atari import make_env
+
+        if game not in self.agents:
+            self.agents[game] = load_agent(self.agent_spec, game, plan=self.plan, **self.agent_kwargs)
+            self.envs[game] = []
+        envs = self.envs[game]
+        while len(envs) < n:
+            envs.append(make_env(game, protocol=self.protocol, seed=seed, max_episode_steps=self.max_steps))
+        return self.agents[game], envs[:n]
+
+    def settings(self, game: str) -> EnvSettings:
+        from wam.datasets.atari import FRAME_SKIP
+
+        env = self.envs[game][0]
+        return EnvSettings(game=game, protocol=env.protocol.name,
+                           sticky_action_prob=float(env.unwrapped.ale.getFloat("repeat_action_probability")),
+                           protocol_cap=int(env.protocol.max_agent_steps), episode_cap=int(env.max_episode_steps),
+                           frame_skip=FRAME_SKIP)
+
+    def run(self, game: str, indices: list[int], seeds: list[int], record: list[bool]
+            ) -> tuple[list[EpisodeResult], EnvSettings]:
+        if self.die_on is not None and game == self.die_on[0] and self.die_on[1] in indices:
+            marker = Path(self.die_on[2])
+            if not marker.exists():  # die once, the way a crashed worker process does
+                marker.touch()
+                import os
+
+                os._exit(1)
+        from wam.datasets.atari import legal_action_mask
+
+        agent, envs = self._setup(game, len(indices), seeds[0])
+        played = play_episodes(agent, envs, legal_action_mask(game), seeds, self.epsilon, record,
+                               self.video_max_frames)
+        results = []
+        for idx, s, (score, length, trunc, recording) in zip(indices, seeds, played):
+            r = EpisodeResult(game, idx, int(s), score, length, trunc)
+            if recording is not None:
+                r.frames, r.actions, r.q_values = recording["frames"], recording["actions"], recording["q_values"]
+            results.append(r)
+        return results, self.settings(game)
+
+
+class _CsvAppender:
+    """Appends episode rows to `episodes.csv`, flushing each batch (the header goes in once)."""
+
+    def __init__(self, path: Path) -> None:
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=list(EPISODE_COLUMNS))
+        if new:
+            self.writer.writeheader()
+            self.file.flush()
+
+    def write(self, records: Sequence[EpisodeRecord]) -> None:
+        for r in records:
+            self.writer.writerow(r.to_row())
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partly written last row (a crash during a write leaves one); whole rows end with a newline."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s ends with a partly written row; dropping it (%d bytes)", path, len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
+def _write_sorted_csv(path: Path, records: Sequence[EpisodeRecord]) -> None:
+    import io
+
+    from wam.worldmodel.checkpoint import atomic_write_bytes
+
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(EPISODE_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(records, key=lambda r: (r.game, r.episode)):
+        writer.writerow(r.to_row())
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _batches(games: Sequence[str], todo: dict[str, list[int]], size: int) -> list[tuple[str, list[int]]]:
+    """Fixed batches of `size` consecutive episode indices per game (by index block), games interleaved."""
+    per_game = {g: {} for g in games}
+    for g in games:
+        for idx in todo[g]:
+            per_game[g].setdefault(idx // size, []).append(idx)
+    out = []
+    blocks = sorted({b for g in games for b in per_game[g]})
+    for b in blocks:
+        for g in games:
+            if b in per_game[g]:
+                out.append((g, per_game[g][b]))
+    return out
+
+
+def evaluate(
+    agent_spec: str,
+    games: Sequence[str],
+    episodes: int = 16,
+    workers: int = 2,
+    protocol: str = "jowa",
+    seed: int = 0,
+    epsilon: float | None = None,
+    plan: PlanSettings | dict[str, Any] | None = None,
+    out_dir: str | Path = "eval",
+    video: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+    envs_per_worker: int = 1,
+    agent_kwargs: dict[str, Any] | None = None,
+    bootstrap_reps: int = 2000,
+    bootstrap_seed: int = 0,
+    ray_address: str | None = None,
+    video_max_frames: int = VIDEO_MAX_FRAMES,
+    _die_on: tuple[str, int, str] | None = None,
+    _interrupt_after: int | None = None,
+) -> EvalResult:
+    """Evaluate `agent_spec` (`random`, `scripted` or a run directory) for `episodes` episodes per game.
+
+    `epsilon` defaults to the protocol's evaluation epsilon; `plan` (beam width, horizon) goes to the
+    agent; `max_steps` caps episodes below the protocol's cap (tests, demos). The confidence intervals
+    in results.json use `bootstrap_reps` and `bootstrap_seed` (the same defaults as `wam report`,
+    so both show the same numbers). See the module docstring
+    for the files written. `_die_on` = (game, episode, marker file) kills the worker of that episode
+    once; `_interrupt_after` = n raises KeyboardInterrupt after n finished batches (tests).
+    """
+    import ray
+    from tqdm import tqdm
+
+    from wam.datasets.atari import PROTOCOLS, canonical_game
+    from wam.datasets.collect import episode_seed
+    from wam.datasets.distributed import ray_session
+    from wam.datasets.scores import human_normalized
+    from wam.worldmodel.checkpoint import atomic_write_json
+
+    if protocol not in PROTOCOLS:
+        raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if not games:
+        raise WamError("give at least one --game")
+    if episodes < 1 or workers < 1 or envs_per_worker < 1:
+        raise WamError(f"--episodes, --workers and --envs-per-worker must be >= 1 (got {episodes}, {workers}, "
+                       f"{envs_per_worker})")
+    if max_steps is not None and max_steps < 1:
+        raise WamError(f"--max-steps must be >= 1, got {max_steps}")
+    eps = PROTOCOLS[protocol].eval_epsilon if epsilon is None else float(epsilon)
+    if not 0.0 <= eps <= 1.0:
+        raise WamError(f"--epsilon must lie in [0, 1], got {eps}")
+    plan_settings = PlanSettings(**plan) if isinstance(plan, dict) else plan
+    games = list(dict.fromkeys(canonical_game(g) for g in games))
+    agent_kwargs = dict(agent_kwargs or {})
+    # Build each game's agent once here: bad specs fail before Ray starts, and we learn names and ids.
+    agents = {g: load_agent(agent_spec, g, plan=plan_settings, **agent_kwargs) for g in games}
+    cap = int(max_steps) if max_steps is not None else PROTOCOLS[protocol].max_agent_steps
+    settings = {"agent_spec": agent_spec, "protocol": protocol, "epsilon": eps,
+                "plan": plan_settings.as_dict() if plan_settings else None, "max_steps": cap, "seed": int(seed),
+                "checkpoint_ids": {g: a.checkpoint_id for g, a in agents.items()}}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, settings_path = out / "episodes.csv", out / "eval_config.json"
+    records: dict[tuple[str, int], EpisodeRecord] = {}
+    if csv_path.exists() and csv_path.stat().st_size > 0:
+        old = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        old_ids = old.get("checkpoint_ids", {})
+        same = all(old.get(k) == settings[k] for k in SETTINGS_KEYS if k != "checkpoint_ids") and all(
+            old_ids.get(g, settings["checkpoint_ids"][g]) == settings["checkpoint_ids"][g] for g in games)
+        if not same:
+            raise WamError(f"{out} holds an evaluation with other settings ({settings_path}); "
+                           "use another --out or the same settings to resume it")
+        _drop_torn_tail(csv_path)
+        records = {(r.game, r.episode): r for r in read_episodes(csv_path)}
+        log.info("resuming %s: %d episodes already evaluated", out, len(records))
+        settings["checkpoint_ids"] = {**old_ids, **settings["checkpoint_ids"]}
+    atomic_write_json(settings_path, settings)
+
+    todo = {g: [j for j in range(episodes) if (g, j) not in records] for g in games}
+    batches = _batches(games, todo, envs_per_worker)
+    plan_name = plan_settings.method if plan_settings else "none"
+
+    def to_record(r: EpisodeResult) -> EpisodeRecord:
+        return EpisodeRecord(
+            game=r.game, episode=r.episode, seed=r.seed, score=r.score, length=r.length, truncated=r.truncated,
+            hns=human_normalized(r.game, r.score), protocol=protocol, epsilon=eps, plan=plan_name,
+            beam_width=plan_settings.beam_width if plan_settings else None,
+            horizon=plan_settings.horizon if plan_settings else None, max_steps=cap, agent=agents[r.game].name,
+            agent_spec=agent_spec, checkpoint_id=agents[r.game].checkpoint_id, eval_seed=int(seed))
+
+    result = EvalResult(out_dir=out, records=[], summary={}, env_settings={}, complete=False)
+    if records and (out / "results.json").is_file():  # resuming: keep what earlier workers read back
+        previous = json.loads((out / "results.json").read_text()).get("env_settings", {})
+        result.env_settings = {g: EnvSettings(**v) for g, v in previous.items()}
+    t0 = time.perf_counter()
+    appender = _CsvAppender(csv_path)
+    bar = tqdm(total=sum(len(v) for v in todo.values()), unit="ep", disable=not progress,
+               desc=f"eval {agent_spec} on {'+'.join(games)}", dynamic_ncols=True)
+    actors: list = []
+    try:
+        if batches:
+            with ray_session(num_cpus=workers, address=ray_address):
+                n_cpu = ray.available_resources().get("CPU", 1)
+                cpus_per = min(1.0, max(0.01, n_cpu / workers))
+                Worker = ray.remote(num_cpus=cpus_per)(_EvalWorker)
+
+                def new_actor():
+                    return Worker.remote(agent_spec, protocol, eps, plan_settings.as_dict() if plan_settings else None,
+                                         max_steps, agent_kwargs, video_max_frames, max(1, int(cpus_per)), _die_on)
+
+                actors = [new_actor() for _ in range(min(workers, len(batches)))]
+                queue = list(batches)
+                inflight: dict[Any, tuple[int, str, list[int]]] = {}
+
+                def submit(ai: int, game: str, idxs: list[int]) -> None:
+                    seeds = [episode_seed(seed, game, j) for j in idxs]
+                    rec = [video and j == 0 for j in idxs]
+                    inflight[actors[ai].run.remote(game, idxs, seeds, rec)] = (ai, game, idxs)
+
+                try:
+                    for ai in range(len(actors)):
+                        submit(ai, *queue.pop(0))
+                    finished_batches = 0
+                    retries: dict[tuple[str, int], int] = {}  # (game, first episode) -> restarts
+                    while inflight:
+                        ready, _ = ray.wait(list(inflight), num_returns=1)
+                        ai, game, idxs = inflight.pop(ready[0])
+                        try:
+                            results, env_settings = ray.get(ready[0])
+                        except ray.exceptions.RayActorError:
+                            log.warning("worker %d died on %s episodes %s; restarting it and re-running them",
+                                        ai, game, idxs)
+                            result.restarted_workers += 1
+                            retries[(game, idxs[0])] = retries.get((game, idxs[0]), 0) + 1
+                            if retries[(game, idxs[0])] > MAX_BATCH_RETRIES:
+                                raise WamError(f"workers died {MAX_BATCH_RETRIES + 1} times on {game} episodes "
+                                               f"{idxs}; see the Ray logs (out of memory?) and resume with the same "
+                                               "command") from None
+                            actors[ai] = new_actor()
+                            submit(ai, game, idxs)
+                            continue
+                        except ray.exceptions.RayTaskError as e:  # the agent or env raised: show the cause
+                            if isinstance(e.cause, WamError):
+                                raise e.cause from None
+                            raise
+                        result.env_settings.setdefault(game, env_settings)
+                        new = [to_record(r) for r in results]
+                        appender.write(new)
+                        for r, rec in zip(results, new):
+                            records[(r.game, r.episode)] = rec
+                            result.steps += r.length
+                            result.episodes_run += 1
+                            if r.frames is not None:
+                                result.videos[r.game] = str(write_video(out / "videos" / f"{r.game}_ep{r.episode}",
+                                                                        r.frames, r.actions, r.q_values, r.game))
+                        bar.update(len(results))
+                        bar.set_postfix(ret=f"{np.mean([r.score for r in results]):.1f}",
+                                        sps=f"{result.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
+                        finished_batches += 1
+                        if _interrupt_after is not None and finished_batches >= _interrupt_after:
+                            raise KeyboardInterrupt
+                        if queue:
+                            submit(ai, *queue.pop(0))
+                finally:  # also on Ctrl-C: stop the workers' remaining batches
+                    for a in actors:
+                        ray.kill(a)
+        result.complete = all((g, j) in records for g in games for j in range(episodes))
+    finally:
+        bar.close()
+        appender.close()
+        result.seconds = time.perf_counter() - t0
+        result.records = sorted(records.values(), key=lambda r: (r.game, r.episode))
+        if result.records:
+            _write_sorted_csv(csv_path, result.records)
+        result.summary = summarize(result.records, reps=bootstrap_reps, seed=bootstrap_seed) if result.records else {}
+        atomic_write_json(out / "results.json", _results_json(result, settings, games, episodes, workers,
+                                                              envs_per_worker))
+        if not result.complete:
+            log.warning("evaluation in %s stopped early: %d episodes on disk; run the same command to resume",
+                        out, len(result.records))
+    return result
+
+
+def _results_json(result: EvalResult, settings: dict[str, Any], games: list[str], episodes: int, workers: int,
+                  envs_per_worker: int) -> dict[str, Any]:
+    return {
+        "status": "complete" if result.complete else "interrupted",
+        "settings": {**settings, "games": games, "episodes": episodes, "workers": workers,
+                     "envs_per_worker": envs_per_worker},
+        "env_settings": {g: asdict(s) for g, s in result.env_settings.items()},
+        "summary": result.summary,
+        "episodes_on_disk": len(result.records),
+        "run": {"seconds": result.seconds, "agent_steps": result.steps, "episodes": result.episodes_run,
+                "agent_steps_per_s": result.steps_per_second, "restarted_workers": result.restarted_workers},
+        "videos": {g: str(Path(p).relative_to(result.out_dir)) for g, p in result.videos.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------ videos
+def _video_frames(frames: np.ndarray, actions: np.ndarray, q_values: np.ndarray | None, game: str,
+                  scale: int = 4) -> list[np.ndarray]:
+    """BGR uint8 frames: the 84x84 observation upscaled, and a bar chart of the Q-values when given."""
+    import cv2
+
+    from wam.datasets.atari import ACTION_NAMES, legal_action_mask
+
+    legal = np.flatnonzero(legal_action_mask(game))
+    side = 84 * scale
+    panel_w = 300 if q_values is not None else 0
+    out = []
+    for t, frame in enumerate(frames):
+        img = np.zeros((side, side + panel_w, 3), dtype=np.uint8)
+        img[:, :side] = cv2.resize(frame, (side, side), interpolation=cv2.INTER_NEAREST)[..., None]
+        a = int(actions[t]) if t < len(actions) else -1
+        label = f"{game} t={t}" + (f" a={ACTION_NAMES[a]}" if a >= 0 else "")
+        cv2.putText(img, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        if q_values is not None and t < len(q_values):
+            q = q_values[t][legal]
+            lo, hi = float(np.min(q)), float(np.max(q))
+            span = max(hi - lo, 1e-6)
+            row_h = min(24, max(8, (side - 20) // max(len(legal), 1)))
+            for k, act in enumerate(legal):
+                y = 20 + k * row_h
+                w = int(10 + 120 * (float(q[k]) - lo) / span)
+                colour = (0, 200, 0) if act == a else (180, 180, 180)
+                cv2.rectangle(img, (side + 100, y), (side + 100 + w, y + row_h - 2), colour, -1)
+                cv2.putText(img, f"{ACTION_NAMES[act][:12]}", (side + 4, y + row_h - 3), cv2.FONT_HERSHEY_SIMPLEX,
+                            0.3, (255, 255, 255), 1, cv2.LINE_AA)
+                cv2.putText(img, f"{float(q[k]):.2f}", (side + 100 + w + 4, y + row_h - 3), cv2.FONT_HERSHEY_SIMPLEX,
+                            0.3, (255, 255, 255), 1, cv2.LINE_AA)
+        out.append(img)
+    return out
+
+
+def write_video(stem: Path, frames: np.ndarray, actions: np.ndarray, q_values: np.ndarray | None, game: str,
+                fps: int = 15) -> Path:
+    """Write an MP4 (OpenCV, mp4v) of an episode, or a GIF (Pillow) where OpenCV cannot encode MP4; returns the path."""
+    import cv2
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    images = _video_frames(frames, actions, q_values, game)
+    h, w = images[0].shape[:2]
+    path = stem.with_suffix(".mp4")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if writer.isOpened():
+        for img in images:
+            writer.write(img)
+        writer.release()
+        log.info("wrote %s (%d frames, mp4v)", path, len(images))
+        return path
+    from PIL import Image
+
+    path = stem.with_suffix(".gif")
+    log.warning("OpenCV cannot write MP4 here; writing %s with Pillow instead", path)
+    pil = [Image.fromarray(img[..., ::-1]) for img in images]
+    pil[0].save(path, save_all=True, append_images=pil[1:], duration=int(1000 / fps), loop=0)
+    return path

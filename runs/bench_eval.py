@@ -1,0 +1,133 @@
+"""`wam bench eval`: agent steps/s of Ray-distributed evaluation with 1 and 2 workers (random agent).
+
+Figures, each against a reference measured in the same run:
+
+1. **Scaling**: steady-state agent steps/s of `wam.agents.evaluate.evaluate` with 2 workers over 1
+   worker (target >= 1.8 on 2 cores). Each worker count is timed end to end (actor start-up
+   included; Ray itself is started once beforehand) at two episode budgets; the marginal rate
+   (Δsteps / Δseconds) between them excludes the start-up and is the figure (best of 2 repeats,
+   to damp the noise of a shared machine; every repeat is in the JSON).
+2. **Overhead**: the in-process evaluation loop (`play_episodes`, one env, no Ray) against the bare
+   emulator (`ale.act`, no preprocessing) measured in the same run, and the 1-worker marginal rate
+   against the in-process loop, i.e. what Ray and the parent cost per step.
+
+Only the random agent exists in this version; greedy and planning agents need the world-action
+model and are benchmarked once it is there. The machine is shared and has 2 cores: timings are
+noisy; the JSON keeps every run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+GAME = "Pong"
+"""Random Pong: long episodes (about 800 agent steps uncapped), real frames."""
+TARGETS = {"scaling_2_over_1": 1.8}
+
+
+def _in_process_rate(steps: int, seed: int) -> dict:
+    """Agent steps/s of the evaluation loop in this process (one env, random agent, no Ray)."""
+    from wam.agents.base import load_agent
+    from wam.agents.evaluate import play_episodes
+    from wam.datasets.atari import legal_action_mask, make_env
+
+    agent = load_agent("random", GAME)
+    env = make_env(GAME, seed=seed, max_episode_steps=steps)
+    play_episodes(agent, [env], legal_action_mask(GAME), [seed], 0.0)  # warm-up
+    t0 = time.perf_counter()
+    ((_, length, _, _),) = play_episodes(agent, [env], legal_action_mask(GAME), [seed + 1], 0.0)
+    seconds = time.perf_counter() - t0
+    return {"steps": length, "seconds": seconds, "steps_per_s": length / seconds}
+
+
+def _raw_ale_rate(frames: int, seed: int) -> dict:
+    """Agent steps/s (4 emulator frames each) of the bare emulator: `ale.act` with random actions, no preprocessing."""
+    import numpy as np
+
+    from wam.datasets.atari import FRAME_SKIP, make_env
+
+    ale = make_env(GAME, seed=seed).unwrapped.ale
+    actions = ale.getMinimalActionSet()
+    rng = np.random.default_rng(seed)
+    ale.reset_game()
+    t0 = time.perf_counter()
+    action = actions[0]
+    for i in range(frames):
+        if i % FRAME_SKIP == 0:
+            action = actions[int(rng.integers(len(actions)))]
+        ale.act(action)
+        if ale.game_over():
+            ale.reset_game()
+    seconds = time.perf_counter() - t0
+    return {"frames": frames, "seconds": seconds, "steps_per_s": frames / FRAME_SKIP / seconds}
+
+
+def _eval_rate(root: Path, workers: int, budgets: tuple[int, int], cap: int, seed: int, repeats: int) -> dict:
+    """End-to-end and marginal agent steps/s of evaluate() with `workers` workers; best of `repeats`."""
+    from wam.agents.evaluate import evaluate
+
+    repeat_rates = []
+    for k in range(repeats):
+        runs = []
+        for i, episodes in enumerate(budgets):
+            res = evaluate("random", [GAME], episodes=episodes, workers=workers, seed=seed, max_steps=cap,
+                           out_dir=root / f"w{workers}-{k}-{i}", progress=False)
+            runs.append({"episodes": episodes, "steps": res.steps, "seconds": res.seconds})
+        (s0, t0), (s1, t1) = ((r["steps"], r["seconds"]) for r in runs)
+        repeat_rates.append({"runs": runs, "steps_per_s": s1 / t1,
+                             "marginal_steps_per_s": (s1 - s0) / max(t1 - t0, 1e-9)})
+    best = max(repeat_rates, key=lambda r: r["marginal_steps_per_s"])
+    return {"repeats": repeat_rates, "steps_per_s": best["steps_per_s"],
+            "marginal_steps_per_s": best["marginal_steps_per_s"]}
+
+
+def run(quick: bool = False) -> dict:
+    from wam.datasets.distributed import ray_session
+    from wam.runs.bench import machine_info
+
+    cap, budgets, repeats = (300, (2, 6), 1) if quick else (1000, (4, 16), 2)
+    root = Path(tempfile.mkdtemp(prefix="wam-bench-eval-"))
+    try:
+        raw = _raw_ale_rate(4 * cap, seed=0)
+        reference = _in_process_rate(cap, seed=0)
+        with ray_session(num_cpus=2):
+            rates = {w: _eval_rate(root, w, budgets, cap, seed=0, repeats=repeats) for w in (1, 2)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    one, two = rates[1]["marginal_steps_per_s"], rates[2]["marginal_steps_per_s"]
+    scaling = two / one
+    return {
+        "game": GAME, "agent": "random", "episode_cap": cap, "episode_budgets": list(budgets), "repeats": repeats,
+        "quick": quick,
+        "raw_ale": raw, "in_process": reference, "workers": {str(w): r for w, r in rates.items()},
+        "scaling_2_over_1": scaling, "ray_overhead_1_worker": one / reference["steps_per_s"],
+        "targets": TARGETS, "meets_scaling_target": scaling >= TARGETS["scaling_2_over_1"],
+        "machine": machine_info(),
+    }
+
+
+def markdown(result: dict) -> str:
+    w = result["workers"]
+    rows = [
+        "| measure | agent steps/s | ratio | target |",
+        "|---|---|---|---|",
+        f"| bare emulator (`ale.act`, 4 frames per step, no preprocessing) | {result['raw_ale']['steps_per_s']:.0f} | "
+        f"{result['raw_ale']['steps_per_s'] / result['in_process']['steps_per_s']:.2f} | |",
+        f"| in-process loop, 1 env (reference) | {result['in_process']['steps_per_s']:.0f} | 1.00 | |",
+        f"| `evaluate`, 1 worker (marginal) | {w['1']['marginal_steps_per_s']:.0f} | "
+        f"{result['ray_overhead_1_worker']:.2f} of in-process | |",
+        f"| `evaluate`, 2 workers (marginal) | {w['2']['marginal_steps_per_s']:.0f} | "
+        f"{result['scaling_2_over_1']:.2f} × 1 worker | ≥ {TARGETS['scaling_2_over_1']} |",
+        f"| `evaluate`, 1 / 2 workers end to end | {w['1']['steps_per_s']:.0f} / {w['2']['steps_per_s']:.0f} | "
+        "incl. actor start-up | |",
+    ]
+    verdict = "met" if result["meets_scaling_target"] else "**missed**"
+    return "\n".join([
+        f"Random agent on {result['game']}, episodes capped at {result['episode_cap']} agent steps, episode "
+        f"budgets {result['episode_budgets']} per worker count; scaling target {verdict}. Greedy and planning "
+        "agents need the world-action model (not measured here).", "", *rows, "",
+        f"Machine: {result['machine'].get('cpu_model')} ({result['machine'].get('cpus')} CPUs), shared: noisy.",
+    ])

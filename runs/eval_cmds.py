@@ -1,0 +1,84 @@
+"""`wam eval`: score an agent on Atari games with Ray-distributed rollouts (see docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate an agent for N episodes per game on Ray workers; writes episodes.csv and results.json to --out."""
+
+    agent: str = "random"
+    """`random`, `scripted` (the RAM-reading behaviour policy), or a run directory / checkpoint of a trained agent."""
+    game: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """Games to evaluate on; repeat the flag: --game Pong --game Breakout (at least one)."""
+    episodes: int = 16
+    """Episodes per game."""
+    workers: int = 2
+    """Ray worker actors (each runs environments and a copy of the agent on CPU)."""
+    protocol: Literal["jowa", "machado"] = "jowa"
+    """jowa: no sticky actions, 108,000 agent-step cap; machado: sticky actions 0.25, 27,000 agent steps."""
+    epsilon: float | None = None
+    """Epsilon-greedy exploration at evaluation; default: the protocol's (0.001)."""
+    plan: Literal["none", "beam"] = "none"
+    """Plan at act time with beam search in the world model (model agents only; random/scripted ignore it)."""
+    beam_width: int = 2
+    """Beam width K of the planner (with --plan beam)."""
+    horizon: int = 2
+    """Imagined steps H of the planner (with --plan beam)."""
+    video: bool = False
+    """Record the first episode of each game as a video (MP4, or GIF where MP4 cannot be encoded)."""
+    max_steps: int | None = None
+    """Cap every episode at this many agent steps (below the protocol's cap; for tests and demos)."""
+    envs_per_worker: int = 1
+    """Episodes each worker plays in lockstep (batched agent calls; useful for model agents)."""
+    seed: int = 0
+    """Seed: episode j of game g is seeded from (seed, g, j), whatever the number of workers."""
+    out: Path = Path("eval")
+    """Output directory; running again with the same settings resumes an interrupted evaluation."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster (default: start a local one with --workers CPUs)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def evaluate(cfg: EvalConfig) -> int:
+    from wam.agents.base import PlanSettings
+    from wam.agents.evaluate import evaluate as run_eval
+
+    plan = PlanSettings("beam", cfg.beam_width, cfg.horizon) if cfg.plan == "beam" else None
+    if plan is not None and cfg.agent in ("random", "scripted"):
+        print(f"note: the {cfg.agent} agent has no model to plan with; --plan is recorded but ignored")
+    result = run_eval(cfg.agent, cfg.game, episodes=cfg.episodes, workers=cfg.workers, protocol=cfg.protocol,
+                      seed=cfg.seed, epsilon=cfg.epsilon, plan=plan, out_dir=cfg.out, video=cfg.video,
+                      progress=cfg.progress, max_steps=cfg.max_steps, envs_per_worker=cfg.envs_per_worker,
+                      ray_address=cfg.ray_address)
+    print(format_summary(result.summary))
+    print(f"{result.episodes_run} episodes, {result.steps} agent steps in {result.seconds:.1f}s "
+          f"({result.steps_per_second:.0f} steps/s); restarted workers: {result.restarted_workers}")
+    print(f"wrote {cfg.out / 'episodes.csv'} and {cfg.out / 'results.json'}")
+    for game, path in result.videos.items():
+        print(f"video of {game}: {path}")
+    return 0 if result.complete else 1
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of per-game scores and the HNS aggregates of a `metrics.summarize` result."""
+    lines = [f"{'game':<16} {'eps':>4} {'return (95% CI)':>32} {'HNS (95% CI)':>28}"]
+    for g, s in summary.get("games", {}).items():
+        r = s["return"]
+        ret = f"{r['point']:.1f} [{r['low']:.1f}, {r['high']:.1f}]"
+        h = s["hns"]
+        hns = f"{h['point']:.3f} [{h['low']:.3f}, {h['high']:.3f}]" if h else "n/a"
+        lines.append(f"{g:<16} {s['episodes']:>4} {ret:>32} {hns:>28}")
+    for name, v in summary.get("hns_aggregates", {}).items():
+        lines.append(f"{name + ' HNS':<21} {v['point']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
+    return "\n".join(lines)
