@@ -1,0 +1,317 @@
+"""`wam bench cores`: training time and memory of every sequence core, and their step cost as context grows.
+
+Figures, each against the transformer measured in the same run (and Mamba-1 against `mambapy`, ATLAS
+against `titans-pytorch`, when those install: `pip install -e .[bench]`):
+
+1. **Forward + backward** of a `n_layers x d_model` core on a [B, T, D] float32 batch (loss = mean y²),
+   T in {296, 1024, 4096} (B = 8, and B = 2 at T = 4096 to stay within a shared 23 GB machine; every
+   core gets the same B at a given T). Time: best of `reps` after one warm-up, wall clock and process
+   CPU time (all threads), the latter being less disturbed when other processes compete for the cores.
+   Memory: each (core, T) runs in a fresh subprocess; the figure is the growth of the peak resident
+   set size (`ru_maxrss`) over the RSS just before the first forward+backward — what the activations,
+   gradients and allocator really took from the OS (tracemalloc does not see torch's allocations).
+2. **Step**: per-token latency of `core.step` (batch 1, no grad) after a prefill of c tokens, for
+   c in {0, 256, 1024, 4096}, and the exact size of the state (sum of its tensors' bytes). The
+   transformer is measured with full attention (its KV cache grows) and with a 296-token window.
+
+Targets (issue 6): mamba2 <= 1.2x the transformer's time at T = 296 and faster at T = 4096; mamba >= 4x
+faster than mambapy at equal size; atlas <= 3x the transformer at T = 1024; the step state of the
+recurrent cores constant in c. A missed target is reported with its figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+FULL = {"d_model": 256, "n_layers": 4, "lengths": {296: 8, 1024: 8, 4096: 2}, "reps": 2,
+        "step_contexts": [0, 256, 1024, 4096], "step_tokens": 16, "window": 296, "reference_lengths": [296, 1024]}
+QUICK = {"d_model": 64, "n_layers": 2, "lengths": {128: 2}, "reps": 1,
+         "step_contexts": [0, 32, 128], "step_tokens": 4, "window": 32, "reference_lengths": [128]}
+TARGETS = {"mamba2_over_transformer_t296": 1.2, "mamba2_over_transformer_t4096": 1.0,
+           "mambapy_over_mamba": 4.0, "atlas_over_transformer_t1024": 3.0, "recurrent_state_growth": 1.0}
+CHILD_TIMEOUT_S = 900
+
+
+def core_kwargs(name: str, d_model: int, max_len: int) -> dict[str, Any]:
+    """Benchmark settings per core: defaults, except the transformer's heads (64-dim) and cache limit."""
+    if name == "transformer":
+        return {"n_heads": max(1, d_model // 64), "max_len": max(max_len, 1)}
+    return {}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _build(kind: str, name: str, d_model: int, n_layers: int, max_len: int):
+    """The model to time, and a function mapping x [B, T, D] to y [B, T, D]."""
+    import torch
+
+    if kind == "core":
+        from wam.worldmodel.cores import build_core
+
+        core = build_core(name, d_model=d_model, n_layers=n_layers, **core_kwargs(name, d_model, max_len))
+        return core, lambda x: core(x)[0]
+    if kind == "mambapy":
+        from mambapy.mamba import Mamba, MambaConfig  # pure PyTorch Mamba-1 with a parallel (Blelloch) scan
+
+        model = Mamba(MambaConfig(d_model=d_model, n_layers=n_layers))
+        return model, model
+    if kind == "titans":
+        from titans_pytorch import NeuralMemory  # Titans memory: deep MLP memory, momentum, chunked updates
+
+        layers = torch.nn.ModuleList(NeuralMemory(dim=d_model, chunk_size=64) for _ in range(n_layers))
+
+        def fn(x):
+            for mem in layers:
+                x = x + mem(x)[0]
+            return x
+
+        return layers, fn
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time and memory of forward+backward; runs in a fresh process (see the module docstring)."""
+    import torch
+
+    torch.manual_seed(0)
+    model, fn = _build(spec["kind"], spec["name"], spec["d_model"], spec["n_layers"], spec["T"])
+    x = torch.randn(spec["B"], spec["T"], spec["d_model"])
+
+    def fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        fn(x).pow(2).mean().backward()
+
+    rss0 = _rss_bytes()
+    fwd_bwd()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    walls, cpus = [], []
+    for _ in range(spec["reps"]):
+        w, c = time.perf_counter(), time.process_time()
+        fwd_bwd()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return {"wall_s": min(walls), "cpu_s": min(cpus), "walls": walls, "peak_mem_bytes": max(0, peak),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "wam.runs.bench_cores", "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of every tensor inside a state (dataclasses, tuples, lists, dicts)."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if dataclasses.is_dataclass(state):
+        return sum(state_nbytes(getattr(state, f.name)) for f in dataclasses.fields(state))
+    if isinstance(state, (tuple, list)):
+        return sum(state_nbytes(s) for s in state)
+    if isinstance(state, dict):
+        return sum(state_nbytes(s) for s in state.values())
+    return 0
+
+
+def _step_costs(name: str, kwargs: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-token step latency (batch 1, no grad) and state bytes after prefilling c tokens."""
+    import torch
+
+    from wam.worldmodel.cores import build_core
+
+    torch.manual_seed(0)
+    core = build_core(name, d_model=cfg["d_model"], n_layers=cfg["n_layers"], **kwargs).eval()
+    rows = []
+    with torch.no_grad():
+        for c in cfg["step_contexts"]:
+            state = core.init_state(1) if c == 0 else core(torch.randn(1, c, cfg["d_model"]))[1]
+            xs = torch.randn(cfg["step_tokens"] + 1, 1, cfg["d_model"])
+            _, state = core.step(xs[0], state)  # warm-up
+            times = []
+            for x_t in xs[1:]:
+                t0 = time.perf_counter()
+                _, state = core.step(x_t, state)
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            rows.append({"context": c, "step_ms": 1000 * times[len(times) // 2], "state_bytes": state_nbytes(state)})
+    return rows
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Measure every registered core (and the reference packages that import); see the module docstring."""
+    import importlib.util
+
+    from wam.runs.bench import machine_info
+    from wam.worldmodel.cores import available_cores
+
+    cfg = QUICK if quick else FULL
+    cores = available_cores()
+    refs = {kind: importlib.util.find_spec(mod) is not None
+            for kind, mod in (("mambapy", "mambapy"), ("titans", "titans_pytorch"))}
+    load_before = _load()
+    max_t = max(cfg["lengths"])
+    train: dict[str, dict[str, Any]] = {}
+    for t, b in cfg["lengths"].items():
+        base = {"d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "T": t, "B": b, "reps": cfg["reps"]}
+        specs = [{"kind": "core", "name": n} for n in cores]
+        specs += [{"kind": k, "name": k} for k in ("mambapy", "titans") if refs[k] and t in cfg["reference_lengths"]]
+        for s in specs:
+            r = _run_child({**base, **s})
+            r.update(T=t, B=b)
+            train.setdefault(s["name"], {})[str(t)] = r
+    for per_t in train.values():  # ratios vs the transformer at the same T
+        for t, r in per_t.items():
+            ref = train.get("transformer", {}).get(t, {})
+            if "wall_s" in r and "wall_s" in ref:
+                r["time_vs_transformer"] = r["wall_s"] / ref["wall_s"]
+                r["cpu_time_vs_transformer"] = r["cpu_s"] / ref["cpu_s"]
+                r["mem_vs_transformer"] = r["peak_mem_bytes"] / max(1, ref["peak_mem_bytes"])
+
+    step: dict[str, list[dict[str, Any]]] = {}
+    for name in cores:
+        step[name] = _step_costs(name, core_kwargs(name, cfg["d_model"], max(cfg["step_contexts"]) + 64), cfg)
+    step[f"transformer-window{cfg['window']}"] = _step_costs(
+        "transformer", {**core_kwargs("transformer", cfg["d_model"], 0), "window": cfg["window"]}, cfg)
+
+    result = {"config": {k: (v if k != "lengths" else {str(t): b for t, b in v.items()}) for k, v in cfg.items()},
+              "quick": quick, "train": train, "step": step, "references_installed": refs,
+              "machine": machine_info(), "load_average_1min": {"before": load_before, "after": _load()}}
+    result["targets"], result["targets_met"] = _targets(result, max_t)
+    return result
+
+
+def _ratio(train: dict, a: str, b: str, t: int, key: str = "wall_s") -> float | None:
+    ra, rb = train.get(a, {}).get(str(t), {}), train.get(b, {}).get(str(t), {})
+    return ra[key] / rb[key] if key in ra and key in rb else None
+
+
+def _targets(result: dict[str, Any], max_t: int) -> tuple[dict[str, Any], dict[str, bool | None]]:
+    """The issue's targets: figures and met (True/False) or None when not measured in this run."""
+    train, step = result["train"], result["step"]
+    ref_t = max(result["config"]["reference_lengths"])
+    figures = {
+        "mamba2_over_transformer_t296": _ratio(train, "mamba2", "transformer", 296),
+        "mamba2_over_transformer_t4096": _ratio(train, "mamba2", "transformer", 4096),
+        f"mambapy_over_mamba_t{ref_t}": _ratio(train, "mambapy", "mamba", ref_t),
+        "atlas_over_transformer_t1024": _ratio(train, "atlas", "transformer", 1024),
+    }
+    growth = {}
+    for name in ("mamba", "mamba2", "atlas"):
+        if name in step:
+            sizes = [r["state_bytes"] for r in step[name]]
+            growth[name] = max(sizes) / min(sizes)
+    figures["recurrent_state_growth"] = growth
+    window = result["config"]["window"]  # the windowed cache fills up to window-1 tokens, then stays put
+    full = [r["state_bytes"] for r in step.get(f"transformer-window{window}", []) if r["context"] >= window]
+    figures["windowed_transformer_state_growth_after_window"] = max(full) / min(full) if full else None
+    met = {
+        "mamba2_over_transformer_t296": _le(figures["mamba2_over_transformer_t296"], TARGETS["mamba2_over_transformer_t296"]),
+        "mamba2_over_transformer_t4096": _le(figures["mamba2_over_transformer_t4096"], 1.0, strict=True),
+        "mambapy_over_mamba": (None if figures[f"mambapy_over_mamba_t{ref_t}"] is None
+                               else figures[f"mambapy_over_mamba_t{ref_t}"] >= TARGETS["mambapy_over_mamba"]),
+        "atlas_over_transformer_t1024": _le(figures["atlas_over_transformer_t1024"], TARGETS["atlas_over_transformer_t1024"]),
+        "recurrent_state_growth": all(g == 1.0 for g in growth.values()) if growth else None,
+    }
+    return figures, met
+
+
+def _le(x: float | None, bound: float, strict: bool = False) -> bool | None:
+    if x is None:
+        return None
+    return x < bound if strict else x <= bound
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The cores benchmark as markdown tables."""
+    cfg, train, step = result["config"], result["train"], result["step"]
+    lengths = list(cfg["lengths"])
+    head = "| model | " + " | ".join(f"T={t} (B={cfg['lengths'][t]})" for t in lengths) + " |"
+    lines = [f"Forward + backward, {cfg['n_layers']} layers, d={cfg['d_model']}, float32: wall seconds "
+             "(x transformer, same run), CPU seconds x transformer, peak memory growth (x transformer).", "",
+             head, "|---|" + "---|" * len(lengths)]
+    for name, per_t in train.items():
+        cells = []
+        for t in lengths:
+            r = per_t.get(t)
+            if r is None:
+                cells.append("—")
+            elif "error" in r:
+                cells.append(f"error: {r['error'][:60]}")
+            else:
+                rel = (f" ({r['time_vs_transformer']:.2f}x; cpu {r['cpu_time_vs_transformer']:.2f}x)"
+                       if "time_vs_transformer" in r else "")
+                mem = f", {_mib(r['peak_mem_bytes'])}" + (f" ({r['mem_vs_transformer']:.2f}x)" if "mem_vs_transformer" in r else "")
+                cells.append(f"{r['wall_s']:.3f} s{rel}{mem}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    contexts = cfg["step_contexts"]
+    lines += ["", "Step (one token, batch 1, no grad): median ms per token / state size, after a prefill of c tokens.", "",
+              "| core | " + " | ".join(f"c={c}" for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
+    for name, rows in step.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['step_ms']:.2f} ms / {r['state_bytes'] / 1024:,.0f} KiB"
+                                                for r in rows) + " |")
+    t, met = result["targets"], result["targets_met"]
+
+    def mark(key: str) -> str:
+        return {True: "met", False: "**missed**", None: "not measured"}[met[key]]
+
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}x"
+
+    ref_key = next(k for k in t if k.startswith("mambapy_over_mamba"))
+    lines += ["", "| target | figure | status |", "|---|---|---|",
+              f"| mamba2 <= 1.2x transformer time at T=296 | {fmt(t['mamba2_over_transformer_t296'])} "
+              f"| {mark('mamba2_over_transformer_t296')} |",
+              f"| mamba2 faster than transformer at T=4096 | {fmt(t['mamba2_over_transformer_t4096'])} "
+              f"| {mark('mamba2_over_transformer_t4096')} |",
+              f"| mamba >= 4x faster than mambapy ({ref_key.rsplit('_', 1)[-1]}) | {fmt(t[ref_key])} "
+              f"| {mark('mambapy_over_mamba')} |",
+              f"| atlas <= 3x transformer time at T=1024 | {fmt(t['atlas_over_transformer_t1024'])} "
+              f"| {mark('atlas_over_transformer_t1024')} |",
+              "| recurrent step state constant in context (max/min bytes) | "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in t["recurrent_state_growth"].items())
+              + f" | {mark('recurrent_state_growth')} |"]
+    win = t.get("windowed_transformer_state_growth_after_window")
+    if win is not None:
+        lines.append(f"| (no target) windowed transformer cache constant once c >= window | {win:.2f}x | |")
+    refs = result["references_installed"]
+    missing = [k for k, ok in refs.items() if not ok]
+    load = result["load_average_1min"]
+    lines += ["", f"Reference packages not installed (figures absent): {', '.join(missing)}." if missing else "",
+              f"Time: best of {cfg['reps']} after a warm-up; memory: peak RSS growth of a fresh process during the "
+              f"first forward+backward. 1-min load average {load['before']:.1f} before, {load['after']:.1f} after, on "
+              f"{result['machine'].get('cpus')} CPUs (a load above the CPU count means contended, noisy timings)."
+              + (" Quick run: tiny sizes, figures only show the benchmark works." if result["quick"] else "")]
+    return "\n".join(ln for ln in lines if ln is not None)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(_train_child(json.loads(sys.argv[2]))))
+    else:
+        print(markdown(run(quick="--quick" in sys.argv)))

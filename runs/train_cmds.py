@@ -1,0 +1,302 @@
+"""`wam pretrain` and `wam finetune`: joint offline training of the world-action model.
+
+    wam pretrain --preset debug --data DIR... --tokenizer RUN --core transformer --out RUN [--steps N] [--resume]
+    wam finetune --from RUN|scratch --data DIR --game NEW --transitions 5000 --out RUN [--freeze core ...]
+    ... --workers N [--address ADDR]      (Ray Train DDP, see wam.runs.ray_train)
+
+Both build the same pieces (`run_training`): a `SegmentSampler` over the datasets (the token cache
+when every dataset has one from this tokenizer, else frames encoded on the fly by the frozen
+tokenizer), a `WorldActionModel`, `WorldActionObjective` and the generic `Trainer`. The run directory
+gets `config.json`, `metrics.jsonl` and checkpoints of kind "world-action-model" that also record
+the tokenizer's id and path; `--resume` continues from the newest one exactly (see docs/training.md).
+
+`--data synthetic` trains on random tokens (no dataset, no tokenizer): a smoke test of the training
+stack and of a Ray cluster, and what the distributed-parity test uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import tyro
+
+from wam.datasets.batch import Batch
+from wam.datasets.config import preset_value
+from wam.datasets.errors import WamError
+from wam.worldmodel.checkpoint import RunDir, config_from_dict, config_to_dict, load_checkpoint
+from wam.worldmodel.losses import LossConfig, WorldActionObjective
+from wam.worldmodel.model import CHECKPOINT_KIND, FREEZABLE_PARTS, WorldActionModel, WorldActionModelConfig
+from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig, TrainResult, resolve_device
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+Flat = tyro.conf.OmitArgPrefixes  # nested configs' fields appear as --steps, --core, --lambda-cql, ...
+
+
+# --------------------------------------------------------------------------------------- presets
+def _trainer_preset(name: str) -> TrainerConfig:
+    return dataclasses.replace(preset_value({
+        "debug": TrainerConfig(steps=200, lr=1e-3, min_lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100),
+        "small": TrainerConfig(steps=20_000, lr=3e-4, min_lr=5e-5, warmup_steps=500, log_every=50,
+                               checkpoint_every=1000),
+        "jowa-40m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
+                                  log_every=100, checkpoint_every=10_000),
+        "jowa-70m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
+                                  log_every=100, checkpoint_every=10_000),
+        "jowa-150m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
+                                   log_every=100, checkpoint_every=10_000),
+    }, name, "training preset"))
+
+
+_BATCH = {"debug": 8, "small": 32, "jowa-40m": 512, "jowa-70m": 512, "jowa-150m": 512}
+_TARGET_EVERY = {"debug": 50, "small": 500, "jowa-40m": 1000, "jowa-70m": 1000, "jowa-150m": 1000}
+
+
+@dataclass
+class DataOptions:
+    """Fields shared by both commands (data, output, resume, distribution)."""
+
+    data: tuple[str, ...] = ()
+    """Dataset directories (or roots searched for datasets); `synthetic` = random tokens, no dataset needed."""
+    out: str = ""
+    """Run directory for config.json, metrics.jsonl and checkpoints."""
+    tokenizer: str = ""
+    """Tokenizer run directory or checkpoint (frozen): its codebook is the vocabulary."""
+    preset: str = "debug"
+    """Preset of model and training sizes: debug, small, jowa-40m, jowa-70m, jowa-150m."""
+    batch_size: int = 8
+    """Segments per optimiser micro-batch, over all workers."""
+    source: Literal["auto", "tokens", "frames"] = "auto"
+    """Observations: the token cache, frames encoded by the tokenizer on the fly, or auto (cache when complete)."""
+    prefetch: int = 2
+    """Batches the sampler prepares ahead in a background thread."""
+    seed: int = 0
+    """Seed of the weights, dropout and the data order."""
+    resume: bool = False
+    """Continue the newest checkpoint in --out exactly (same settings); a fresh run when there is none."""
+    workers: int = 1
+    """Training processes; more than 1 trains with Ray Train (DDP: gloo on CPU, NCCL on GPU)."""
+    address: str | None = None
+    """Ray cluster address for --workers (default: a local Ray session)."""
+
+
+@dataclass
+class PretrainConfig(DataOptions):
+    """Pretrain one world-action model on offline trajectories of many games."""
+
+    model: Annotated[WorldActionModelConfig, Flat] = field(default_factory=WorldActionModelConfig)
+    loss: Annotated[LossConfig, Flat] = field(default_factory=LossConfig)
+    train: Annotated[TrainerConfig, Flat] = field(default_factory=TrainerConfig)
+
+    @classmethod
+    def from_preset(cls, name: str) -> PretrainConfig:
+        return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
+                   model=WorldActionModelConfig.from_preset(name), train=_trainer_preset(name),
+                   loss=LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000)))
+
+
+@dataclass
+class FinetuneConfig(DataOptions):
+    """Fine-tune a pretrained model on a new game from its first N transitions (or train it from scratch)."""
+
+    from_run: Annotated[str, tyro.conf.arg(name="from")] = ""
+    """Pretrained run directory or checkpoint, or `scratch` for the same model without pretraining."""
+    game: str = ""
+    """The new game (its datasets are given with --data)."""
+    transitions: int = 5000
+    """Use only the first N transitions of each dataset."""
+    freeze: tuple[str, ...] = ()
+    """Parts not trained: embeddings, core, obs_head, reward_head, termination_head, q_head."""
+    model: Annotated[WorldActionModelConfig, Flat] = field(default_factory=WorldActionModelConfig)
+    """(Only for --from scratch: the architecture; a pretrained model keeps its own.)"""
+    loss: Annotated[LossConfig, Flat] = field(default_factory=LossConfig)
+    train: Annotated[TrainerConfig, Flat] = field(default_factory=TrainerConfig)
+
+    @classmethod
+    def from_preset(cls, name: str) -> FinetuneConfig:
+        train = _trainer_preset(name)
+        train = dataclasses.replace(train, steps=min(train.steps, 20_000 if name.startswith("jowa") else train.steps))
+        return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
+                   model=WorldActionModelConfig.from_preset(name), train=train,
+                   loss=LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000)))
+
+
+# ------------------------------------------------------------------------------------- building
+@dataclass
+class _Pieces:
+    source: Any
+    batch_transform: Callable[[Batch], Batch] | None
+    tokenizer_meta: dict[str, str]
+    games: list[str]
+
+
+def _load_tokenizer(path: str, device: str) -> Any:
+    from wam.worldmodel.tokenizer import load_tokenizer
+
+    return load_tokenizer(path, device=resolve_device(device))
+
+
+def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_path: str, device: str, rank: int,
+                 world: int,
+                 max_transitions: int | None = None, game_names: tuple[str, ...] | None = None,
+                 synthetic_games: tuple[str, ...] = ("Synthetic",)) -> tuple[_Pieces, int]:
+    """The batch source (this rank's share of the batch), the frames->tokens transform and the vocabulary."""
+    if cfg.batch_size % world:
+        raise WamError(f"--batch-size {cfg.batch_size} does not split over --workers {world}")
+    per_rank = cfg.batch_size // world
+    if tuple(cfg.data) == (SYNTHETIC,):
+        assert vocab is not None, "synthetic data needs the model's vocab_size"
+        src = SyntheticTokenSource(cfg.batch_size, horizon, vocab, games=synthetic_games, seed=cfg.seed,
+                                   rank=rank, world_size=world)
+        log.info("data: synthetic random tokens (%d games, vocab %d)", len(synthetic_games), vocab)
+        return _Pieces(src, None, {"id": "synthetic", "path": ""}, list(synthetic_games)), vocab
+    if not cfg.data:
+        raise WamError("give the training data with --data DIR [DIR ...] (or --data synthetic for a smoke test)")
+    if not tokenizer_path:
+        raise WamError("give the frozen tokenizer with --tokenizer RUN (its codebook is the model's vocabulary)")
+    from wam.datasets.sampler import SegmentSampler
+    from wam.datasets.store import TrajectoryStore
+
+    tokenizer = _load_tokenizer(tokenizer_path, device)
+    tid = tokenizer.tokenizer_id()
+    # every rank draws its own stream: batch k of rank r is a function of (seed + r, k)
+    sampler = SegmentSampler(list(cfg.data), horizon=horizon, batch_size=per_rank, source=cfg.source,
+                             seed=cfg.seed + rank, prefetch=cfg.prefetch, max_transitions=max_transitions,
+                             game_names=game_names)
+    transform: Callable[[Batch], Batch] | None = None
+    if sampler.source == "tokens":
+        ids = {TrajectoryStore.open(p).tokenizer_id() for p in sampler.datasets}
+        if ids != {tid}:
+            sampler.close()
+            raise WamError(f"the datasets' token caches come from tokenizer(s) {sorted(map(str, ids))} but "
+                           f"--tokenizer is {tid}; re-encode them with `wam tokenize` or use --source frames")
+        log.info("data: token cache of tokenizer %s", tid)
+    else:
+        log.info("data: no complete token cache; encoding frames with the frozen tokenizer %s on the fly", tid)
+
+        def transform(batch: Batch) -> Batch:
+            b, t = batch.obs.shape[:2]
+            tokens = tokenizer.encode(batch.obs.reshape(b * t, *batch.obs.shape[2:])).view(b, t, -1)
+            return dataclasses.replace(batch, obs=tokens)
+
+    meta = {"id": tid, "path": str(Path(tokenizer_path).resolve())}
+    return _Pieces(sampler, transform, meta, list(sampler.games)), int(tokenizer.cfg.codebook_size)
+
+
+def _with_game_map(transform: Callable[[Batch], Batch] | None, source_games: list[str],
+                   model_games: tuple[str, ...]) -> Callable[[Batch], Batch] | None:
+    """Map the source's game ids onto the model's task rows (and apply `transform` first)."""
+    missing = [g for g in source_games if g not in model_games]
+    if missing:
+        raise WamError(f"the data holds games {missing} that the model has no task embedding for "
+                       f"(model games: {list(model_games)})")
+    table = torch.tensor([model_games.index(g) for g in source_games], dtype=torch.long)
+    if torch.equal(table, torch.arange(len(source_games))) and transform is None:
+        return None
+
+    def apply(batch: Batch) -> Batch:
+        if transform is not None:
+            batch = transform(batch)
+        return dataclasses.replace(batch, game_ids=table[batch.game_ids])
+
+    return apply
+
+
+def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int = 1,
+                 on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Build everything a process needs and train (single process, or one rank of a DDP run)."""
+    finetune = isinstance(cfg, FinetuneConfig)
+    command = "finetune" if finetune else "pretrain"
+    if not cfg.out:
+        raise WamError(f"give the run directory with --out (wam {command})")
+    run = RunDir(cfg.out)
+    ckpt = load_checkpoint(run.latest(), kind=CHECKPOINT_KIND) if cfg.resume and run.latest() else None
+    if cfg.resume and ckpt is None:
+        log.info("--resume: no checkpoint in %s yet, starting a fresh run", run.path)
+    torch.manual_seed(cfg.seed)
+    pretrained: WorldActionModel | None = None
+    tokenizer_path = cfg.tokenizer
+    if ckpt is not None:
+        model_cfg = config_from_dict(WorldActionModelConfig, ckpt["config"]["model"])
+        tokenizer_path = tokenizer_path or ckpt.get("tokenizer", {}).get("path", "")
+    elif finetune and cfg.from_run != "scratch":
+        if not cfg.from_run:
+            raise WamError("give the pretrained run with --from RUN (or --from scratch)")
+        pretrained, pre_ckpt = WorldActionModel.from_checkpoint(cfg.from_run)
+        model_cfg = pretrained.cfg
+        tokenizer_path = tokenizer_path or pre_ckpt.get("tokenizer", {}).get("path", "")
+    else:
+        if finetune and not cfg.tokenizer and tuple(cfg.data) != (SYNTHETIC,):
+            raise WamError("--from scratch needs --tokenizer RUN (there is no pretrained run to take it from)")
+        model_cfg = cfg.model
+    if finetune and not cfg.game:
+        raise WamError("give the new game with --game NAME")
+    synthetic_games = (cfg.game,) if finetune else model_cfg.games or ("Synthetic",)
+    pieces, vocab = _data_pieces(
+        cfg, model_cfg.horizon, model_cfg.vocab_size, tokenizer_path, cfg.train.device, rank, world,
+        max_transitions=cfg.transitions if finetune else None,
+        game_names=(cfg.game,) if finetune else None, synthetic_games=synthetic_games)
+    try:
+        if vocab != model_cfg.vocab_size and (pretrained is not None or ckpt is not None):
+            raise WamError(f"the tokenizer has {vocab} codes but the model was trained with a vocabulary of "
+                           f"{model_cfg.vocab_size}; use the tokenizer the model was trained with")
+        if ckpt is None and pretrained is None:
+            games = tuple(pieces.games) if not finetune else (cfg.game,)
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab, games=games)
+        model = pretrained if pretrained is not None else WorldActionModel(model_cfg)
+        if finetune and pretrained is not None:
+            log.info("fine-tuning %s on new game %s (task row %d)", cfg.from_run, cfg.game, model.add_game(cfg.game))
+        if finetune:
+            bad = [p for p in cfg.freeze if p not in FREEZABLE_PARTS]
+            if bad:
+                raise WamError(f"cannot freeze {bad}; choose from {', '.join(FREEZABLE_PARTS)}")
+            model.freeze(tuple(cfg.freeze))
+        transform = _with_game_map(pieces.batch_transform, pieces.games, model.cfg.games)
+        objective = WorldActionObjective(model, cfg.loss)
+        meta = {"kind": CHECKPOINT_KIND, "command": command, "tokenizer": pieces.tokenizer_meta,
+                "config": {"model": model.config_dict(), "loss": config_to_dict(cfg.loss),
+                           "run": config_to_dict(cfg)}}
+        trainer = Trainer(objective, pieces.source, cfg.train, run, checkpoint_meta=meta, batch_transform=transform,
+                          on_log=on_log, flops_per_token=model.flops_per_token())
+        if ckpt is not None:
+            trainer.load_state(ckpt)
+        elif rank == 0:
+            run.write_config(cfg, command=command, model_resolved=model.config_dict(), tokenizer=pieces.tokenizer_meta)
+        log.info("%s: %s core, %.2fM parameters (backbone+heads), %d games, %d steps", command, model.cfg.core,
+                 model.count_parameters() / 1e6, len(model.cfg.games), cfg.train.steps)
+        return trainer.fit()
+    finally:
+        close = getattr(pieces.source, "close", None)
+        if close is not None:
+            close()
+
+
+def _dispatch(cfg: PretrainConfig | FinetuneConfig) -> int:
+    if cfg.workers < 1:
+        raise WamError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.workers > 1 or cfg.address is not None:
+        from wam.runs.ray_train import train_with_ray
+
+        train_with_ray(cfg, cfg.workers, cfg.address)
+        return 0
+    result = run_training(cfg)
+    print(f"trained to step {result.step}: loss {result.last_logs.get('loss', float('nan')):.4f}; "
+          f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def pretrain(cfg: PretrainConfig) -> int:
+    """Pretrain the world-action model on offline trajectories of many games."""
+    return _dispatch(cfg)
+
+
+def finetune(cfg: FinetuneConfig) -> int:
+    """Fine-tune a pretrained world-action model on a new game (or train the same model from scratch)."""
+    return _dispatch(cfg)

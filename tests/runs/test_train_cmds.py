@@ -1,0 +1,198 @@
+"""`wam pretrain` / `wam finetune` on real HDF5 datasets with a real (untrained, frozen) tokenizer, and
+Ray Train DDP parity: 2 CPU workers after one step == one process on the combined batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wam.datasets.atari import legal_action_mask
+from wam.datasets.errors import WamError
+from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+from wam.runs.cli import run_command
+from wam.runs.train_cmds import FinetuneConfig, PretrainConfig, run_training
+from wam.worldmodel.checkpoint import RunDir, config_to_dict, load_checkpoint, save_checkpoint
+from wam.worldmodel.model import CHECKPOINT_KIND, WorldActionModel
+from wam.worldmodel.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
+from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _frames(rng: np.random.Generator, n: int, game_id: int) -> np.ndarray:
+    """A bright block that moves one pixel a step over a game-specific background (structured, learnable)."""
+    obs = np.full((n, 84, 84), 20 * game_id, dtype=np.uint8)
+    start = int(rng.integers(0, 40))
+    for t in range(n):
+        x = (start + 3 * t) % 70
+        obs[t, 30:44, x:x + 14] = 255
+    return obs
+
+
+def _write_dataset(root: Path, game: str, game_id: int, episodes: int, length: int, tokenizer=None) -> Path:
+    directory = dataset_dir(root, game, "test")
+    store = TrajectoryStore.create(directory, game=game, provenance={"protocol": "jowa", "policy": "random"})
+    rng = np.random.default_rng(game_id)
+    eps = []
+    for i in range(episodes):
+        term = np.zeros(length, bool)
+        term[-1] = True
+        rewards = np.where(np.arange(length) % 5 == 4, 1.0, 0.0).astype(np.float32)
+        legal = np.flatnonzero(legal_action_mask(game))
+        eps.append(Episode(observations=_frames(rng, length + 1, game_id), actions=rng.choice(legal, length),
+                           rewards=rewards, terminations=term, truncations=np.zeros(length, bool), seed=i))
+    with store.writer(commit_every=1000) as w:
+        for ep in eps:
+            w.append(ep)
+    if tokenizer is not None:  # the token cache, as `wam tokenize` writes it
+        store.write_tokens([(i, tokenizer.encode(ep.observations).numpy()) for i, ep in enumerate(eps)],
+                           tokenizer_id=tokenizer.tokenizer_id())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    cfg = TokenizerConfig.from_preset("debug")
+    tok = build_tokenizer(cfg).eval()
+    tok_path = root / "tokenizer" / "checkpoints" / "step_00000000.pt"
+    save_checkpoint(tok_path, {"kind": TOKENIZER_KIND, "config": config_to_dict(cfg), "model": tok.state_dict(),
+                               "tokenizer_id": tok.tokenizer_id(), "step": 0})
+    tok = load_tokenizer(root / "tokenizer")
+    data = root / "data"
+    pong = _write_dataset(data, "Pong", 1, episodes=3, length=30, tokenizer=tok)
+    breakout = _write_dataset(data, "Breakout", 2, episodes=3, length=30, tokenizer=tok)
+    freeway = _write_dataset(data, "Freeway", 3, episodes=2, length=60)  # held out, frames only (no cache)
+    return {"root": root, "tokenizer": root / "tokenizer", "pong": pong, "breakout": breakout, "freeway": freeway}
+
+
+def _pretrain_cfg(ws, out: Path, steps: int = 40, **kw) -> PretrainConfig:
+    cfg = PretrainConfig.from_preset("debug")
+    cfg.data = (str(ws["pong"]), str(ws["breakout"]))
+    cfg.tokenizer, cfg.out, cfg.batch_size, cfg.prefetch = str(ws["tokenizer"]), str(out), 8, 0
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.horizon = 32, 1, 2
+    cfg.train.steps, cfg.train.warmup_steps, cfg.train.log_every, cfg.train.progress = steps, 5, 5, False
+    cfg.train.checkpoint_every = 20
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_pretrain_then_finetune_from_checkpoint_and_scratch(workspace):
+    out = workspace["root"] / "pre"
+    result = run_training(_pretrain_cfg(workspace, out))
+    assert result.step == 40
+    rows = RunDir(out).read_metrics()
+    first, last = rows[0], rows[-1]
+    assert last["obs_ce"] < first["obs_ce"] - 0.5, (first, last)
+    assert np.mean([r["td_kl"] for r in rows[-3:]]) < first["td_kl"], (first, last)
+    assert last["illegal_data_actions"] == 0.0
+    ckpt = load_checkpoint(out, kind=CHECKPOINT_KIND)
+    assert ckpt["config"]["model"]["games"] == ["Breakout", "Pong"]
+    assert ckpt["tokenizer"]["id"] == load_tokenizer(workspace["tokenizer"]).tokenizer_id()
+    assert ckpt["config"]["model"]["vocab_size"] == 256
+
+    # fine-tune on the held-out game from the checkpoint: frames only, encoded by the frozen tokenizer
+    ft = FinetuneConfig.from_preset("debug")
+    ft.from_run, ft.data, ft.game, ft.transitions = str(out), (str(workspace["freeway"]),), "Freeway", 40
+    ft.out, ft.batch_size, ft.prefetch, ft.freeze = str(workspace["root"] / "ft"), 4, 0, ("embeddings",)
+    ft.train.steps, ft.train.warmup_steps, ft.train.log_every, ft.train.progress = 4, 1, 2, False
+    pre_model, _ = WorldActionModel.from_checkpoint(out)
+    assert run_training(ft).step == 4
+    model, ck = WorldActionModel.from_checkpoint(ft.out)
+    assert model.cfg.games == ("Breakout", "Pong", "Freeway")
+    assert torch.equal(model.obs_embedding.weight, pre_model.obs_embedding.weight)  # frozen
+    assert not torch.equal(model.core.state_dict()["h.0.attn.c_attn.weight"],
+                           pre_model.core.state_dict()["h.0.attn.c_attn.weight"])
+    assert ck["config"]["run"]["transitions"] == 40
+
+    # the same model from scratch: needs --tokenizer, has one task row
+    ft.from_run, ft.out, ft.freeze = "scratch", str(workspace["root"] / "scratch"), ()
+    with pytest.raises(WamError, match="--tokenizer"):
+        run_training(ft)
+    ft.tokenizer = str(workspace["tokenizer"])
+    ft.model.d_model, ft.model.n_layers, ft.model.horizon = 32, 1, 2
+    assert run_training(ft).step == 4
+    scratch, _ = WorldActionModel.from_checkpoint(ft.out)
+    assert scratch.cfg.games == ("Freeway",) and scratch.cfg.vocab_size == 256
+
+
+def test_cli_pretrain_resume_continues(workspace):
+    out = workspace["root"] / "cli"
+    args = ["pretrain", "--preset", "debug", "--data", str(workspace["pong"]), "--tokenizer", str(workspace["tokenizer"]),
+            "--core", "mamba", "--out", str(out), "--steps", "4", "--batch-size", "4", "--d-model", "32",
+            "--n-layers", "1", "--horizon", "2", "--checkpoint-every", "2", "--log-every", "1", "--no-progress",
+            "--prefetch", "0", "--source", "frames"]
+    assert run_command(args) == 0
+    assert load_checkpoint(out, kind=CHECKPOINT_KIND)["config"]["model"]["core"] == "mamba"
+    assert run_command([*args[:args.index("--steps") + 1], "6", *args[args.index("--steps") + 2:], "--resume"]) == 0
+    rows = RunDir(out).read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert run_command(["pretrain", "--data", "synthetic"]) == 2  # no --out: one-line user error
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_ray_train_two_workers_equal_one_process_on_the_combined_batch(tmp_path):
+    from wam.runs.ray_train import train_with_ray
+
+    def cfg(out: str) -> PretrainConfig:
+        c = PretrainConfig.from_preset("debug")
+        c.data, c.out, c.batch_size = ("synthetic",), out, 4
+        c.model.d_model, c.model.n_layers, c.model.horizon, c.model.vocab_size = 32, 1, 2, 64
+        c.model.games = ("A", "B")
+        c.train.steps, c.train.warmup_steps, c.train.lr, c.train.progress = 1, 0, 1e-3, False
+        return c
+
+    single = cfg(str(tmp_path / "single"))
+    run_training(single)
+    multi = cfg(str(tmp_path / "multi"))
+    multi.workers = 2
+    train_with_ray(multi, workers=2, threads_per_worker=1)
+    a = load_checkpoint(single.out, kind=CHECKPOINT_KIND)
+    b = load_checkpoint(multi.out, kind=CHECKPOINT_KIND)
+    assert a["step"] == b["step"] == 1 and len(b["sampler"]) == 2
+    torch.manual_seed(single.seed)  # the initial weights both runs started from
+    init = WorldActionModel(WorldActionModel.from_checkpoint(single.out)[0].cfg)
+    moved = 0
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=2e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        moved += int(not torch.equal(v, init.state_dict()[k]))
+    assert moved > 10
+    la = RunDir(single.out).read_metrics()[-1]["loss"]
+    lb = RunDir(multi.out).read_metrics()[-1]["loss"]
+    assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_ctrl_c_then_resume_is_bit_exact_with_the_real_sampler(workspace):
+    """Token cache + prefetching sampler: Ctrl-C at step 3, --resume, and the run ends where a straight one does."""
+    import os
+    import signal
+
+    def cfg(out: str) -> PretrainConfig:
+        c = _pretrain_cfg(workspace, workspace["root"] / out, steps=6)
+        c.prefetch, c.train.log_every, c.train.checkpoint_every, c.model.dropout = 2, 1, 100, 0.1
+        return c
+
+    run_training(cfg("straight"))
+    interrupted = cfg("interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(interrupted, on_log=lambda step, logs: os.kill(os.getpid(), signal.SIGINT) if step == 3 else None)
+    assert load_checkpoint(interrupted.out, kind=CHECKPOINT_KIND)["step"] == 3
+    interrupted.resume = True
+    run_training(interrupted)
+    a = load_checkpoint(workspace["root"] / "straight", kind=CHECKPOINT_KIND)
+    b = load_checkpoint(interrupted.out, kind=CHECKPOINT_KIND)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    trace_a = [r["loss"] for r in RunDir(workspace["root"] / "straight").read_metrics()]
+    assert len(trace_a) == 6 and trace_a == [r["loss"] for r in RunDir(interrupted.out).read_metrics()]

@@ -1,0 +1,217 @@
+"""Losses of the world-action model on tiny hand-checked cases: C51 projection, TD, CQL, masks, labels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wam.datasets.batch import Batch
+from wam.worldmodel.losses import (
+    LossConfig,
+    c51_project,
+    cql_loss,
+    obs_token_labels,
+    td_loss,
+    world_action_loss,
+    world_model_loss,
+)
+from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig, WorldActionOutput
+
+SUPPORT = torch.linspace(-10.0, 30.0, 51)  # dz = 0.8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_model(**kw) -> WorldActionModel:
+    cfg = WorldActionModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, horizon=2, games=("A", "B"), **kw)
+    return WorldActionModel(cfg)
+
+
+def make_batch(b: int = 2, h: int = 2, vocab: int = 16, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(obs=torch.randint(0, vocab, (b, h + 1, 36), generator=g),
+                 actions=torch.randint(0, 4, (b, h), generator=g), rewards=torch.randn(b, h, generator=g),
+                 terminations=torch.zeros(b, h, dtype=torch.bool), truncations=torch.zeros(b, h, dtype=torch.bool),
+                 mask=torch.ones(b, h, dtype=torch.bool), game_ids=torch.arange(b) % 2,
+                 legal_actions=torch.arange(18)[None].expand(b, 18) < 4)
+
+
+def brute_force_projection(p: torch.Tensor, r: float, disc: float, z: torch.Tensor) -> torch.Tensor:
+    """Textbook C51 projection, one atom at a time."""
+    a = len(z)
+    v_min, v_max = float(z[0]), float(z[-1])
+    dz = (v_max - v_min) / (a - 1)
+    m = [0.0] * a
+    for j in range(a):
+        tz = min(max(r + disc * float(z[j]), v_min), v_max)
+        bj = (tz - v_min) / dz
+        lo, hi = math.floor(bj), math.ceil(bj)
+        if lo == hi:
+            m[lo] += float(p[j])
+        else:
+            m[lo] += float(p[j]) * (hi - bj)
+            m[hi] += float(p[j]) * (bj - lo)
+    return torch.tensor(m, dtype=torch.float64)
+
+
+def test_c51_projection_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    z = SUPPORT.double()
+    probs = torch.rand(6, 51, generator=g, dtype=torch.float64).softmax(-1)
+    # on-atom shift (0.8 = one atom, gamma 1), clipping at both ends, a terminal row, a generic case
+    rewards = torch.tensor([0.8, 50.0, -50.0, 1.0, 0.37, -2.3], dtype=torch.float64)
+    discounts = torch.tensor([1.0, 0.99, 0.99, 0.0, 0.99, 0.5], dtype=torch.float64)
+    got = c51_project(probs, rewards, discounts, z)
+    for i in range(6):
+        want = brute_force_projection(probs[i], float(rewards[i]), float(discounts[i]), z)
+        torch.testing.assert_close(got[i], want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got.sum(-1), torch.ones(6, dtype=torch.float64))
+    # terminal row: all mass on the atoms around r = 1.0 (between atoms 13 (0.4) and 14 (1.2))
+    assert got[3, 13] == pytest.approx(0.25) and got[3, 14] == pytest.approx(0.75)
+
+
+def _delta_logits(atom_per_action: list[int], b: int = 1, h: int = 1, e: int = 1) -> torch.Tensor:
+    """q_logits [B, h, E, 18, 51] that put (almost) all mass on one atom per action."""
+    logits = torch.full((b, h, e, 18, 51), -1e4)
+    for act, atom in enumerate(atom_per_action):
+        logits[..., act, atom] = 0.0
+    return logits
+
+
+def _output(q_logits: torch.Tensor, target: torch.Tensor | None = None) -> WorldActionOutput:
+    b, t = q_logits.shape[:2]
+    return WorldActionOutput(obs_logits=torch.zeros(b, 1, 16), reward_logits=torch.zeros(b, t - 1, 3),
+                             termination_logits=torch.zeros(b, t - 1, 2), q_logits=q_logits,
+                             target_q_logits=target)
+
+
+def test_cql_value_hand_checked():
+    model = tiny_model()
+    # frame 0: actions 0, 1 legal with Q = 1.2 (atom 14) and 2.0 (atom 15); illegal action 2 has Q = 30
+    q = _delta_logits([14, 15, 50] + [12] * 15, h=2)
+    batch = make_batch(b=1, h=1)
+    batch.actions[:] = 0
+    batch.legal_actions[:] = False
+    batch.legal_actions[0, :2] = True
+    loss, logs = cql_loss(model, _output(q), batch)
+    want = math.log(math.exp(1.2) + math.exp(2.0)) - 1.2
+    assert loss.item() == pytest.approx(want, abs=1e-4)
+    assert logs["cql_loss"] == pytest.approx(want, abs=1e-4)
+
+
+def test_td_target_hand_checked_and_termination_cut():
+    model = tiny_model()
+    cfg = LossConfig(gamma=0.5)
+    batch = make_batch(b=2, h=1)
+    batch.actions[:] = 1
+    batch.rewards[:] = torch.tensor([[2.5], [-0.1]])  # sign transform: +1, -1
+    batch.terminations[:] = torch.tensor([[False], [True]])
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :3] = True
+    online = torch.zeros(2, 2, 1, 18, 51)  # uniform online distributions
+    # target at frame 1: legal action 2 is best (Q = 3.6, atom 17); illegal action 5 would be 30
+    target = _delta_logits([12, 13, 17, 12, 12, 50] + [12] * 12, b=2, h=2)
+    loss, _ = td_loss(model, _output(online, target), batch, cfg)
+    # online is uniform, so CE = -log(1/51) whatever the target
+    assert loss.item() == pytest.approx(math.log(51), abs=1e-5)
+    # row 0: 1 + 0.5 * 3.6 = 2.8 = atom 16 exactly; row 1 is terminal: -1 lies at b = 11.25 -> 0.75 on atom 11,
+    # 0.25 on atom 12 (no bootstrap). Online mass split 0.5 / 0.5 over atoms 16/17 and 11/12: CE = log 2 per row.
+    online2 = torch.full((2, 2, 1, 18, 51), -30.0)
+    online2[0, 0, 0, 1, 16] = online2[0, 0, 0, 1, 17] = 0.0
+    online2[1, 0, 0, 1, 11] = online2[1, 0, 0, 1, 12] = 0.0
+    loss2, _ = td_loss(model, _output(online2, target), batch, cfg)
+    assert loss2.item() == pytest.approx(math.log(2.0), abs=1e-4)
+    # online equal to the targets: CE = the targets' entropies (0 for row 0, H(0.75, 0.25) for row 1)
+    online3 = torch.full((2, 2, 1, 18, 51), -30.0)
+    online3[0, 0, 0, 1, 16] = 0.0
+    online3[1, 0, 0, 1, 11], online3[1, 0, 0, 1, 12] = math.log(0.75), math.log(0.25)
+    loss3, _ = td_loss(model, _output(online3, target), batch, cfg)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert loss3.item() == pytest.approx(entropy / 2, abs=1e-4)
+    # without the termination, row 1 bootstraps: -1 + 0.5 * 3.6 = 0.8 -> atom 13.5, so the loss changes
+    batch.terminations[:] = False
+    assert td_loss(model, _output(online3, target), batch, cfg)[0].item() > loss3.item() + 1.0
+
+
+def test_masks_hold_padding_and_illegal_actions():
+    torch.manual_seed(0)
+    model = tiny_model()
+    batch = make_batch(b=2, h=2)
+    batch.mask[1, 1] = False  # padded last step of row 1
+    q = torch.randn(2, 3, 1, 18, 51, requires_grad=True)
+    tgt = torch.randn(2, 3, 1, 18, 51)
+    out = _output(q, tgt)
+    td, _ = td_loss(model, out, batch, LossConfig())
+    cql, _ = cql_loss(model, out, batch)
+    (td + cql).backward()
+    illegal = ~batch.legal_actions  # actions 4..17
+    assert q.grad[:, :2][illegal[:, None, None, :].expand(2, 2, 1, 18)].abs().max() == 0
+    assert q.grad[1, 1].abs().max() == 0, "a padded step must not receive gradient"
+    assert q.grad[0, 1].abs().max() > 0
+    # changing the padded step's data, or the target's values at illegal actions, leaves the losses unchanged
+    b2 = Batch(**{k: v.clone() for k, v in vars(batch).items()})
+    b2.rewards[1, 1], b2.actions[1, 1], b2.terminations[1, 1] = 99.0, 3, True
+    tgt2 = tgt.clone()
+    tgt2[..., 4:, :] = torch.randn_like(tgt2[..., 4:, :]) * 10
+    out2 = _output(q, tgt2)
+    assert td_loss(model, out2, b2, LossConfig())[0].item() == pytest.approx(td.item(), abs=1e-6)
+    assert cql_loss(model, out2, b2)[0].item() == pytest.approx(cql.item(), abs=1e-6)
+
+
+def test_obs_token_labels_layout():
+    obs = torch.tensor([[[1, 2], [3, 4], [5, 6]]])  # B=1, H=2, K=2: sequence 1 2 a 3 4 a 5 6
+    mask = torch.tensor([[True, True]])
+    labels = obs_token_labels(obs, mask)
+    assert labels.tolist() == [[2, -100, 3, 4, -100, 5, 6, -100]]
+    labels = obs_token_labels(obs, torch.tensor([[True, False]]))  # frame 2 lies past the episode
+    assert labels.tolist() == [[2, -100, 3, 4, -100, -100, -100, -100]]
+
+
+def test_world_model_loss_ignores_padding():
+    torch.manual_seed(0)
+    model = tiny_model()
+    batch = make_batch(b=2, h=2)
+    batch.mask[0, 1] = False
+    out, _ = model(batch.obs, batch.actions, batch.game_ids)
+    loss, logs = world_model_loss(out, batch)
+    b2 = Batch(**{k: v.clone() for k, v in vars(batch).items()})
+    b2.rewards[0, 1], b2.terminations[0, 1] = -5.0, True
+    b2.obs[0, 2] = (b2.obs[0, 2] + 1) % 16  # the frame after the padded step
+    loss2, _ = world_model_loss(out, b2)  # same logits, different labels at padded places only
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert logs["obs_ce"] == pytest.approx(math.log(16), abs=0.1)  # an untrained model is near uniform
+
+
+def test_joint_loss_gradient_reaches_core_through_td():
+    torch.manual_seed(0)
+    model = tiny_model()
+    batch = make_batch()
+    cfg = LossConfig(lambda_wm=0.0, lambda_cql=0.0)  # TD alone
+    loss, logs = world_action_loss(model, batch, cfg)
+    loss.backward()
+    core_grad = sum(p.grad.abs().sum().item() for p in model.core.parameters() if p.grad is not None)
+    assert core_grad > 0, "TD gradients must flow into the core"
+    assert all(p.grad is None for p in model.target_q_head.parameters())
+    assert set(logs) >= {"loss", "obs_ce", "reward_ce", "termination_ce", "td_loss", "cql_loss"}
+
+
+def test_illegal_data_action_never_enters_q_losses():
+    model = tiny_model()
+    batch = make_batch(b=2, h=2)
+    q = torch.randn(2, 3, 1, 18, 51, requires_grad=True)
+    out = _output(q, torch.randn(2, 3, 1, 18, 51))
+    batch.actions[0, 0] = 9  # not in the legal set (0..3): bad data
+    td, _ = td_loss(model, out, batch, LossConfig())
+    cql, logs = cql_loss(model, out, batch)
+    (td + cql).backward()
+    assert q.grad[0, 0].abs().max() == 0
+    assert logs["illegal_data_actions"] == pytest.approx(0.25)

@@ -1,0 +1,452 @@
+"""`atlas`: the ATLAS layer (Behrouz et al., 2025) — a deep memory optimised during the forward pass
+with the Omega rule, polynomial features, momentum and Newton–Schulz-5 (Muon) updates.
+
+Per layer and head (head dim d, memory input/output dim d):
+
+    q, k, v = SiLU(causal depthwise conv(W_qkv x))            # short conv as in Titans
+    q, k    = l2-normalise(q), l2-normalise(k);  φ(u) = Σ_{i=0..p} a_i u^i   (elementwise, a_i = 1/i! at init)
+    M(u)    = W u                      (memory_depth=1)   |   u + W2 SiLU(W1 u)   (memory_depth=2)
+    ℓ_t(M)  = Σ_{i=t-c+1..t} γ_i · ½‖M(φ(k_i)) − v_i‖²                     (Omega rule, window c)
+    g_t     = ∇ℓ_t(M̄)            M̄ = the memory at the start of t's chunk (chunk-parallel training)
+    S_t     = θ_t S_{t-1} − η_t g_t                                        (momentum; θ = 0 without)
+    ΔM_t    = α_t ΔM_{t-1} + S_t,  A_t = α_t A_{t-1}   (ΔM = 0, A = 1 at a chunk start)
+    M_t     = A_t M̄ + ΔM_t                           inside a chunk
+    M_e     = A_e M̄ + NS5(ΔM_e)                       at the chunk's last token e (newton_schulz=True)
+    y_t     = M_t(φ(q_t))  ->  per-head RMSNorm  ->  out projection
+
+Without Newton–Schulz this is exactly M_t = α_t M_{t-1} + S_t (OmegaNet). With chunk_size=1 it is
+exactly the paper's ATLAS step M_t = α_t M_{t-1} + NS5(S_t) with gradients at M_{t-1}. For larger
+chunks NS5 orthogonalises the chunk's accumulated update once, at the chunk's end (the paper's
+per-token NS5 needs every token's momentum materialised: O(T·|M|) memory, out of memory at the
+benchmark size; see docs/atlas.md). Gates (per head, from the block input): α = sigmoid,
+η = sigmoid / d, θ = sigmoid, γ = sigmoid (γ ≡ 1 when c = 1, where it would only rescale η).
+
+Chunk-parallel form: inside a chunk every gradient is taken at M̄, so each window token i
+contributes one rank-1 term γ_i δ_i x_iᵀ per weight matrix; the momentum and memory recurrences are
+linear, so M_t = (scalars)·{M̄, ΔM_in, S_in} − Σ_i D_ti (δ_i x_iᵀ) with a [L, L+c-1] coefficient
+matrix D, and reading M_t(φ(q_t)) is attention-like matmuls — nothing of size [T, |M|] is built.
+Chunk boundaries are counted per row from its fresh state (`AtlasState.phase`), so splitting a
+sequence anywhere and the step form (a segment of one token) give exactly the one-pass result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wam.datasets.errors import WamError
+from wam.worldmodel.cores.base import SequenceCore, register_core
+from wam.worldmodel.cores.common import RMSNorm, causal_depthwise_conv, where_rows, work_dtype
+from wam.worldmodel.cores.transformer import MLP
+
+log = logging.getLogger(__name__)
+
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton–Schulz coefficients (a, b, c)
+
+
+def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's Newton–Schulz-5 orthogonalisation of the matrices in g [..., m, n] (same shape back).
+
+    X = G / ‖G‖_F (a smooth norm sqrt(‖G‖² + eps²), so an all-zero G has finite gradients); then
+    `steps` times X <- aX + (bA + cA²)X with A = XXᵀ, on the wide orientation (m <= n).
+    """
+    a, b, c = NS5_COEFFS
+    wide = g.shape[-2] <= g.shape[-1]
+    x = g if wide else g.mT
+    x = x / torch.sqrt(x.pow(2).sum(dim=(-2, -1), keepdim=True) + eps * eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # [..., m, m]
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x if wide else x.mT
+
+
+def poly_feature_map(u: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """φ(u) = Σ_{i=0..p} coeffs[i] · u^i, elementwise (the dimension is kept). u [..., d], coeffs [p+1]."""
+    coeffs = coeffs.to(u.dtype)
+    out = torch.zeros_like(u) + coeffs[0] * u.shape[-1] ** -0.5
+    power = u
+    for i in range(1, coeffs.shape[0]):
+        out = out + coeffs[i] * power
+        if i + 1 < coeffs.shape[0]:
+            power = power * u
+    return out
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _decay_matrix(log_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From log-gates [..., L]: R [..., L, L] with R[τ, j] = Π_{j<l<=τ} a_l (j <= τ, else 0) and the
+    cumulative products [..., L] Π_{l<=τ} a_l."""
+    cum = log_a.cumsum(-1)
+    n = log_a.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=log_a.device).tril()
+    diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~lower, float("-inf"))
+    return diff.exp(), cum.exp()
+
+
+def chunk_segments(phases: list[int], t: int, chunk: int) -> list[tuple[int, int, list[bool]]]:
+    """Split t tokens into segments at every row's chunk boundary.
+
+    phases[b] = tokens row b has already seen in its current chunk. Returns (start, end, closes)
+    with closes[b] True where row b's chunk ends at `end`; no segment crosses any row's boundary.
+    """
+    ends = {t}
+    for p in set(phases):
+        ends.update(range(chunk - p, t + 1, chunk))
+    out, start = [], 0
+    for end in sorted(e for e in ends if 0 < e <= t):
+        out.append((start, end, [(p + end) % chunk == 0 for p in phases]))
+        start = end
+    return out
+
+
+@dataclass(frozen=True)
+class AtlasLayerState:
+    """One ATLAS layer's state (batch at dim 0 everywhere; never mutated).
+
+    conv: [B, 3·H·d, K-1] last inputs of the short convolution;
+    mem_start: memory weights at the current chunk's start, M̄ (one tensor per weight matrix,
+      [B, H, out, in]); mem_delta: ΔM accumulated in the chunk; momentum: S (same shapes);
+    decay: [B, H] A = Π α since the chunk start;
+    win_k, win_v: [B, H, c-1, d] the last c-1 φ(k), v; win_gamma: [B, H, c-1] their γ (0 = no token).
+    """
+
+    conv: torch.Tensor
+    mem_start: tuple[torch.Tensor, ...]
+    mem_delta: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
+    decay: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    win_gamma: torch.Tensor
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AtlasLayerState:
+        return AtlasLayerState(fn(self.conv), tuple(map(fn, self.mem_start)), tuple(map(fn, self.mem_delta)),
+                               tuple(map(fn, self.momentum)), fn(self.decay), fn(self.win_k), fn(self.win_v),
+                               fn(self.win_gamma))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.conv, *self.mem_start, *self.mem_delta, *self.momentum, self.decay, self.win_k,
+                self.win_v, self.win_gamma]
+
+
+@dataclass(frozen=True)
+class AtlasState:
+    """The ATLAS core's state: one `AtlasLayerState` per layer and phase [B] long, the number of tokens
+    each row has seen in its current chunk (0 after a reset). Its size does not grow with time."""
+
+    layers: tuple[AtlasLayerState, ...]
+    phase: torch.Tensor
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AtlasState:
+        """Apply fn to every tensor (all have batch at dim 0), e.g. `lambda t: t[idx]` or `.detach()`."""
+        return AtlasState(tuple(s.map_tensors(fn) for s in self.layers), fn(self.phase))
+
+    def nbytes(self) -> int:
+        return self.phase.nbytes + sum(t.nbytes for s in self.layers for t in s.tensors())
+
+
+class AtlasMixer(nn.Module):
+    """The ATLAS token mixer (see the module docstring). Input/output [B, T, D]."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, window: int, poly_degree: int,
+                 memory_depth: int, memory_expansion: int, momentum: bool, newton_schulz: bool,
+                 conv_kernel: int, eta_max: float) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
+        self.memory_depth, self.momentum, self.newton_schulz = memory_depth, momentum, newton_schulz
+        self.eta_max = eta_max
+        h, d = n_heads, head_dim
+        inner = 3 * h * d
+        self.qkv = nn.Linear(d_model, inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, conv_kernel, groups=inner, bias=True)  # used via its weight
+        self.poly_coeffs = nn.Parameter(torch.tensor([1.0 / math.factorial(i) for i in range(poly_degree + 1)]))
+        # gates, per head: α (memory decay), η (step), θ (momentum, if on), γ (Omega window, if c > 1)
+        self.gate_names = ["alpha", "eta"] + (["theta"] if momentum else []) + (["gamma"] if window > 1 else [])
+        self.gates = nn.Linear(d_model, len(self.gate_names) * h)
+        init_bias = {"alpha": 4.0, "eta": 0.0, "theta": 0.0, "gamma": 2.0}  # α≈0.98, η≈η_max/2, θ=0.5, γ≈0.88
+        with torch.no_grad():
+            self.gates.weight.mul_(0.1)
+            self.gates.bias.copy_(torch.tensor([init_bias[n] for n in self.gate_names]).repeat_interleave(h))
+        # the memory's initial weights M_0, learned (meta-learned across sequences), one per head
+        if memory_depth == 1:
+            shapes = [(h, d, d)]
+        else:
+            shapes = [(h, memory_expansion * d, d), (h, d, memory_expansion * d)]
+        self.mem_init = nn.ParameterList(nn.Parameter(torch.zeros(s)) for s in shapes)
+        if memory_depth == 2:  # W1 random, W2 = 0: M_0(u) = u
+            nn.init.normal_(self.mem_init[0], std=d ** -0.5)
+        self.out_norm = RMSNorm(d)
+        self.out_proj = nn.Linear(h * d, d_model, bias=False)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> AtlasLayerState:
+        b, h, d, c = batch_size, self.n_heads, self.head_dim, self.window
+        mem = tuple(w.to(device=device, dtype=dtype).unsqueeze(0).expand(b, *w.shape) for w in self.mem_init)
+        zeros = tuple(torch.zeros(b, *w.shape, device=device, dtype=dtype) for w in self.mem_init)
+        return AtlasLayerState(
+            conv=torch.zeros(b, 3 * h * d, self.conv1d.kernel_size[0] - 1, device=device, dtype=dtype),
+            mem_start=mem, mem_delta=zeros, momentum=zeros,
+            decay=torch.ones(b, h, device=device, dtype=dtype),
+            win_k=torch.zeros(b, h, c - 1, d, device=device, dtype=dtype),
+            win_v=torch.zeros(b, h, c - 1, d, device=device, dtype=dtype),
+            win_gamma=torch.zeros(b, h, c - 1, device=device, dtype=dtype))
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def project(self, x: torch.Tensor, conv_state: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """x [B, T, D] -> per-head inputs {q: φ(q), k: φ(k), v: [B, H, T, d]; log_alpha, eta, log_theta,
+        gamma: [B, H, T]} and the new conv state."""
+        b, t, _ = x.shape
+        h, d = self.n_heads, self.head_dim
+        u, conv_state = causal_depthwise_conv(self.qkv(x).transpose(1, 2), conv_state, self.conv1d.weight,
+                                              self.conv1d.bias)  # [B, 3Hd, T]
+        u = F.silu(u).view(b, 3, h, d, t).permute(1, 0, 2, 4, 3)  # [3, B, H, T, d]
+        q, k = F.normalize(u[0], dim=-1), F.normalize(u[1], dim=-1)
+        out = {"q": poly_feature_map(q, self.poly_coeffs), "k": poly_feature_map(k, self.poly_coeffs), "v": u[2]}
+        wd = work_dtype(x.dtype)
+        g = self.gates(x).to(wd).view(b, t, len(self.gate_names), h).permute(2, 0, 3, 1)  # [G, B, H, T]
+        raw = dict(zip(self.gate_names, g))
+        out["log_alpha"] = F.logsigmoid(raw["alpha"])
+        out["eta"] = torch.sigmoid(raw["eta"]) * self.eta_max
+        if self.momentum:
+            out["log_theta"] = F.logsigmoid(raw["theta"])
+        out["gamma"] = torch.sigmoid(raw["gamma"]) if self.window > 1 else torch.ones_like(raw["eta"])
+        return out, conv_state
+
+    # ---- memory -----------------------------------------------------------------------------
+
+    def _apply_memory(self, weights: tuple[torch.Tensor, ...], u: torch.Tensor) -> torch.Tensor:
+        """M(u) for materialised weights ([B, H, out, in] each) and inputs u [B, H, L, d]."""
+        if self.memory_depth == 1:
+            return u @ weights[0].mT
+        return u + F.silu(u @ weights[0].mT) @ weights[1].mT
+
+    def _grad_factors(self, mem: tuple[torch.Tensor, ...], xw: torch.Tensor, vw: torch.Tensor,
+                      gw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per window token i, ∇_W γ_i ½‖M(x_i) − v_i‖² at `mem` as rank-1 factors (left_i, right_i):
+        the gradient of weight matrix w is left_i right_iᵀ. xw, vw [B, H, n, d]; gw [B, H, n]."""
+        if self.memory_depth == 1:
+            err = gw[..., None] * (xw @ mem[0].mT - vw)  # [B, H, n, d]
+            return [(err, xw)]
+        z = xw @ mem[0].mT  # [B, H, n, E·d]
+        hid = F.silu(z)
+        err = gw[..., None] * (xw + hid @ mem[1].mT - vw)  # [B, H, n, d]
+        back = (err @ mem[1]) * _silu_grad(z)  # [B, H, n, E·d]
+        return [(back, xw), (err, hid)]
+
+    def forward(self, x: torch.Tensor, state: AtlasLayerState,
+                segments: list[tuple[int, int, torch.Tensor | None, bool]]
+                ) -> tuple[torch.Tensor, AtlasLayerState]:
+        """x [B, T, D] -> y [B, T, D]; `segments` as built by `AtlasCore.segments`."""
+        b, t, _ = x.shape
+        inp, conv = self.project(x, state.conv)
+        st = state
+        ys = []
+        wd = work_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # the memory recurrence runs in >= float32
+            for start, end, closes, chunk_start in segments:
+                piece = {key: val[:, :, start:end].to(wd) for key, val in inp.items()}
+                y, st = self._segment(piece, st, closes, chunk_start)
+                ys.append(y)
+        y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]  # [B, H, T, d]
+        y = self.out_norm(y).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        st = AtlasLayerState(conv, st.mem_start, st.mem_delta, st.momentum, st.decay, st.win_k, st.win_v,
+                             st.win_gamma)
+        return self.out_proj(y), st
+
+    def _segment(self, inp: dict[str, torch.Tensor], st: AtlasLayerState, closes: torch.Tensor | None,
+                 chunk_start: bool) -> tuple[torch.Tensor, AtlasLayerState]:
+        """Tokens of one chunk (or part of one) for every row: outputs [B, H, L, d] and the state after.
+        chunk_start: every row starts a chunk here (ΔM_in = 0, skipped)."""
+        qf, kf, v, eta, gamma = inp["q"], inp["k"], inp["v"], inp["eta"], inp["gamma"]
+        state_dtype = st.decay.dtype
+        wd = eta.dtype  # scalar coefficients in at least float32
+        n_len = kf.shape[2]
+        c = self.window
+        xw = torch.cat([st.win_k.to(kf.dtype), kf], dim=2)  # [B, H, n, d], n = c-1+L
+        vw = torch.cat([st.win_v.to(v.dtype), v], dim=2)
+        gw = torch.cat([st.win_gamma.to(gamma.dtype), gamma], dim=2)  # [B, H, n]
+        n = xw.shape[2]
+        # band [L, n]: token τ (at window index τ+c-1) sees window tokens τ .. τ+c-1
+        idx_t = torch.arange(n_len, device=xw.device)[:, None]
+        idx_i = torch.arange(n, device=xw.device)[None, :]
+        band = ((idx_i >= idx_t) & (idx_i <= idx_t + c - 1)).to(wd)
+        # momentum: S_τ = Θ_τ S_in − Σ_i Q[τ, i] G_i
+        if self.momentum:
+            p_mat, theta_cum = _decay_matrix(inp["log_theta"])  # [B, H, L, L], [B, H, L]
+        else:
+            p_mat = torch.eye(n_len, device=xw.device, dtype=wd).expand(*eta.shape, n_len)
+            theta_cum = torch.zeros_like(eta)
+        q_mat = (p_mat * eta[..., None, :]) @ band  # [B, H, L, n]
+        # memory: ΔM_τ = Aseg_τ ΔM_in + b_τ S_in − Σ_i D[τ, i] G_i;  M_τ = A_in Aseg_τ M̄ + ΔM_τ
+        r_mat, a_seg = _decay_matrix(inp["log_alpha"])
+        b_vec = (r_mat @ theta_cum[..., None]).squeeze(-1)  # [B, H, L]
+        d_mat = r_mat @ q_mat  # [B, H, L, n]
+        a_start = st.decay.to(wd)[..., None] * a_seg  # [B, H, L]
+        factors = self._grad_factors(st.mem_start, xw, vw, gw)
+
+        # the materialised pieces of M_τ: a_τ M̄ (+ Aseg_τ ΔM_in unless every row starts a chunk here)
+        # (+ b_τ S_in with momentum), applied as one matmul over the stacked pieces
+        pieces = [(a_start, st.mem_start)]
+        if not chunk_start:
+            pieces.append((a_seg, st.mem_delta))
+        if self.momentum:
+            pieces.append((b_vec, st.momentum))
+        coef = torch.stack([p[0] for p in pieces], dim=-1)  # [B, H, L, P]
+        stacked = [torch.cat([p[1][w] for p in pieces], dim=-1) if len(pieces) > 1 else pieces[0][1][w]
+                   for w in range(len(factors))]  # [B, H, out, P·in]
+
+        def read(w: int, u: torch.Tensor) -> torch.Tensor:
+            """M_τ's weight w applied to u [B, H, L, in] -> [B, H, L, out]."""
+            left, right = factors[w]
+            u_cat = (coef[..., :, None] * u[..., None, :]).flatten(-2)  # [B, H, L, P·in]
+            return u_cat @ stacked[w].mT - ((u @ right.mT) * d_mat) @ left
+
+        if self.memory_depth == 1:
+            y = read(0, qf)
+        else:
+            y = qf + read(1, F.silu(read(0, qf)))
+        # state after the segment's last token
+        q_last, d_last = q_mat[..., -1, :], d_mat[..., -1, :]  # [B, H, n]
+        th, al, bl = theta_cum[..., -1], a_seg[..., -1], b_vec[..., -1]  # [B, H]
+        momentum, delta = [], []
+        for w, (left, right) in enumerate(factors):
+            s_in, dm_in = st.momentum[w], st.mem_delta[w]
+            lq = (left * q_last[..., None].to(left.dtype)).mT @ right  # [B, H, out, in]
+            ld = (left * d_last[..., None].to(left.dtype)).mT @ right
+            momentum.append((th[..., None, None] * s_in - lq).to(state_dtype))
+            delta.append((al[..., None, None] * dm_in + bl[..., None, None] * s_in - ld).to(state_dtype))
+        decay = (st.decay * al).to(state_dtype)
+        mem_start = st.mem_start
+        keep = c - 1
+        win_k, win_v, win_g = (z[:, :, n - keep:].to(state_dtype) for z in (xw, vw, gw))
+        if closes is not None:  # rows whose chunk ends here: fold ΔM into M̄ (through NS5 if on)
+            full = tuple(decay[..., None, None] * m + (newton_schulz5(dm) if self.newton_schulz else dm)
+                         for m, dm in zip(mem_start, delta))
+            if self.newton_schulz:  # the chunk's last token reads the orthogonalised memory
+                y_last = self._apply_memory(full, qf[:, :, -1:].to(full[0].dtype)).to(y.dtype)
+                y_last = torch.where(closes.view(-1, 1, 1, 1), y_last, y[:, :, -1:])
+                y = torch.cat([y[:, :, :-1], y_last], dim=2)
+            mem_start = tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start))
+            delta = [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta]
+            decay = where_rows(closes, torch.ones_like(decay), decay)
+        new = AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, win_k, win_v, win_g)
+        return y, new
+
+
+class AtlasBlock(nn.Module):
+    """Pre-norm residual block: h + mixer(norm1(h)); h + mlp(norm2(h))."""
+
+    def __init__(self, d_model: int, mixer: AtlasMixer, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(d_model)
+        self.mixer = mixer
+        self.norm2 = RMSNorm(d_model)
+        self.mlp = MLP(d_model, dropout)
+
+
+@register_core("atlas")
+class AtlasCore(SequenceCore):
+    """A stack of ATLAS blocks (RMSNorm, ATLAS mixer, RMSNorm, GELU MLP) and a final RMSNorm.
+
+    Options (docs/atlas.md): n_heads / head_dim; window c (Omega rule, 1 = delta rule); poly_degree p;
+    memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d); momentum; newton_schulz
+    (False gives OmegaNet); chunk_size (part of the model's definition: gradients are taken at the
+    chunk-start memory, and NS5 acts once per chunk); conv_kernel; dropout (of the MLP).
+    """
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int = 4, head_dim: int | None = None,
+                 window: int = 4, poly_degree: int = 2, memory_depth: int = 2, memory_expansion: int = 2,
+                 momentum: bool = True, newton_schulz: bool = True, chunk_size: int = 64,
+                 conv_kernel: int = 4, eta_max: float | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if n_heads < 1 or (head_dim is None and d_model % n_heads):
+            raise WamError(f"atlas: d_model={d_model} does not split into n_heads={n_heads} heads; "
+                           "choose n_heads dividing d_model or set head_dim")
+        checks = {"window": (window, 1), "poly_degree": (poly_degree, 1), "chunk_size": (chunk_size, 1),
+                  "conv_kernel": (conv_kernel, 1), "memory_expansion": (memory_expansion, 1)}
+        for name, (value, lowest) in checks.items():
+            if int(value) != value or value < lowest:
+                raise WamError(f"atlas: {name}={value} must be an integer >= {lowest}")
+        if memory_depth not in (1, 2):
+            raise WamError(f"atlas: memory_depth={memory_depth} must be 1 (linear) or 2 (residual MLP)")
+        self.d_model, self.n_layers, self.chunk_size = d_model, n_layers, chunk_size
+        head_dim = head_dim or d_model // n_heads
+        # η's ceiling: a chunk sums up to c·chunk_size gradients taken at one memory, without feedback
+        eta_max = eta_max if eta_max is not None else 1.0 / (window * chunk_size)
+        self.layers = nn.ModuleList(
+            AtlasBlock(d_model, AtlasMixer(d_model, n_heads, head_dim, window, poly_degree, memory_depth,
+                                           memory_expansion, momentum, newton_schulz, conv_kernel, eta_max),
+                       dropout)
+            for _ in range(n_layers))
+        self.norm_f = RMSNorm(d_model)
+        log.info("atlas core: %d layers, %d heads x %d, window c=%d, p=%d, memory depth %d, momentum %s, "
+                 "Newton-Schulz %s (per chunk of %d)", n_layers, n_heads, head_dim, window, poly_degree,
+                 memory_depth, momentum, newton_schulz, chunk_size)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> AtlasState:
+        device = device if device is not None else self.norm_f.weight.device
+        dtype = dtype or self.norm_f.weight.dtype
+        return AtlasState(tuple(blk.mixer.init_state(batch_size, device, dtype) for blk in self.layers),
+                          torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def forward(self, x: torch.Tensor, state: AtlasState | None = None) -> tuple[torch.Tensor, AtlasState]:
+        """x [B, T, D] -> y [B, T, D] and the state after the last token."""
+        assert x.dim() == 3 and x.shape[-1] == self.d_model, (
+            f"expected x of shape [B, T, {self.d_model}], got {tuple(x.shape)}")
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        assert isinstance(state, AtlasState) and len(state.layers) == self.n_layers, (
+            f"state must be an AtlasState with {self.n_layers} layers, got {type(state).__name__}")
+        t = x.shape[1]
+        if t == 0:
+            return x, state
+        segments = self.segments(state.phase, t, x.device)
+        h, new = x, []
+        for blk, s in zip(self.layers, state.layers):
+            y, s = blk.mixer(blk.norm1(h), s, segments)
+            h = h + y
+            h = h + blk.mlp(blk.norm2(h))
+            new.append(s)
+        return self.norm_f(h), AtlasState(tuple(new), (state.phase + t) % self.chunk_size)
+
+    def segments(self, phase: torch.Tensor, t: int, device: torch.device
+                 ) -> list[tuple[int, int, torch.Tensor | None, bool]]:
+        """`chunk_segments` for rows at `phase` [B]: (start, end, closes [B] bool or None where no row's
+        chunk ends, whether every row starts a chunk at `start`)."""
+        phases = phase.tolist()
+        out = []
+        for start, end, closes in chunk_segments(phases, t, self.chunk_size):
+            mask = torch.tensor(closes, device=device) if any(closes) else None
+            out.append((start, end, mask, all((p + start) % self.chunk_size == 0 for p in phases)))
+        return out
+
+    def step(self, x_t: torch.Tensor, state: AtlasState) -> tuple[torch.Tensor, AtlasState]:
+        """x_t [B, D] -> y_t [B, D]: a segment of one token (O(1) in the tokens seen)."""
+        assert x_t.dim() == 2, f"expected x_t of shape [B, {self.d_model}], got {tuple(x_t.shape)}"
+        y, state = self.forward(x_t[:, None], state)
+        return y[:, 0], state
+
+    def reset_state(self, state: AtlasState, rows: torch.Tensor) -> AtlasState:
+        """Rows where `rows` [B] is True get a fresh state (M_0, empty window, phase 0); others are kept."""
+        fresh = self.init_state(state.phase.shape[0], state.phase.device, state.layers[0].decay.dtype)
+        layers = []
+        for f, o in zip(fresh.layers, state.layers):
+            merged = [where_rows(rows, a, b) for a, b in zip(f.tensors(), o.tensors())]
+            k = len(o.mem_start)
+            layers.append(AtlasLayerState(merged[0], tuple(merged[1:1 + k]), tuple(merged[1 + k:1 + 2 * k]),
+                                          tuple(merged[1 + 2 * k:1 + 3 * k]), *merged[1 + 3 * k:]))
+        return AtlasState(tuple(layers), where_rows(rows, torch.zeros_like(state.phase), state.phase))

@@ -1,0 +1,442 @@
+"""The world-action model (JOWA): one causal sequence model that is a world model and a Q-function.
+
+Sequence layout: per timestep the 36 observation tokens of the frame, then the action taken,
+`[z1 .. z36, a]` = 37 tokens. A training segment of H steps has H+1 frames (the last one is the
+successor of step H-1, so TD targets can bootstrap from it), i.e. L = 37 H + 36 tokens:
+
+    o_0: z1..z36, a_0, o_1: z1..z36, a_1, ..., a_{H-1}, o_H: z1..z36
+
+Input = token embedding (separate observation and action tables) + learned position embedding +
+task (game) embedding (separate observation and action tables, one row per game). The core is any
+registered sequence core (`build_core`). Heads, on the core's output after a final LayerNorm:
+
+- next observation token: from every position, logits over the codebook of the token that follows
+  (used where the next token is an observation token);
+- reward (3 classes: sign -1/0/+1) and termination (2 classes): from each action token;
+- Q: from the last observation token of each frame, C51 logits `[E, 18, n_atoms]` on a fixed support
+  (an MLP with LayerNorm + Mish per ensemble member). A target copy of the Q head (`target_q_head`,
+  never trained, hard-updated by `update_target()`) gives TD targets from the same features.
+
+Incremental use (acting, planning) runs the same computation token by token with an explicit
+`WamState`: `init_state` -> `observe(frame tokens)` -> Q; `act(action)` -> reward, termination and
+the first next-token logits; `decode_next_obs` imagines the next frame greedily with `core.step`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wam.datasets.config import preset_value
+from wam.datasets.errors import WamError
+from wam.worldmodel.checkpoint import config_from_dict, config_to_dict, load_checkpoint
+from wam.worldmodel.cores.base import build_core
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "world-action-model"
+NUM_ACTIONS = 18
+TOKENS_PER_OBS = 36
+REWARD_CLASSES = 3  # sign of the reward: -1, 0, +1 -> classes 0, 1, 2
+FREEZABLE_PARTS = ("embeddings", "core", "obs_head", "reward_head", "termination_head", "q_head")
+
+
+@dataclass
+class WorldActionModelConfig:
+    """Architecture of the world-action model (JOWA defaults; see REFERENCE.md)."""
+
+    vocab_size: int = 512
+    """Observation-token vocabulary: the tokenizer's codebook size (set from the tokenizer by the commands)."""
+    tokens_per_obs: int = TOKENS_PER_OBS
+    """Tokens per frame (6x6 = 36 for an 84x84 frame)."""
+    d_model: int = 64
+    """Width of the embeddings, the core and the heads."""
+    n_layers: int = 2
+    """Core depth."""
+    n_heads: int = 4
+    """Attention heads (passed to cores that take `n_heads`)."""
+    core: str = "transformer"
+    """Sequence core: transformer, mamba, mamba2, atlas (any registered core)."""
+    core_options: tuple[str, ...] = ()
+    """Extra core arguments as KEY=VALUE (Python literals), e.g. `window=74 d_state=16`."""
+    horizon: int = 8
+    """Context H: timesteps per training segment (the sequence holds H+1 frames and H actions)."""
+    n_atoms: int = 51
+    """C51 atoms of the distributional Q head."""
+    v_min: float = -10.0
+    """Lowest atom of the C51 support."""
+    v_max: float = 30.0
+    """Highest atom of the C51 support."""
+    q_ensemble: int = 1
+    """Number of Q heads (JOWA-150M uses 3); acting uses the mean of their expected Q."""
+    q_hidden_mult: int = 2
+    """Hidden width of the Q-head MLP, in multiples of d_model."""
+    dropout: float = 0.0
+    """Dropout on the embeddings and inside cores that take `dropout`."""
+    games: tuple[str, ...] = ()
+    """Game names, one task-embedding row each (set from the data by the commands)."""
+
+    @classmethod
+    def from_preset(cls, name: str) -> WorldActionModelConfig:
+        return dataclasses.replace(preset_value(MODEL_PRESETS, name, "model preset"))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tokens_per_obs + 1
+
+    @property
+    def max_tokens(self) -> int:
+        """Length of a full training sequence, H+1 frames and H actions (the position table's size)."""
+        return self.tokens_per_step * (self.horizon + 1) - 1
+
+    def parsed_core_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for item in self.core_options:
+            key, sep, value = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise WamError(f"core option {item!r} is not KEY=VALUE (e.g. window=74)")
+            try:
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value  # a bare word, e.g. positions=none
+        return out
+
+
+MODEL_PRESETS: dict[str, WorldActionModelConfig] = {
+    "debug": WorldActionModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, horizon=4),
+    "small": WorldActionModelConfig(vocab_size=512, d_model=384, n_layers=6, n_heads=6, horizon=8),
+    "jowa-40m": WorldActionModelConfig(vocab_size=2048, d_model=512, n_layers=4, n_heads=8, horizon=8, dropout=0.1),
+    "jowa-70m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=6, n_heads=12, horizon=8, dropout=0.1),
+    "jowa-150m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=12, n_heads=12, horizon=8,
+                                        dropout=0.1, q_ensemble=3),
+}
+
+
+# ---------------------------------------------------------------------------------------- outputs
+@dataclass
+class WorldActionOutput:
+    """What one forward pass over a token sequence gives (T frames, T or T-1 actions, L tokens)."""
+
+    obs_logits: torch.Tensor  # [B, L, V] logits of the observation token that follows each position
+    reward_logits: torch.Tensor  # [B, A, 3] at each action token (A actions in the sequence)
+    termination_logits: torch.Tensor  # [B, A, 2]
+    q_logits: torch.Tensor  # [B, T, E, 18, n_atoms] at the last observation token of each frame
+    target_q_logits: torch.Tensor | None  # [B, T, E, 18, n_atoms] from the target head (no grad), or None
+
+
+@dataclass
+class WamState:
+    """Incremental state: the core's state, the position of the next token and each row's game."""
+
+    core: Any
+    pos: int  # position (index into the position table) of the next token; the same for every row
+    game_ids: torch.Tensor  # [B] int64, rows of the task tables
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> WamState:
+        """A new state with `fn` applied to every per-row tensor (batch at dim 0), e.g. `lambda t: t[idx]`
+        to repeat rows for a beam, or `lambda t: t.detach()`. Every core state offers `map_tensors`."""
+        return WamState(self.core.map_tensors(fn), self.pos, fn(self.game_ids))
+
+
+# ------------------------------------------------------------------------------------------ heads
+def mlp_head(d_in: int, d_out: int) -> nn.Sequential:
+    """IRIS-style head: Linear, ReLU, Linear."""
+    return nn.Sequential(nn.Linear(d_in, d_in), nn.ReLU(), nn.Linear(d_in, d_out))
+
+
+class C51Head(nn.Module):
+    """Distributional Q head: MLP with LayerNorm + Mish -> logits [.., 18, n_atoms]."""
+
+    def __init__(self, d_model: int, hidden: int, n_actions: int, n_atoms: int) -> None:
+        super().__init__()
+        self.n_actions, self.n_atoms = n_actions, n_atoms
+        self.net = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.LayerNorm(hidden), nn.Mish(),
+            nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.Mish(),
+            nn.Linear(hidden, n_actions * n_atoms),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).unflatten(-1, (self.n_actions, self.n_atoms))  # [..., 18, n_atoms]
+
+
+class QEnsemble(nn.Module):
+    """E independent C51 heads; output [..., E, 18, n_atoms]."""
+
+    def __init__(self, cfg: WorldActionModelConfig) -> None:
+        super().__init__()
+        hidden = cfg.q_hidden_mult * cfg.d_model
+        self.heads = nn.ModuleList(C51Head(cfg.d_model, hidden, NUM_ACTIONS, cfg.n_atoms) for _ in range(cfg.q_ensemble))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(h) for head in self.heads], dim=-3)
+
+
+# ------------------------------------------------------------------------------------------ model
+class WorldActionModel(nn.Module):
+    """JOWA's world-action model over any sequence core. See the module docstring."""
+
+    def __init__(self, cfg: WorldActionModelConfig) -> None:
+        super().__init__()
+        if not cfg.games:
+            raise WamError("WorldActionModelConfig.games is empty; the model needs one task row per game")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.obs_embedding = nn.Embedding(cfg.vocab_size, d)
+        self.action_embedding = nn.Embedding(NUM_ACTIONS, d)
+        self.pos_embedding = nn.Embedding(cfg.max_tokens, d)
+        self.task_obs_embedding = nn.Embedding(len(cfg.games), d)
+        self.task_action_embedding = nn.Embedding(len(cfg.games), d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.core = build_core(cfg.core, d_model=d, n_layers=cfg.n_layers, **self._core_kwargs(cfg))
+        self.ln_f = nn.LayerNorm(d)
+        self.obs_head = mlp_head(d, cfg.vocab_size)
+        self.reward_head = mlp_head(d, REWARD_CLASSES)
+        self.termination_head = mlp_head(d, 2)
+        self.q_head = QEnsemble(cfg)
+        for m in (self.obs_embedding, self.action_embedding, self.pos_embedding, self.task_obs_embedding,
+                  self.task_action_embedding, self.obs_head, self.reward_head, self.termination_head, self.q_head):
+            m.apply(_init_weights)
+        self.target_q_head = QEnsemble(cfg)
+        self.target_q_head.requires_grad_(False)
+        self.update_target()
+        self.register_buffer("support", torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms), persistent=False)
+
+    @staticmethod
+    def _core_kwargs(cfg: WorldActionModelConfig) -> dict[str, Any]:
+        """Options of the core: n_heads/dropout/max_len where the core takes them, positions='none' for the
+        transformer (the model has its own learned positions), then `core_options` (which win)."""
+        from wam.worldmodel.cores.base import _REGISTRY, available_cores
+
+        if cfg.core not in available_cores():
+            raise WamError(f"unknown core {cfg.core!r}; choose one of {', '.join(available_cores())}")
+        params = inspect.signature(_REGISTRY[cfg.core]).parameters
+        kwargs: dict[str, Any] = {}
+        for key, value in (("n_heads", cfg.n_heads), ("dropout", cfg.dropout), ("max_len", cfg.max_tokens),
+                           ("positions", "none")):
+            if key in params:
+                kwargs[key] = value
+        kwargs.update(cfg.parsed_core_options())
+        return kwargs
+
+    # ------------------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def count_parameters(self, part: str = "backbone+heads") -> int:
+        """Parameters of `backbone+heads` (core + heads, the paper's count; no embeddings, no target head),
+        `embeddings` or `all` (without the target head)."""
+        emb = sum(p.numel() for n, p in self.named_parameters() if "embedding" in n)
+        total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("target_q_head"))
+        if part == "backbone+heads":
+            return total - emb
+        if part == "embeddings":
+            return emb
+        assert part == "all", f"unknown part {part!r}"
+        return total
+
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one training step per sequence token (forward + backward = 6 x parameters used).
+
+        The core, final norm and observation head run on every token; the reward, termination and Q heads
+        on one token in 37 (the target head forward only: 2 x). The transformer adds its attention scores
+        (QK^T and AV, causal: 6 x layers x L x d). Other cores count their parameters only (their scans'
+        element-wise work is not counted).
+        """
+        def n(m: nn.Module) -> int:
+            return sum(p.numel() for p in m.parameters())
+
+        every = n(self.core) + n(self.ln_f) + n(self.obs_head)
+        sparse = n(self.reward_head) + n(self.termination_head) + n(self.q_head)
+        flops = 6.0 * every + (6.0 * sparse + 2.0 * n(self.q_head)) / self.cfg.tokens_per_step
+        if self.cfg.core == "transformer":
+            flops += 6.0 * self.cfg.n_layers * self.cfg.max_tokens * self.cfg.d_model
+        return flops
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Hard update: target Q head <- Q head."""
+        self.target_q_head.load_state_dict(self.q_head.state_dict())
+
+    def freeze(self, parts: tuple[str, ...]) -> None:
+        """Stop training the named parts (see FREEZABLE_PARTS). Task embeddings always stay trainable."""
+        groups = {
+            "embeddings": (self.obs_embedding, self.action_embedding, self.pos_embedding),
+            "core": (self.core, self.ln_f), "obs_head": (self.obs_head,), "reward_head": (self.reward_head,),
+            "termination_head": (self.termination_head,), "q_head": (self.q_head,),
+        }
+        for part in parts:
+            if part not in groups:
+                raise WamError(f"cannot freeze {part!r}; choose from {', '.join(FREEZABLE_PARTS)}")
+            for m in groups[part]:
+                m.requires_grad_(False)
+        log.info("frozen: %s", ", ".join(parts) if parts else "nothing")
+
+    def add_game(self, name: str) -> int:
+        """Give a new game a task-embedding row (initialised to the mean of the existing rows); its index."""
+        if name in self.cfg.games:
+            return self.cfg.games.index(name)
+        for attr in ("task_obs_embedding", "task_action_embedding"):
+            old: nn.Embedding = getattr(self, attr)
+            new = nn.Embedding(old.num_embeddings + 1, old.embedding_dim, device=old.weight.device,
+                               dtype=old.weight.dtype)
+            with torch.no_grad():
+                new.weight[:-1] = old.weight
+                new.weight[-1] = old.weight.mean(0)
+            new.weight.requires_grad_(old.weight.requires_grad)
+            setattr(self, attr, new)
+        self.cfg = dataclasses.replace(self.cfg, games=(*self.cfg.games, name))
+        return len(self.cfg.games) - 1
+
+    # ------------------------------------------------------------------------------ embeddings
+    def _embed_obs(self, tokens: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:
+        """tokens [B, ..., K] -> [B, ..., K, D] (token + task; no position)."""
+        task = self.task_obs_embedding(game_ids)  # [B, D]
+        task = task.view(task.shape[0], *([1] * (tokens.dim() - 1)), task.shape[-1])
+        return self.obs_embedding(tokens) + task
+
+    def _embed_actions(self, actions: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:
+        """actions [B, ...] -> [B, ..., D]."""
+        task = self.task_action_embedding(game_ids)
+        task = task.view(task.shape[0], *([1] * (actions.dim() - 1)), task.shape[-1])
+        return self.action_embedding(actions) + task
+
+    def embed_sequence(self, obs_tokens: torch.Tensor, actions: torch.Tensor, game_ids: torch.Tensor,
+                       pos: int = 0) -> torch.Tensor:
+        """Interleave T frames and A in {T-1, T} actions into [B, L, D] input vectors, L = 36 T + A."""
+        b, t, k = obs_tokens.shape
+        a = actions.shape[1]
+        assert k == self.cfg.tokens_per_obs, f"expected {self.cfg.tokens_per_obs} tokens per frame, got {k}"
+        assert a in (t - 1, t), f"need T-1 or T actions for T={t} frames, got {a}"
+        obs = self._embed_obs(obs_tokens, game_ids)  # [B, T, K, D]
+        act = self._embed_actions(actions, game_ids)  # [B, A, D]
+        if a == t - 1:
+            act = F.pad(act, (0, 0, 0, 1))  # placeholder for the missing last action, cut below
+        x = torch.cat([obs, act[:, :, None]], dim=2).flatten(1, 2)  # [B, T*(K+1), D]
+        length = t * k + a
+        x = x[:, :length]
+        if pos + length > self.cfg.max_tokens:
+            raise WamError(f"sequence positions {pos}..{pos + length - 1} exceed the model's context of "
+                           f"{self.cfg.max_tokens} tokens ({self.cfg.horizon + 1} frames); re-encode a shorter window")
+        return self.drop(x + self.pos_embedding.weight[pos:pos + length])
+
+    # --------------------------------------------------------------------------------- forward
+    def forward(self, obs_tokens: torch.Tensor, actions: torch.Tensor, game_ids: torch.Tensor,
+                state: WamState | None = None, with_target: bool = False) -> tuple[WorldActionOutput, WamState]:
+        """Parallel forward over T frames and T-1 (or T) actions, continuing `state` if given.
+
+        obs_tokens [B, T, 36] int64, actions [B, A] int64 (A = T-1 or T), game_ids [B] int64.
+        Returns the heads' outputs and the state after the last token.
+        """
+        b, t, k = obs_tokens.shape
+        a = actions.shape[1]
+        if state is None:
+            state = self.init_state(game_ids)
+        x = self.embed_sequence(obs_tokens, actions, game_ids, state.pos)  # [B, L, D]
+        y, core_state = self.core(x, state.core)
+        h = self.ln_f(y)  # [B, L, D]
+        length = h.shape[1]
+        hp = F.pad(h, (0, 0, 0, t * (k + 1) - length)).view(b, t, k + 1, -1)  # [B, T, 37, D]
+        q_feat = hp[:, :, k - 1]  # [B, T, D] last observation token of each frame
+        act_feat = hp[:, :a, k]  # [B, A, D] action tokens
+        q_logits = self.q_head(q_feat)
+        target = None
+        if with_target:
+            with torch.no_grad():
+                target = self.target_q_head(q_feat.detach())
+        out = WorldActionOutput(
+            obs_logits=self.obs_head(h), reward_logits=self.reward_head(act_feat),
+            termination_logits=self.termination_head(act_feat), q_logits=q_logits, target_q_logits=target)
+        return out, WamState(core_state, state.pos + length, state.game_ids)
+
+    # ----------------------------------------------------------------------------- incremental
+    def init_state(self, game_ids: torch.Tensor) -> WamState:
+        """An empty state for len(game_ids) rows (game_ids [B] int64)."""
+        p = self.ln_f.weight
+        return WamState(self.core.init_state(game_ids.shape[0], device=p.device, dtype=p.dtype), 0, game_ids)
+
+    def _step(self, x: torch.Tensor, state: WamState) -> tuple[torch.Tensor, WamState]:
+        """Feed one input vector x [B, D] (position added here); returns the normed output [B, D]."""
+        if state.pos >= self.cfg.max_tokens:
+            raise WamError(f"position {state.pos} is past the model's context of {self.cfg.max_tokens} tokens; "
+                           "re-encode a shorter window")
+        x = self.drop(x + self.pos_embedding.weight[state.pos])
+        y, core_state = self.core.step(x, state.core)
+        return self.ln_f(y), WamState(core_state, state.pos + 1, state.game_ids)
+
+    def observe(self, tokens: torch.Tensor, state: WamState) -> tuple[torch.Tensor, WamState]:
+        """Feed one frame's tokens [B, 36] (parallel form); returns Q logits [B, E, 18, n_atoms] at its last token."""
+        actions = tokens.new_zeros(tokens.shape[0], 0)
+        out, state = self.forward(tokens[:, None], actions, state.game_ids, state)
+        return out.q_logits[:, 0], state
+
+    def act(self, action: torch.Tensor, state: WamState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, WamState]:
+        """Feed action [B]; returns reward logits [B, 3], termination logits [B, 2], the logits of the next
+        frame's first token [B, V] and the new state."""
+        h, state = self._step(self._embed_actions(action, state.game_ids), state)
+        return self.reward_head(h), self.termination_head(h), self.obs_head(h), state
+
+    @torch.no_grad()
+    def decode_next_obs(self, first_logits: torch.Tensor, state: WamState) -> tuple[torch.Tensor, torch.Tensor, WamState]:
+        """Greedy token-by-token imagination of the next frame with `core.step`.
+
+        first_logits [B, V] (from `act`). Returns tokens [B, 36], the Q logits [B, E, 18, n_atoms] at
+        the imagined frame's last token, and the state after all 36 tokens.
+        """
+        logits, tokens = first_logits, []
+        h = torch.empty(0)
+        for i in range(self.cfg.tokens_per_obs):
+            tok = logits.argmax(-1)  # [B]
+            tokens.append(tok)
+            h, state = self._step(self._embed_obs(tok, state.game_ids), state)
+            if i + 1 < self.cfg.tokens_per_obs:
+                logits = self.obs_head(h)
+        return torch.stack(tokens, 1), self.q_head(h), state
+
+    # -------------------------------------------------------------------------------- Q values
+    def expected_q(self, q_logits: torch.Tensor) -> torch.Tensor:
+        """C51 logits [..., n_atoms] -> expected values [...] (float32)."""
+        return (q_logits.float().softmax(-1) * self.support).sum(-1)
+
+    def q_values(self, q_logits: torch.Tensor, legal_actions: torch.Tensor) -> torch.Tensor:
+        """Acting values [B, 18]: mean over the ensemble of the expected Q; illegal actions are -inf.
+
+        q_logits [B, E, 18, n_atoms]; legal_actions [B, 18] bool.
+        """
+        q = self.expected_q(q_logits).mean(-2)  # [B, 18]
+        return q.masked_fill(~legal_actions, float("-inf"))
+
+    # ------------------------------------------------------------------------------ checkpoint
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
+                        ) -> tuple[WorldActionModel, dict[str, Any]]:
+        """Rebuild a model from a world-action-model checkpoint (file or run directory); returns (model, ckpt)."""
+        ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
+        cfg = config_from_dict(WorldActionModelConfig, ckpt["config"]["model"])
+        model = cls(cfg)
+        model.load_state_dict(ckpt["model"])
+        return model.to(map_location), ckpt
+
+    def config_dict(self) -> dict[str, Any]:
+        return config_to_dict(self.cfg)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+__all__ = ["CHECKPOINT_KIND", "MODEL_PRESETS", "WamState", "WorldActionModel", "WorldActionModelConfig",
+           "WorldActionOutput"]
