@@ -21,6 +21,11 @@ def ray_session():
         yield
 
 
+# One intra-op thread: the suite shares 2 cores with Ray workers, and oversubscribed torch threads
+# slow small models down by orders of magnitude. Results are also more reproducible this way.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -482,8 +482,8 @@ class VQTokenizer(nn.Module):
             perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
             mse = (recon.clamp(0, 1) - target).pow(2).mean()
         logs = {
-            "loss": float(loss.detach()), "recon_l1": float(l1), "recon_mse": float(mse_raw), "grad_l1": float(grad_l1),
-            "commitment": float(q.commitment), "psnr": psnr(mse), "perplexity": float(perplexity),
+            "loss": loss.item(), "recon_l1": l1.item(), "recon_mse": mse_raw.item(), "grad_l1": grad_l1.item(),
+            "commitment": q.commitment.item(), "psnr": psnr(mse), "perplexity": float(perplexity),
             "usage": float((counts > 0).float().mean()),
         }
         return loss, logs

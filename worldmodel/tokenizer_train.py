@@ -287,6 +287,8 @@ class TrainResult:
     checkpoint: Path
     images_per_s: float
     codebook_size: int
+    model: VQTokenizer = dataclasses.field(repr=False)
+    """The trained tokenizer as it was saved (training mode)."""
 
     def summary_line(self) -> str:
         e = self.eval
@@ -485,7 +487,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
     elapsed = time.perf_counter() - t_start
     return TrainResult(run_dir=run.path, step=step, tokenizer_id=model.tokenizer_id(), eval=last_eval,
                        checkpoint=path, images_per_s=(step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
-                       codebook_size=cfg.codebook_size)
+                       codebook_size=cfg.codebook_size, model=model)
 
 
 # -------------------------------------------------------------------------------------- encoding

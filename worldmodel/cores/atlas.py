@@ -4,7 +4,7 @@ with the Omega rule, polynomial features, momentum and Newton–Schulz-5 (Muon) 
 Per layer and head (head dim d, memory input/output dim d):
 
     q, k, v = SiLU(causal depthwise conv(W_qkv x))            # short conv as in Titans
-    q, k    = l2-normalise(q), l2-normalise(k);  φ(u) = Σ_{i=0..p} a_i u^i   (elementwise, a_i = 1/i! at init)
+    q, k    = l2-normalise(q), l2-normalise(k);  φ(u) = a_0/√d + Σ_{i=1..p} a_i u^i   (elementwise, a_i = 1/i! at init)
     M(u)    = W u                      (memory_depth=1)   |   u + W2 SiLU(W1 u)   (memory_depth=2)
     ℓ_t(M)  = Σ_{i=t-c+1..t} γ_i · ½‖M(φ(k_i)) − v_i‖²                     (Omega rule, window c)
     g_t     = ∇ℓ_t(M̄)            M̄ = the memory at the start of t's chunk (chunk-parallel training)
@@ -19,7 +19,8 @@ exactly the paper's ATLAS step M_t = α_t M_{t-1} + NS5(S_t) with gradients at M
 chunks NS5 orthogonalises the chunk's accumulated update once, at the chunk's end (the paper's
 per-token NS5 needs every token's momentum materialised: O(T·|M|) memory, out of memory at the
 benchmark size; see docs/atlas.md). Gates (per head, from the block input): α = sigmoid,
-η = sigmoid / d, θ = sigmoid, γ = sigmoid (γ ≡ 1 when c = 1, where it would only rescale η).
+η = η_max·sigmoid (η_max = 1/(c·chunk_size) by default), θ = sigmoid, γ = sigmoid (γ ≡ 1 when c = 1,
+where it would only rescale η). φ's constant term is a_0/√d so that it counts once in φ(u)·φ(w).
 
 Chunk-parallel form: inside a chunk every gradient is taken at M̄, so each window token i
 contributes one rank-1 term γ_i δ_i x_iᵀ per weight matrix; the momentum and memory recurrences are
@@ -67,7 +68,10 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
 
 
 def poly_feature_map(u: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """φ(u) = Σ_{i=0..p} coeffs[i] · u^i, elementwise (the dimension is kept). u [..., d], coeffs [p+1]."""
+    """φ(u) = coeffs[0]/√d + Σ_{i=1..p} coeffs[i] · u^i, elementwise (the dimension d is kept).
+
+    u [..., d], coeffs [p+1]. The constant is divided by √d so that it adds coeffs[0]² (once) to φ(u)·φ(w).
+    """
     coeffs = coeffs.to(u.dtype)
     out = torch.zeros_like(u) + coeffs[0] * u.shape[-1] ** -0.5
     power = u
@@ -212,10 +216,10 @@ class AtlasMixer(nn.Module):
         h, d = self.n_heads, self.head_dim
         u, conv_state = causal_depthwise_conv(self.qkv(x).transpose(1, 2), conv_state, self.conv1d.weight,
                                               self.conv1d.bias)  # [B, 3Hd, T]
-        u = F.silu(u).view(b, 3, h, d, t).permute(1, 0, 2, 4, 3)  # [3, B, H, T, d]
+        wd = work_dtype(x.dtype)  # features and gates in >= float32 (also under autocast)
+        u = F.silu(u).to(wd).view(b, 3, h, d, t).permute(1, 0, 2, 4, 3)  # [3, B, H, T, d]
         q, k = F.normalize(u[0], dim=-1), F.normalize(u[1], dim=-1)
         out = {"q": poly_feature_map(q, self.poly_coeffs), "k": poly_feature_map(k, self.poly_coeffs), "v": u[2]}
-        wd = work_dtype(x.dtype)
         g = self.gates(x).to(wd).view(b, t, len(self.gate_names), h).permute(2, 0, 3, 1)  # [G, B, H, T]
         raw = dict(zip(self.gate_names, g))
         out["log_alpha"] = F.logsigmoid(raw["alpha"])
@@ -335,13 +339,19 @@ class AtlasMixer(nn.Module):
         if closes is not None:  # rows whose chunk ends here: fold ΔM into M̄ (through NS5 if on)
             full = tuple(decay[..., None, None] * m + (newton_schulz5(dm) if self.newton_schulz else dm)
                          for m, dm in zip(mem_start, delta))
+            every = bool(closes.all())  # the usual case in training: no per-row selection needed
             if self.newton_schulz:  # the chunk's last token reads the orthogonalised memory
                 y_last = self._apply_memory(full, qf[:, :, -1:].to(full[0].dtype)).to(y.dtype)
-                y_last = torch.where(closes.view(-1, 1, 1, 1), y_last, y[:, :, -1:])
+                if not every:
+                    y_last = torch.where(closes.view(-1, 1, 1, 1), y_last, y[:, :, -1:])
                 y = torch.cat([y[:, :, :-1], y_last], dim=2)
-            mem_start = tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start))
-            delta = [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta]
-            decay = where_rows(closes, torch.ones_like(decay), decay)
+            if every:
+                mem_start, decay = full, torch.ones_like(decay)
+                delta = [torch.zeros_like(dm) for dm in delta]
+            else:
+                mem_start = tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start))
+                delta = [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta]
+                decay = where_rows(closes, torch.ones_like(decay), decay)
         new = AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, win_k, win_v, win_g)
         return y, new
 
@@ -361,17 +371,19 @@ class AtlasBlock(nn.Module):
 class AtlasCore(SequenceCore):
     """A stack of ATLAS blocks (RMSNorm, ATLAS mixer, RMSNorm, GELU MLP) and a final RMSNorm.
 
-    Options (docs/atlas.md): n_heads / head_dim; window c (Omega rule, 1 = delta rule); poly_degree p;
+    Options (docs/atlas.md): n_heads (default: heads of 32 channels) / head_dim; window c (Omega rule, 1 = delta rule); poly_degree p;
     memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d); momentum; newton_schulz
     (False gives OmegaNet); chunk_size (part of the model's definition: gradients are taken at the
     chunk-start memory, and NS5 acts once per chunk); conv_kernel; dropout (of the MLP).
     """
 
-    def __init__(self, d_model: int, n_layers: int, n_heads: int = 4, head_dim: int | None = None,
+    def __init__(self, d_model: int, n_layers: int, n_heads: int | None = None, head_dim: int | None = None,
                  window: int = 4, poly_degree: int = 2, memory_depth: int = 2, memory_expansion: int = 2,
                  momentum: bool = True, newton_schulz: bool = True, chunk_size: int = 64,
                  conv_kernel: int = 4, eta_max: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
+        if n_heads is None:  # heads of 32 channels (cost grows with head_dim², see docs/atlas.md)
+            n_heads = d_model // 32 if d_model >= 32 and d_model % 32 == 0 else 1
         if n_heads < 1 or (head_dim is None and d_model % n_heads):
             raise WamError(f"atlas: d_model={d_model} does not split into n_heads={n_heads} heads; "
                            "choose n_heads dividing d_model or set head_dim")

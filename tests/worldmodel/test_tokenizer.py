@@ -1,0 +1,239 @@
+"""The VQ-VAE frame tokenizer: shapes, straight-through gradients, codebook upkeep, training on real Atari frames
+(held-out episodes beat the mean-frame baseline), checkpoints, the token cache and exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from wam.datasets.atari import legal_action_mask, make_env
+from wam.datasets.collect import run_episode
+from wam.datasets.errors import DataError, WamError
+from wam.datasets.policies import make_policy
+from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+from wam.worldmodel.checkpoint import load_checkpoint, save_checkpoint
+from wam.worldmodel.tokenizer import (
+    TOKENIZER_PRESETS,
+    TokenizerConfig,
+    VectorQuantizer,
+    build_tokenizer,
+    load_tokenizer,
+)
+from wam.worldmodel.tokenizer_train import FramePool, encode_datasets, split_episodes, train_tokenizer
+
+GAMES = ("SpaceInvaders", "BeamRider")
+EPISODES = 6  # per game; the last one is held out
+MAX_STEPS = 160  # agent steps per episode (random play would run for minutes of game time)
+
+
+def collect_random(root: Path, game: str, episodes: int, max_steps: int, seed: int) -> Path:
+    """Real ALE episodes of the random policy written through the trajectory store; returns the dataset dir."""
+    env = make_env(game, seed=seed, max_episode_steps=max_steps)
+    policy, legal = make_policy("random", game), legal_action_mask(game)
+    store = TrajectoryStore.create(dataset_dir(root, game, "random"), game=game,
+                                   provenance={"protocol": "jowa", "policy": "random", "seed": seed})
+    with store.writer(commit_every=episodes) as w:
+        for i in range(episodes):
+            w.append(Episode(**run_episode(env, policy, legal, seed=1000 * seed + i)))
+    return store.directory
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("frames")
+    return [collect_random(root, g, EPISODES, MAX_STEPS, seed=k) for k, g in enumerate(GAMES)]
+
+
+def _quick(cfg: TokenizerConfig, **kw) -> TokenizerConfig:
+    return dataclasses.replace(cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(datasets, tmp_path_factory):
+    """The debug tokenizer trained briefly on both games (the shared run of most tests below)."""
+    out = tmp_path_factory.mktemp("run") / "tok"
+    cfg = TokenizerConfig.from_preset("debug")
+    return train_tokenizer(cfg, datasets, out, progress=False)
+
+
+# --------------------------------------------------------------------------------------- the model
+def test_presets_and_config_errors():
+    assert set(TOKENIZER_PRESETS) == {"debug", "small", "jowa-40m", "jowa-70m", "jowa-150m"}
+    jowa = TokenizerConfig.from_preset("jowa-70m")
+    assert (jowa.codebook_size, jowa.codebook_dim, jowa.commitment_beta) == (2048, 512, 1.0)
+    with pytest.raises(WamError, match="unknown tokenizer preset 'huge'"):
+        TokenizerConfig.from_preset("huge")
+    with pytest.raises(WamError, match="uint16"):
+        TokenizerConfig(codebook_size=70_000)
+
+
+def test_shapes_dtypes_and_bf16():
+    model = build_tokenizer(TokenizerConfig())
+    frames = torch.randint(0, 256, (5, 84, 84), dtype=torch.uint8)
+    tokens = model.encode(frames, batch_size=2)
+    assert tokens.shape == (5, 36) and tokens.dtype == torch.int64
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < model.cfg.codebook_size
+    out = model.decode(tokens.to(torch.int32).numpy().astype(np.uint16))  # the uint16 cache decodes too
+    assert out.shape == (5, 84, 84) and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.equal(model.encode(frames.numpy()), tokens)  # numpy in, same tokens
+    with pytest.raises(ValueError, match="uint8"):
+        model.encode(frames.float())
+    # bf16 autocast: the loss is finite, tokens stay int64, the codebook search runs in fp32
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = model.compute_loss(frames)
+        tok_bf16 = model.encode(frames)
+    assert torch.isfinite(loss) and tok_bf16.dtype == torch.int64 and tok_bf16.shape == (5, 36)
+    assert {"loss", "recon_l1", "recon_mse", "grad_l1", "commitment", "psnr", "perplexity", "usage"} <= set(logs)
+    assert 1.0 <= logs["perplexity"] <= model.cfg.codebook_size and 0 < logs["usage"] <= 1
+
+
+def test_straight_through_gradients_reach_the_encoder():
+    model = build_tokenizer(TokenizerConfig())
+    model.train()
+    frames = torch.randint(0, 256, (4, 84, 84), dtype=torch.uint8)
+    out = model(frames)
+    # only the reconstruction: the encoder's gradient can come through the quantizer alone
+    (out.recon - out.target).abs().mean().backward()
+    grads = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None for g in grads), "every encoder parameter gets a gradient"
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert model.quantizer.embedding.grad is None, "the EMA codebook is not trained by gradient"
+    # the forward value is the codebook entry: decoding the tokens reproduces the reconstruction
+    model.eval()
+    assert torch.allclose(model.decode(out.tokens), out.recon.detach().clamp(0, 1), atol=1e-5)
+
+
+def test_dead_code_restart_revives_unused_codes():
+    torch.manual_seed(0)
+    q = VectorQuantizer(64, 8, ema_decay=0.9, usage_decay=0.8, dead_code_threshold=0.5, normalize=True)
+    q.train()
+    data = lambda: torch.randn(512, 8).abs()  # noqa: E731 - every vector in the positive orthant
+    q(data())  # data-dependent initialisation
+    with torch.no_grad():
+        q.embedding[32:] *= -1  # half the codes point away from all data: never nearest
+        q.ema_sum[32:] *= -1
+    q.eval()
+    used_before = torch.unique(q(data()).indices)
+    assert int((used_before >= 32).sum()) == 0
+    q.train()
+    for _ in range(10):
+        q(data())
+    assert q.restarts >= 32
+    q.eval()
+    used_after = torch.unique(q(data()).indices)
+    assert int((used_after >= 32).sum()) >= 28, f"revived codes in use: {int((used_after >= 32).sum())} of 32"
+
+
+def test_gradient_codebook_without_ema_learns():
+    cfg = TokenizerConfig(ema_decay=0.0)
+    model = build_tokenizer(cfg)
+    model.train()
+    loss, _ = model.compute_loss(torch.randint(0, 256, (4, 84, 84), dtype=torch.uint8))
+    loss.backward()
+    assert model.quantizer.embedding.grad is not None and float(model.quantizer.embedding.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_split_and_pool(datasets, tmp_path):
+    stores = [TrajectoryStore.open(d) for d in datasets]
+    splits = split_episodes(stores, 0.1)
+    for s, (train, held) in zip(stores, splits):
+        assert list(held) == [s.num_episodes - 1] and list(train) == list(range(s.num_episodes - 1))
+    rng = np.random.default_rng(0)
+    full = FramePool(stores, [t for t, _ in splits], capacity=10**6, window=32, rng=rng)
+    assert full.fits and len(full.frames) == full.total_frames
+    small = FramePool(stores, [t for t, _ in splits], capacity=200, window=32, rng=rng)
+    assert not small.fits and len(small.frames) <= 200 and set(small.windows[:, 1].tolist()) <= set(range(5))
+    again = FramePool(stores, [t for t, _ in splits], 200, 32, rng, windows=small.state_dict()["windows"].numpy())
+    assert np.array_equal(again.frames, small.frames)
+    before = small.windows.copy()
+    small.refresh(0.25, rng)
+    assert (small.windows != before).any(axis=1).sum() >= 1
+    one = TrajectoryStore.create(dataset_dir(tmp_path, "Pong", "one"), game="Pong",
+                                 provenance={"protocol": "jowa", "policy": "random"})
+    with one.writer() as w:
+        w.append(Episode(**run_episode(make_env("Pong", max_episode_steps=5), make_policy("random", "Pong"),
+                                       legal_action_mask("Pong"), seed=0)))
+    with pytest.raises(DataError, match="fewer than 2 episodes"):
+        split_episodes([TrajectoryStore.open(one.directory)], 0.1)
+
+
+# ------------------------------------------------------------------------------------ training
+def test_debug_tokenizer_beats_mean_frame_on_heldout_episodes(trained):
+    e = trained.eval
+    # a clear margin: at least 2 dB, i.e. the held-out squared error is under 63 % of the baseline's
+    assert e.psnr > e.baseline_psnr + 2.0, trained.summary_line()
+    assert e.usage > 0.2, trained.summary_line()
+    rows = [json.loads(x) for x in (trained.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["loss"] < 0.5 * train_rows[0]["loss"]
+    assert {"heldout_psnr", "baseline_psnr", "heldout_usage", "heldout_perplexity"} <= set(rows[-1])
+    plots = sorted((trained.run_dir / "plots").glob("recon_step_*.png"))
+    assert plots and plots[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((trained.run_dir / "config.json").read_text())["codebook_size"] == 256
+
+
+def test_checkpoint_round_trip_gives_identical_tokens(trained, datasets, tmp_path):
+    store = TrajectoryStore.open(datasets[0])
+    frames = store.read_episode(store.num_episodes - 1).observations
+    loaded = load_tokenizer(trained.run_dir)
+    assert loaded.tokenizer_id() == trained.tokenizer_id
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(loaded.encode(frames), trained.model.eval().encode(frames))
+    assert torch.equal(loaded.decode(loaded.encode(frames)), trained.model.decode(trained.model.encode(frames)))
+    assert loaded.extra["heldout_psnr"] == pytest.approx(trained.eval.psnr)
+    # a checkpoint whose weights no longer match its recorded id is refused
+    ckpt = load_checkpoint(trained.checkpoint, kind="tokenizer")
+    ckpt["model"]["decoder.pixel_bias"] += 0.01
+    bad = tmp_path / "edited.pt"
+    save_checkpoint(bad, {k: v for k, v in ckpt.items() if k != "format_version"})
+    with pytest.raises(WamError, match="damaged"):
+        load_tokenizer(bad)
+
+
+def test_token_cache_equals_on_the_fly_and_is_idempotent(trained, datasets, tmp_path):
+    dirs = [shutil.copytree(d, tmp_path / d.parent.name / d.name) for d in datasets]
+    model = load_tokenizer(trained.run_dir)
+    s = encode_datasets(model, dirs, batch_size=100, progress=False)
+    assert len(s.encoded) == 2 and s.frames == sum(TrajectoryStore.open(d).num_steps + EPISODES for d in dirs)
+    for d in dirs:
+        store = TrajectoryStore.open(d)
+        assert store.has_tokens() and store.tokenizer_id() == model.tokenizer_id()
+        for i in range(store.num_episodes):
+            ep = store.read_episode(i, tokens=True)
+            assert ep.obs_tokens.dtype == np.uint16
+            assert np.array_equal(ep.obs_tokens, model.encode(ep.observations).numpy())
+    again = encode_datasets(model, dirs, progress=False)
+    assert again.frames == 0 and len(again.skipped) == 2 and not again.encoded
+
+    other = build_tokenizer(dataclasses.replace(model.cfg, seed=1))
+    assert other.tokenizer_id() != model.tokenizer_id()
+    with pytest.raises(DataError, match=f"holds tokens of tokenizer {model.tokenizer_id()}"):
+        encode_datasets(other, dirs, progress=False)
+    assert TrajectoryStore.open(dirs[0]).tokenizer_id() == model.tokenizer_id()  # untouched
+
+
+def test_resume_continues_exactly(datasets, tmp_path):
+    cfg = _quick(TokenizerConfig.from_preset("debug"), steps=12, batch_size=8, eval_interval=6, plot_interval=12,
+                 checkpoint_interval=4, eval_frames=16, warmup_steps=3)
+    straight = train_tokenizer(cfg, datasets, tmp_path / "a", progress=False)
+    first = train_tokenizer(cfg, datasets, tmp_path / "b", progress=False, stop_at=6)
+    assert first.step == 6
+    with pytest.raises(WamError, match="already holds a tokenizer run"):
+        train_tokenizer(cfg, datasets, tmp_path / "b", progress=False)
+    resumed = train_tokenizer(cfg, [], tmp_path / "b", resume=True, progress=False)
+    assert resumed.step == 12 and resumed.tokenizer_id == straight.tokenizer_id
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / x / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for x in ("a", "b")]
+    assert losses[0] == losses[1]
+    with pytest.raises(WamError, match="same --data"):
+        train_tokenizer(cfg, datasets[:1], tmp_path / "b", resume=True, progress=False)
