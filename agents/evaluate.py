@@ -49,7 +49,7 @@ VIDEO_MAX_FRAMES = 5000
 """Frames kept for a video (84x84 each); a longer episode's video shows its start."""
 MAX_BATCH_RETRIES = 3
 """Restarts of a dead worker for the same batch before evaluation gives up."""
-SETTINGS_KEYS = ("agent_spec", "protocol", "epsilon", "plan", "max_steps", "seed", "checkpoint_ids")
+SETTINGS_KEYS = ("agent_spec", "protocol", "epsilon", "plan", "max_steps", "seed", "checkpoint_ids", "agent_kwargs")
 """The settings that change scores; resuming into a directory requires them to be equal."""
 
 
@@ -150,6 +150,8 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
             if term or trunc:
                 active[i] = False
                 truncated[i] = bool(trunc) and not term
+        if hasattr(agent, "record_actions"):  # tell history-keeping agents what epsilon actually played
+            state = agent.record_actions(state, actions)
     out = []
     for i in range(n):
         recording = None
@@ -339,6 +341,7 @@ def evaluate(
     cap = int(max_steps) if max_steps is not None else PROTOCOLS[protocol].max_agent_steps
     settings = {"agent_spec": agent_spec, "protocol": protocol, "epsilon": eps,
                 "plan": plan_settings.as_dict() if plan_settings else None, "max_steps": cap, "seed": int(seed),
+                "agent_kwargs": {k: agent_kwargs[k] for k in sorted(agent_kwargs)},
                 "checkpoint_ids": {g: a.checkpoint_id for g, a in agents.items()}}
 
     out = Path(out_dir)

@@ -1,16 +1,28 @@
 """`wam demo`: the whole mission end to end on the `debug` preset, on CPU, in minutes.
 
-Stages (each with its own progress bar; any failure stops the demo with a clear message and a
-non-zero exit): collect data for three games with Ray workers, validate it, train the tokenizer,
-tokenize, pretrain on two games, fine-tune on the held-out one (and from scratch), evaluate with Ray
-rollouts with and without planning, write the report. Stages whose code does not exist yet in this
-version are listed as skipped, so the demo always says exactly what it ran.
+Every stage runs the same `wam` command a user would type (printed before it runs), so the demo is also a
+tour of the CLI:
+
+ 1. collect data for three games with Ray workers (scripted policy + 30 % random actions, and random);
+ 2. validate the datasets;
+ 3. train the VQ tokenizer and fill the token caches;
+ 4. pretrain the world-action model on two games;
+ 5. fine-tune it on the held-out game from its first few thousand transitions, train the same model from
+    scratch on the same data, and a behaviour-cloning baseline;
+ 6. evaluate on the held-out game with Ray rollouts: random, the behaviour policy, behaviour cloning,
+    from-scratch, fine-tuned without planning and fine-tuned with beam-search planning;
+ 7. write `report.md` with its plots.
+
+A stage that fails stops the demo with a non-zero exit and a message naming the stage; the summary table
+printed at the end has the honest numbers (mean return with a bootstrap confidence interval). Re-running
+reuses finished stages (collection and training resume); `--fresh` starts over.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import shlex
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,104 +36,215 @@ class DemoConfig:
     """Run the end-to-end pipeline on the `debug` preset (CPU, a few minutes)."""
 
     out: Path = Path("demo_out")
-    """Directory for every artefact of the demo (datasets, runs, evaluation, report)."""
+    """Directory for every artefact of the demo (datasets, runs, evaluations, report)."""
     pretrain_games: tuple[str, ...] = ("Breakout", "Boxing")
     """Games the world-action model is pretrained on."""
     finetune_game: str = "Pong"
     """Held-out game for fine-tuning."""
-    steps_per_game: int = 6000
+    steps_per_game: int = 4000
     """Transitions collected per game and behaviour policy."""
+    finetune_transitions: int = 3000
+    """Transitions of the held-out game used for fine-tuning (per dataset)."""
+    pretrain_steps: int = 300
+    """Optimiser steps of pretraining."""
+    finetune_steps: int = 150
+    """Optimiser steps of fine-tuning (and of the from-scratch and BC baselines)."""
+    eval_episodes: int = 4
+    """Evaluation episodes per agent."""
+    eval_max_steps: int = 600
+    """Cap on the agent steps of each evaluation episode (keeps the demo short)."""
     workers: int = 2
     """Ray workers for collection and evaluation."""
+    core: str = "transformer"
+    """Sequence core of the world-action model: transformer, mamba, mamba2 or atlas."""
     seed: int = 0
     """Seed of every stage."""
-    preset: str = "debug"
-    """Model preset."""
     fresh: bool = False
-    """Delete a previous demo directory first (otherwise finished stages are resumed/reused)."""
+    """Delete a previous demo directory first (otherwise finished stages are reused/resumed)."""
 
 
 @dataclass
 class _Stage:
     name: str
     fn: Callable[[], str]
-    needs: tuple[str, ...] = ()  # wam modules the stage needs
     status: str = "pending"
     detail: str = ""
     seconds: float = 0.0
 
 
+def _wam(*args: object) -> None:
+    """Run one `wam` command in-process, exactly as typed on the command line."""
+    from wam.runs.cli import run_command
+
+    argv = [str(a) for a in args]
+    print(f"$ wam {shlex.join(argv)}", flush=True)
+    code = run_command(argv)
+    if code != 0:
+        raise WamError(f"`wam {shlex.join(argv)}` exited with status {code}")
+
+
 @dataclass
 class _Demo:
     cfg: DemoConfig
-    stages: list[_Stage] = field(default_factory=list)
+    evals: dict[str, Path] = field(default_factory=dict)
+
+    def p(self, *parts: str) -> Path:
+        return self.cfg.out.joinpath(*parts)
 
     @property
-    def data(self) -> Path:
-        return self.cfg.out / "data"
+    def games(self) -> tuple[str, ...]:
+        return (*self.cfg.pretrain_games, self.cfg.finetune_game)
 
+    def game_data(self, game: str) -> Path:
+        from wam.datasets.store import game_dir_name
+
+        return self.p("data", "atari", game_dir_name(game))
+
+    # -- stages ------------------------------------------------------------------------------
     def collect(self) -> str:
-        from wam.datasets.collect import collect
-
-        games = (*self.cfg.pretrain_games, self.cfg.finetune_game)
-        lines = []
+        games = [a for g in self.games for a in ("--game", g)]
         for policy, eps in (("scripted", 0.3), ("random", 0.0)):
-            s = collect(list(games), policy=policy, epsilon=eps, steps=self.cfg.steps_per_game * len(games),
-                        workers=self.cfg.workers, seed=self.cfg.seed, out=self.data)
-            lines.append(f"{policy}(eps={eps}): {s.steps} new steps, {s.episodes} episodes, "
-                         f"{s.steps_per_second:.0f} steps/s")
-        return "; ".join(lines)
+            _wam("data", "collect", *games, "--policy", policy, "--epsilon", eps,
+                 "--steps", self.cfg.steps_per_game * len(self.games), "--workers", self.cfg.workers,
+                 "--seed", self.cfg.seed, "--out", self.p("data"))
+        return f"{len(self.games)} games x 2 policies x {self.cfg.steps_per_game} steps"
 
     def validate(self) -> str:
-        from wam.datasets.store import dataset_info, find_datasets, validate
+        from wam.datasets.store import dataset_info, find_datasets
 
-        dirs = find_datasets([self.data])
-        problems = [p for d in dirs for p in validate(d)]
-        if problems:
-            raise WamError(f"collected data failed validation: {problems[0]}")
-        infos = [dataset_info(d) for d in dirs]
-        (self.cfg.out / "data_info.json").write_text(json.dumps(infos, indent=2, default=str))
-        return f"{len(dirs)} datasets sound"
+        _wam("data", "validate", self.p("data"))
+        infos = [dataset_info(d) for d in find_datasets([self.p("data")])]
+        self.p("data_info.json").write_text(json.dumps(infos, indent=2, default=str))
+        return f"{len(infos)} datasets sound"
+
+    def tokenizer(self) -> str:
+        run = self.p("runs", "tokenizer")
+        _wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
+             *(["--resume"] if (run / "checkpoints").exists() else []))
+        _wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
+        facts = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        from wam.worldmodel.tokenizer import load_tokenizer
+
+        extra = load_tokenizer(run).extra
+        psnr = extra.get("heldout_psnr")
+        base = extra.get("baseline_psnr")
+        del facts
+        return (f"held-out PSNR {psnr:.1f} dB vs mean-frame {base:.1f} dB" if psnr is not None and base is not None
+                else "trained")
+
+    def _train(self, command: list[object], run: Path) -> None:
+        resume = ["--resume"] if (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()) else []
+        _wam(*command, "--out", run, *resume)
+
+    def pretrain(self) -> str:
+        data = [a for g in self.cfg.pretrain_games for a in ("--data", self.game_data(g))]
+        self._train(["pretrain", "--preset", "debug", *data, "--tokenizer", self.p("runs", "tokenizer"),
+                     "--core", self.cfg.core, "--steps", self.cfg.pretrain_steps, "--seed", self.cfg.seed],
+                    self.p("runs", "pretrain"))
+        return _last_metrics(self.p("runs", "pretrain"))
+
+    def finetune(self) -> str:
+        common = ["--preset", "debug", "--data", self.game_data(self.cfg.finetune_game),
+                  "--game", self.cfg.finetune_game, "--transitions", self.cfg.finetune_transitions,
+                  "--tokenizer", self.p("runs", "tokenizer"), "--steps", self.cfg.finetune_steps,
+                  "--seed", self.cfg.seed]
+        self._train(["finetune", "--from", self.p("runs", "pretrain"), *common], self.p("runs", "finetune"))
+        self._train(["finetune", "--from", "scratch", "--core", self.cfg.core, *common], self.p("runs", "scratch"))
+        self._train(["finetune", "--from", "scratch", "--core", self.cfg.core, "--objective", "bc", *common],
+                    self.p("runs", "bc"))
+        return "fine-tuned, from-scratch and behaviour-cloning runs"
+
+    def evaluate(self) -> str:
+        runs = self.p("runs")
+        agents = {
+            "random": ("random", []),
+            "behaviour (scripted)": ("scripted", []),
+            "behaviour cloning": (runs / "bc", []),
+            "from scratch": (runs / "scratch", []),
+            "pretrained+fine-tuned": (runs / "finetune", []),
+            "pretrained+fine-tuned, planning": (runs / "finetune", ["--plan", "beam", "--beam-width", "2",
+                                                                    "--horizon", "2"]),
+        }
+        for label, (agent, extra) in agents.items():
+            out = self.p("eval", label.replace(" ", "_").replace(",", "").replace("+", "_").replace("(", "")
+                         .replace(")", ""))
+            _wam("eval", "--agent", agent, "--game", self.cfg.finetune_game, "--episodes", self.cfg.eval_episodes,
+                 "--workers", self.cfg.workers, "--envs-per-worker", 2, "--max-steps", self.cfg.eval_max_steps,
+                 "--seed", self.cfg.seed, "--out", out, *extra)
+            self.evals[label] = out
+        return f"{len(agents)} agents x {self.cfg.eval_episodes} episodes on {self.cfg.finetune_game}"
+
+    def report(self) -> str:
+        _wam("report", *self.evals.values(), self.p("runs"), "--out", self.p("report"))
+        return str(self.p("report", "report.md"))
 
 
-def _run_stage(stage: _Stage) -> None:
-    missing = [m for m in stage.needs if importlib.util.find_spec(m) is None]
-    if missing:
-        stage.status, stage.detail = "skipped", f"not built yet ({', '.join(missing)})"
-        return
-    t0 = time.perf_counter()
-    print(f"\n=== {stage.name} ===", flush=True)
-    stage.detail = stage.fn()
-    stage.seconds = time.perf_counter() - t0
-    stage.status = "ok"
+def _last_metrics(run: Path) -> str:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return ""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    first, last = rows[0], rows[-1]
+    keys = [k for k in ("loss", "obs_ce", "td_kl") if k in last]
+    return ", ".join(f"{k} {first[k]:.3f}->{last[k]:.3f}" for k in keys)
+
+
+def _results_table(evals: dict[str, Path], game: str) -> str:
+    lines = [f"{'agent (' + game + ', capped episodes)':<40} {'mean return [95% CI]':>30} {'HNS':>8}  episodes"]
+    for label, out in evals.items():
+        path = out / "results.json"
+        if not path.exists():
+            lines.append(f"{label:<40} {'(missing)':>30}")
+            continue
+        summary = json.loads(path.read_text())["summary"]
+        g = summary["games"].get(game, {})
+        r = g.get("return", {})
+        hns = (g.get("hns") or {}).get("point")
+        ci = f"{r.get('point', float('nan')):.1f} [{r.get('low', float('nan')):.1f}, {r.get('high', float('nan')):.1f}]"
+        lines.append(f"{label:<40} {ci:>30} {hns if hns is None else f'{hns:.3f}':>8}  {g.get('episodes', 0)}")
+    return "\n".join(lines)
 
 
 def demo(cfg: DemoConfig) -> int:
-    import shutil
-
     if cfg.fresh and cfg.out.exists():
         shutil.rmtree(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
     d = _Demo(cfg)
-    d.stages = [
-        _Stage("collect (Ray workers, 3 games, scripted+eps and random)", d.collect, ("wam.datasets.collect",)),
-        _Stage("validate", d.validate, ("wam.datasets.store",)),
+    stages = [
+        _Stage("1 collect (Ray workers)", d.collect),
+        _Stage("2 validate", d.validate),
+        _Stage("3 tokenizer train + tokenize", d.tokenizer),
+        _Stage(f"4 pretrain ({'+'.join(cfg.pretrain_games)})", d.pretrain),
+        _Stage(f"5 fine-tune on {cfg.finetune_game} (+ scratch, BC)", d.finetune),
+        _Stage("6 evaluate (Ray rollouts)", d.evaluate),
+        _Stage("7 report", d.report),
     ]
     t0 = time.perf_counter()
-    for stage in d.stages:
+    for i, stage in enumerate(stages):
+        print(f"\n=== stage {stage.name} ===", flush=True)
+        s0 = time.perf_counter()
         try:
-            _run_stage(stage)
-        except WamError:
+            stage.detail = stage.fn()
+            stage.status = "ok"
+        except BaseException as e:
             stage.status = "FAILED"
-            _print_summary(d.stages, time.perf_counter() - t0)
+            stage.seconds = time.perf_counter() - s0
+            for later in stages[i + 1:]:
+                later.status = "not run"
+            _print_summary(stages, time.perf_counter() - t0)
+            if isinstance(e, WamError):
+                raise WamError(f"stage '{stage.name}' failed: {e}") from None
             raise
-    _print_summary(d.stages, time.perf_counter() - t0)
+        stage.seconds = time.perf_counter() - s0
+    _print_summary(stages, time.perf_counter() - t0)
+    print("\n" + _results_table(d.evals, cfg.finetune_game))
+    print(f"\nreport: {cfg.out / 'report' / 'report.md'}")
     return 0
 
 
 def _print_summary(stages: list[_Stage], total: float) -> None:
     print("\n" + "=" * 100)
-    print(f"{'stage':<58} {'status':<8} {'time':>7}  detail")
+    print(f"{'stage':<44} {'status':<8} {'time':>7}  detail")
     for s in stages:
-        print(f"{s.name:<58} {s.status:<8} {s.seconds:6.1f}s  {s.detail}")
+        print(f"{s.name:<44} {s.status:<8} {s.seconds:6.1f}s  {s.detail}")
     print(f"total {total:.1f}s")

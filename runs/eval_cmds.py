@@ -48,6 +48,13 @@ class EvalConfig:
     """Address of a running Ray cluster (default: start a local one with --workers CPUs)."""
     progress: bool = True
     """Show a progress bar."""
+    memory: Literal["window", "episode"] = "window"
+    """Model agents: `window` re-encodes the last context frames each step; `episode` carries a recurrent
+    core's state (mamba, mamba2, atlas) through the whole episode."""
+    context: int | None = None
+    """Model agents: frames in the window (default: the model's horizon, less the planner's)."""
+    bf16: bool = False
+    """Model agents: run the model under bf16 autocast."""
 
 
 def evaluate(cfg: EvalConfig) -> int:
@@ -60,7 +67,7 @@ def evaluate(cfg: EvalConfig) -> int:
     result = run_eval(cfg.agent, cfg.game, episodes=cfg.episodes, workers=cfg.workers, protocol=cfg.protocol,
                       seed=cfg.seed, epsilon=cfg.epsilon, plan=plan, out_dir=cfg.out, video=cfg.video,
                       progress=cfg.progress, max_steps=cfg.max_steps, envs_per_worker=cfg.envs_per_worker,
-                      ray_address=cfg.ray_address)
+                      ray_address=cfg.ray_address, agent_kwargs=_agent_kwargs(cfg))
     print(format_summary(result.summary))
     print(f"{result.episodes_run} episodes, {result.steps} agent steps in {result.seconds:.1f}s "
           f"({result.steps_per_second:.0f} steps/s); restarted workers: {result.restarted_workers}")
@@ -68,6 +75,20 @@ def evaluate(cfg: EvalConfig) -> int:
     for game, path in result.videos.items():
         print(f"video of {game}: {path}")
     return 0 if result.complete else 1
+
+
+def _agent_kwargs(cfg: EvalConfig) -> dict:
+    """Options for model agents; left out when unset so baselines see none."""
+    if cfg.agent in ("random", "scripted"):
+        return {}
+    kw: dict = {}
+    if cfg.memory != "window":
+        kw["memory"] = cfg.memory
+    if cfg.context is not None:
+        kw["context"] = cfg.context
+    if cfg.bf16:
+        kw["bf16"] = True
+    return kw
 
 
 def format_summary(summary: dict) -> str:

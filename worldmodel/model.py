@@ -127,9 +127,9 @@ MODEL_PRESETS: dict[str, WorldActionModelConfig] = {
 class WorldActionOutput:
     """What one forward pass over a token sequence gives (T frames, T or T-1 actions, L tokens)."""
 
-    obs_logits: torch.Tensor  # [B, L, V] logits of the observation token that follows each position
-    reward_logits: torch.Tensor  # [B, A, 3] at each action token (A actions in the sequence)
-    termination_logits: torch.Tensor  # [B, A, 2]
+    obs_logits: torch.Tensor | None  # [B, L, V] logits of the observation token that follows each position
+    reward_logits: torch.Tensor | None  # [B, A, 3] at each action token (A actions in the sequence)
+    termination_logits: torch.Tensor | None  # [B, A, 2]  (these three are None when world_model=False)
     q_logits: torch.Tensor  # [B, T, E, 18, n_atoms] at the last observation token of each frame
     target_q_logits: torch.Tensor | None  # [B, T, E, 18, n_atoms] from the target head (no grad), or None
 
@@ -245,19 +245,21 @@ class WorldActionModel(nn.Module):
         assert part == "all", f"unknown part {part!r}"
         return total
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, world_model: bool = True) -> float:
         """Model FLOPs of one training step per sequence token (forward + backward = 6 x parameters used).
 
         The core, final norm and observation head run on every token; the reward, termination and Q heads
         on one token in 37 (the target head forward only: 2 x). The transformer adds its attention scores
         (QK^T and AV, causal: 6 x layers x L x d). Other cores count their parameters only (their scans'
-        element-wise work is not counted).
+        element-wise work is not counted). `world_model=False`: without the observation, reward and
+        termination heads (objectives `q-only` and `bc`).
         """
         def n(m: nn.Module) -> int:
             return sum(p.numel() for p in m.parameters())
 
-        every = n(self.core) + n(self.ln_f) + n(self.obs_head)
-        sparse = n(self.reward_head) + n(self.termination_head) + n(self.q_head)
+        wm = world_model
+        every = n(self.core) + n(self.ln_f) + (n(self.obs_head) if wm else 0)
+        sparse = (n(self.reward_head) + n(self.termination_head) if wm else 0) + n(self.q_head)
         flops = 6.0 * every + (6.0 * sparse + 2.0 * n(self.q_head)) / self.cfg.tokens_per_step
         if self.cfg.core == "transformer":
             flops += 6.0 * self.cfg.n_layers * self.cfg.max_tokens * self.cfg.d_model
@@ -332,10 +334,13 @@ class WorldActionModel(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def forward(self, obs_tokens: torch.Tensor, actions: torch.Tensor, game_ids: torch.Tensor,
-                state: WamState | None = None, with_target: bool = False) -> tuple[WorldActionOutput, WamState]:
+                state: WamState | None = None, with_target: bool = False, world_model: bool = True
+                ) -> tuple[WorldActionOutput, WamState]:
         """Parallel forward over T frames and T-1 (or T) actions, continuing `state` if given.
 
         obs_tokens [B, T, 36] int64, actions [B, A] int64 (A = T-1 or T), game_ids [B] int64.
+        `world_model=False` skips the observation, reward and termination heads (their outputs are None):
+        objectives that train only the Q head (`q-only`, `bc`) neither pay for nor touch them.
         Returns the heads' outputs and the state after the last token.
         """
         b, t, k = obs_tokens.shape
@@ -355,8 +360,10 @@ class WorldActionModel(nn.Module):
             with torch.no_grad():
                 target = self.target_q_head(q_feat.detach())
         out = WorldActionOutput(
-            obs_logits=self.obs_head(h), reward_logits=self.reward_head(act_feat),
-            termination_logits=self.termination_head(act_feat), q_logits=q_logits, target_q_logits=target)
+            obs_logits=self.obs_head(h) if world_model else None,
+            reward_logits=self.reward_head(act_feat) if world_model else None,
+            termination_logits=self.termination_head(act_feat) if world_model else None,
+            q_logits=q_logits, target_q_logits=target)
         return out, WamState(core_state, state.pos + length, state.game_ids)
 
     # ----------------------------------------------------------------------------- incremental
