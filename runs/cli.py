@@ -78,9 +78,20 @@ def _preset_default(cls: type, args: list[str]):
     return cls.from_preset(name) if name is not None else None
 
 
-def run_command(argv: Sequence[str]) -> int:
+def parse_command(words: str, rest: Sequence[str]):
+    """The function of command `words` and its config parsed from `rest` (tyro exits 2 on bad options)."""
     import tyro
 
+    module, fn_name, summary = COMMANDS[words]
+    fn = getattr(importlib.import_module(module), fn_name)
+    cls = _config_type(fn)
+    default = _preset_default(cls, list(rest))
+    # Every sequence option is given by repeating its flag (`--data A --data B`), in every command.
+    return fn, tyro.cli(cls, args=list(rest), prog=f"wam {words}", description=summary, default=default,
+                        config=(tyro.conf.UseAppendAction,))
+
+
+def run_command(argv: Sequence[str]) -> int:
     from wam.datasets.errors import WamError
 
     words, rest = _find_command(argv)
@@ -105,12 +116,8 @@ def run_command(argv: Sequence[str]) -> int:
         print(f"\nwam: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
 
-    module, fn_name, summary = COMMANDS[words]
-    fn = getattr(importlib.import_module(module), fn_name)
-    cls = _config_type(fn)
     try:
-        default = _preset_default(cls, rest)
-        cfg = tyro.cli(cls, args=rest, prog=f"wam {words}", description=summary, default=default)
+        fn, cfg = parse_command(words, rest)
         result = fn(cfg)
     except WamError as e:
         print(f"wam {words}: error: {e}", file=sys.stderr)
