@@ -30,7 +30,7 @@ class Batch:
         return self.obs.dim() == 3
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
     def pin_memory(self) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 import torch
+
 from wam.datasets.atari import NUM_ACTIONS, legal_action_mask
 from wam.datasets.batch import Batch
 from wam.datasets.errors import DataError
@@ -539,6 +540,12 @@ class SegmentSampler:
     def probs(self) -> np.ndarray:
         """Probability `[D]` of drawing each dataset (in the order of `self.datasets`)."""
         return self._source.probs.copy()
+
+    def segment_origins(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where batch `index` comes from: dataset [B] (index into `self.datasets`), episode [B] (index in
+        its store) and start step [B]. A pure function of (seed, index), like the batch itself."""
+        rows, starts = self._source.plan(index)  # [B] episode-table rows, [B] start steps
+        return self._source.table.dataset[rows], self._source.table.episode[rows], starts
 
     def sample(self) -> Batch:
         """The next batch. Valid until two more batches have been taken (see the module docstring)."""

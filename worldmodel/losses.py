@@ -1,6 +1,11 @@
-"""Losses of the world-action model (JOWA stage 2). Each returns `(loss, logs)`.
+"""Losses of the world-action model (JOWA stage 2) and its baselines. Each returns `(loss, logs)`.
 
-    total = lambda_wm * (CE obs tokens + CE reward sign + CE termination) + C51 TD + lambda_cql * CQL
+Objectives (`LossConfig.objective`, `--objective`):
+
+    jowa:   lambda_wm * (CE obs tokens + CE reward sign + CE termination) + C51 TD + lambda_cql * CQL
+    q-only: C51 TD + lambda_cql * CQL    (the paper's "no WM loss" ablation; also `jowa` with lambda_wm = 0)
+    bc:     CE(data action | legal-masked expected Q as logits)    (behaviour cloning)
+    (+ lambda_distill * distillation toward planner-corrected Q when the batch carries targets)
 
 - **World model**: cross-entropy of every next observation token (frames inside the episode),
   of the reward sign (3 classes) and of the termination flag at each action token.
@@ -11,12 +16,25 @@
   cross-entropy. Gradients flow through the online logits into the core (never through the target).
 - **CQL** on the expected C51 Q: logsumexp over the legal actions minus Q of the data action.
 
+- **Behaviour cloning** (`bc_loss`): the logits of the 18 actions are `model.q_values(...)`, the
+  legal-masked ensemble mean of the Q head's expected values, so a BC checkpoint acts through the very
+  function a Q-learning one does (argmax over legal actions of `q_values`). Only the Q head and what
+  feeds it train.
+- **Distillation** (`distill_loss`): for each (step, action) with a target value (the planner's
+  offline-corrected Q, `wam plan correct`), cross-entropy of the online C51 distribution against the
+  two-hot projection of the target value onto the support (whose expected value is the target): the
+  same scale and bounded gradients as the TD term. Targets arrive as plain tensors in a `QTargetBatch`.
+
+The objectives that do not use the world-model heads (`q-only`, `bc`) skip them in the forward pass
+and freeze them (`WorldActionObjective`), so they are neither computed, decayed nor reduced by DDP.
+
 Illegal actions never enter a max, an argmax, a logsumexp or a loss; padded steps (mask False)
-never enter a loss. Ensemble members each get their own TD and CQL term (averaged).
+never enter a loss. Ensemble members each get their own TD, CQL and distillation term (averaged).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,9 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from wam.datasets.batch import Batch
+from wam.datasets.errors import WamError
 from wam.worldmodel.model import WorldActionModel, WorldActionOutput
 
+log = logging.getLogger(__name__)
+
 Logs = dict[str, float]
+Objective = Literal["jowa", "q-only", "bc"]
+WORLD_MODEL_HEADS = ("obs_head", "reward_head", "termination_head")
 
 
 @dataclass
@@ -34,7 +57,7 @@ class LossConfig:
     """Weights and settings of the joint objective (JOWA defaults)."""
 
     lambda_wm: float = 0.1
-    """Weight of the world-model cross-entropy (observation tokens + reward + termination)."""
+    """Weight of the world-model cross-entropy (observation tokens + reward + termination); 0 = `q-only`."""
     lambda_cql: float = 0.1
     """Weight of the CQL regulariser."""
     gamma: float = 0.99
@@ -43,6 +66,29 @@ class LossConfig:
     """Hard-update the target Q head every N optimiser steps."""
     reward_transform: Literal["sign", "clip", "raw"] = "sign"
     """Reward used in the TD target: its sign, clipped to [-1, 1], or raw."""
+    objective: Objective = "jowa"
+    """What to train: jowa (world model + C51 TD + CQL), q-only (TD + CQL, no world-model loss: the
+    "no WM loss" ablation) or bc (behaviour cloning: cross-entropy of the data action on the legal-masked
+    expected Q, which is what an agent acts on)."""
+    lambda_distill: float = 1.0
+    """Weight of the distillation toward planner-corrected Q-values (used only with --q-targets FILE)."""
+
+
+def objective_name(cfg: LossConfig) -> str:
+    """The objective a run trains, as reports name it: `bc`, `q-only` (also `jowa` with lambda_wm = 0) or `jowa`."""
+    if cfg.objective not in ("jowa", "q-only", "bc"):
+        raise WamError(f"unknown objective {cfg.objective!r}; choose jowa, q-only or bc")
+    if cfg.objective == "jowa" and cfg.lambda_wm == 0:
+        return "q-only"
+    return cfg.objective
+
+
+@dataclass
+class QTargetBatch(Batch):
+    """A token `Batch` with distillation targets for its steps (planner-corrected Q, training scale)."""
+
+    q_target: torch.Tensor  # [B, H, 18] float32 target value of each (step, action); anything where not masked
+    q_target_mask: torch.Tensor  # [B, H, 18] bool, True where a target exists (a planned candidate)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -92,6 +138,8 @@ def q_steps(batch: Batch) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- losses
 def world_model_loss(out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor, Logs]:
     """Sum of the observation-token, reward-sign and termination cross-entropies (masked means)."""
+    assert out.obs_logits is not None and out.reward_logits is not None and out.termination_logits is not None, \
+        "world_model_loss needs the forward pass run with world_model=True"
     labels = obs_token_labels(batch.obs, batch.mask)  # [B, L]
     logits = out.obs_logits.float()
     obs_ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -180,26 +228,113 @@ def cql_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> t
     return loss, {"cql_loss": loss.item(), "illegal_data_actions": illegal.item()}
 
 
+def bc_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor, Logs]:
+    """Behaviour cloning: cross-entropy of the data action, logits = `model.q_values` (legal-masked expected Q).
+
+    Masked mean over the steps inside the episode whose data action is legal; logs `bc_acc`, the share of
+    those steps where the argmax over legal actions is the data action.
+    """
+    b, h = batch.actions.shape
+    legal = batch.legal_actions[:, None, :].expand(-1, h, -1).flatten(0, 1)  # [B*H, 18]
+    logits = model.q_values(out.q_logits[:, :h].flatten(0, 1), legal)  # [B*H, 18], illegal -inf
+    actions = batch.actions.flatten()  # [B*H]
+    steps = q_steps(batch).flatten()  # [B*H]
+    ce = F.cross_entropy(logits, actions, reduction="none")  # inf where the data action is illegal
+    ce = torch.where(steps, ce, torch.zeros_like(ce))
+    loss = masked_mean(ce, steps)
+    with torch.no_grad():
+        acc = masked_mean((logits.argmax(-1) == actions).float(), steps)
+        illegal = masked_mean((~steps).float(), batch.mask.flatten())
+    return loss, {"bc_loss": loss.item(), "bc_acc": acc.item(), "illegal_data_actions": illegal.item()}
+
+
+def distill_loss(model: WorldActionModel, out: WorldActionOutput, q_target: torch.Tensor, q_target_mask: torch.Tensor,
+                 valid_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
+    """Pull the online C51 distributions of the targeted (step, action) pairs toward target values.
+
+    q_target [B, H, 18] float (values outside the mask are ignored, -inf allowed), q_target_mask [B, H, 18]
+    bool. Cross-entropy against the two-hot projection of each target onto the support (values beyond
+    the support are clipped to its ends); masked mean over pairs, mean over the ensemble. Logs
+    `distill_loss`, `distill_mae` (|E[Q] - target|, ensemble mean) and `distill_coverage` (share of
+    steps with at least one target, among `valid_steps` [B, H] bool when given, else among all steps).
+    """
+    b, h, n_act = q_target.shape
+    logp = out.q_logits[:, :h].float().log_softmax(-1)  # [B, H, E, 18, A]
+    n_atoms = logp.shape[-1]
+    with torch.no_grad():
+        values = torch.where(q_target_mask, q_target.float(), torch.zeros_like(q_target, dtype=torch.float32))
+        flat = values.flatten()  # [B*H*18]
+        uniform = torch.full((flat.numel(), n_atoms), 1.0 / n_atoms, device=flat.device)
+        # r + 0 * Z projected onto the support: a two-hot distribution whose mean is r (clipped to the support)
+        target = c51_project(uniform, flat, torch.zeros_like(flat), model.support.float())
+        target = target.view(b, h, 1, n_act, n_atoms)
+    ce = -(target * logp).sum(-1)  # [B, H, E, 18]
+    mask = q_target_mask[:, :, None, :].expand_as(ce)
+    loss = masked_mean(ce, mask)
+    with torch.no_grad():
+        q = (logp.exp() * model.support).sum(-1).mean(2)  # [B, H, 18] ensemble mean
+        mae = masked_mean((q - values.clamp(float(model.support[0]), float(model.support[-1]))).abs(), q_target_mask)
+        has_target = q_target_mask.any(-1).float()  # [B, H]
+        coverage = has_target.mean() if valid_steps is None else masked_mean(has_target, valid_steps)
+    return loss, {"distill_loss": loss.item(), "distill_mae": mae.item(), "distill_coverage": coverage.item()}
+
+
 def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig) -> tuple[torch.Tensor, Logs]:
-    """The joint objective on a token batch (obs [B, H+1, 36] int64)."""
+    """The objective `cfg.objective` on a token batch (obs [B, H+1, 36] int64); see the module docstring.
+
+    A `QTargetBatch` adds `cfg.lambda_distill` x the distillation term (not with `bc`).
+    """
     assert batch.is_tokens, "world_action_loss needs token observations; encode frames with the tokenizer first"
-    out, _ = model(batch.obs, batch.actions, batch.game_ids, with_target=True)
-    wm, wm_logs = world_model_loss(out, batch)
+    objective = objective_name(cfg)
+    distill = isinstance(batch, QTargetBatch)
+    if objective == "bc":
+        if distill:
+            raise WamError("--q-targets (distillation toward corrected Q) does not apply to --objective bc; "
+                           "use --objective jowa or q-only")
+        out, _ = model(batch.obs, batch.actions, batch.game_ids, world_model=False)
+        loss, logs = bc_loss(model, out, batch)
+        return loss, {"loss": loss.item(), **logs}
+    use_wm = objective == "jowa"
+    out, _ = model(batch.obs, batch.actions, batch.game_ids, with_target=True, world_model=use_wm)
     td, td_logs = td_loss(model, out, batch, cfg)
     cql, cql_logs = cql_loss(model, out, batch)
-    loss = cfg.lambda_wm * wm + td + cfg.lambda_cql * cql
-    return loss, {"loss": loss.item(), **wm_logs, **td_logs, **cql_logs}
+    loss = td + cfg.lambda_cql * cql
+    logs: Logs = {**td_logs, **cql_logs}
+    if use_wm:
+        wm, wm_logs = world_model_loss(out, batch)
+        loss = loss + cfg.lambda_wm * wm
+        logs.update(wm_logs)
+    if distill:
+        h = batch.actions.shape[1]
+        mask = batch.q_target_mask & batch.mask[:, :, None] & batch.legal_actions[:, None, :]  # [B, H, 18]
+        dl, dl_logs = distill_loss(model, out, batch.q_target[:, :h], mask, valid_steps=batch.mask)
+        loss = loss + cfg.lambda_distill * dl
+        logs.update(dl_logs)
+    return loss, {"loss": loss.item(), **logs}
 
 
 class WorldActionObjective(torch.nn.Module):
     """The model and its loss as one module (what the trainer and DDP wrap): `forward(batch) -> (loss, logs)`.
 
+    Objectives without the world-model loss (`q-only`, `bc`) freeze the observation, reward and
+    termination heads here (they get no gradient, no weight decay and no DDP reduction).
     `after_step(step)` hard-updates the target Q head every `cfg.target_update_every` optimiser steps.
     """
 
     def __init__(self, model: WorldActionModel, cfg: LossConfig) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.objective = objective_name(cfg)
+        if self.objective != "jowa":
+            log.info("objective %s: the world-model heads (%s) are not trained", self.objective,
+                     ", ".join(WORLD_MODEL_HEADS))
+            model.freeze(WORLD_MODEL_HEADS)
+        else:
+            log.info("objective jowa: lambda_wm=%g, lambda_cql=%g", cfg.lambda_wm, cfg.lambda_cql)
+
+    @property
+    def uses_world_model(self) -> bool:
+        return self.objective == "jowa"
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Logs]:
         return world_action_loss(self.model, batch, self.cfg)

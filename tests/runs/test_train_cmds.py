@@ -3,6 +3,7 @@ Ray Train DDP parity: 2 CPU workers after one step == one process on the combine
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,11 @@ def test_pretrain_then_finetune_from_checkpoint_and_scratch(workspace):
     assert last["obs_ce"] < first["obs_ce"] - 0.5, (first, last)
     assert np.mean([r["td_kl"] for r in rows[-3:]]) < first["td_kl"], (first, last)
     assert last["illegal_data_actions"] == 0.0
+    assert {"loss", "wm_loss", "obs_ce", "reward_ce", "termination_ce", "td_loss", "cql_loss", "lr",
+            "tokens_per_s"} <= set(last)  # what reports read
+    assert json.loads((out / "config.json").read_text())["objective"] == "jowa"
     ckpt = load_checkpoint(out, kind=CHECKPOINT_KIND)
+    assert ckpt["config"]["objective"] == "jowa"
     assert ckpt["config"]["model"]["games"] == ["Breakout", "Pong"]
     assert ckpt["tokenizer"]["id"] == load_tokenizer(workspace["tokenizer"]).tokenizer_id()
     assert ckpt["config"]["model"]["vocab_size"] == 256
@@ -196,3 +201,119 @@ def test_ctrl_c_then_resume_is_bit_exact_with_the_real_sampler(workspace):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     trace_a = [r["loss"] for r in RunDir(workspace["root"] / "straight").read_metrics()]
     assert len(trace_a) == 6 and trace_a == [r["loss"] for r in RunDir(interrupted.out).read_metrics()]
+
+
+def test_baseline_objectives_q_only_and_bc_via_cli(workspace):
+    """`--objective q-only` and `--objective bc` train through the same commands; reports can name them."""
+    out = workspace["root"] / "q-only"
+    common = ["--tokenizer", str(workspace["tokenizer"]), "--steps", "3", "--batch-size", "4", "--d-model", "32",
+              "--checkpoint-every", "1",
+              "--n-layers", "1", "--horizon", "2", "--log-every", "1", "--no-progress", "--prefetch", "0"]
+    assert run_command(["pretrain", "--preset", "debug", "--data", str(workspace["pong"]), "--out", str(out),
+                        "--objective", "q-only", *common]) == 0
+    assert json.loads((out / "config.json").read_text())["objective"] == "q-only"
+    ckpt = load_checkpoint(out, kind=CHECKPOINT_KIND)
+    assert ckpt["config"]["objective"] == "q-only"
+    rows = RunDir(out).read_metrics()
+    assert len(rows) == 3 and {"loss", "td_loss", "cql_loss", "lr", "tokens_per_s"} <= set(rows[-1])
+    assert "obs_ce" not in rows[-1]
+    step1 = load_checkpoint(RunDir(out).checkpoint_path(1), kind=CHECKPOINT_KIND)["model"]
+    changed = {k.split(".")[0] for k in step1 if not torch.equal(step1[k], ckpt["model"][k])}
+    assert "core" in changed and "q_head" in changed
+    assert not changed & {"obs_head", "reward_head", "termination_head"}, "world-model heads must stay frozen"
+
+    bc = workspace["root"] / "bc"
+    assert run_command(["finetune", "--preset", "debug", "--from", str(out), "--data", str(workspace["freeway"]),
+                        "--game", "Freeway", "--transitions", "40", "--out", str(bc), "--objective", "bc",
+                        *common]) == 0
+    assert json.loads((bc / "config.json").read_text())["objective"] == "bc"
+    assert load_checkpoint(bc, kind=CHECKPOINT_KIND)["config"]["objective"] == "bc"
+    assert {"loss", "bc_loss", "bc_acc", "lr", "tokens_per_s"} <= set(RunDir(bc).read_metrics()[-1])
+    # the checkpoint acts through the same function as any world-action model: argmax of q_values
+    model, _ = WorldActionModel.from_checkpoint(bc)
+    tokens = torch.zeros(1, 36, dtype=torch.long)
+    q_logits, _ = model.observe(tokens, model.init_state(torch.tensor([model.cfg.games.index("Freeway")])))
+    legal = torch.tensor(legal_action_mask("Freeway"))[None]
+    q = model.q_values(q_logits, legal)
+    assert bool(legal[0, q.argmax(-1)]) and torch.isinf(q[~legal]).all()
+    # distillation does not apply to BC
+    bad = FinetuneConfig.from_preset("debug")
+    bad.from_run, bad.data = str(out), (str(workspace["freeway"]),)
+    bad.game, bad.out = "Freeway", str(workspace["root"] / "bc2")
+    bad.loss.objective, bad.q_targets = "bc", "x.h5"
+    with pytest.raises(WamError, match="objective bc"):
+        run_training(bad)
+
+
+def _write_q_targets(path: Path, directory: Path, game: str, values: dict[tuple[int, int], float]) -> None:
+    """A corrected-Q file in `wam plan correct`'s format: candidates (data action, another legal action)."""
+    import h5py
+
+    from wam.planning.correct import _DTYPES, ROW_FIELDS, _content_digest
+
+    store = TrajectoryStore.open(directory)
+    keys = sorted(values)
+    legal = np.flatnonzero(legal_action_mask(game))
+    data_actions = {e: store.read_window(e, 0, int(store.episode_lengths()[e]), "actions") for e in {k[0] for k in keys}}
+    first = np.array([data_actions[e][t] for e, t in keys])
+    other = np.array([legal[(np.flatnonzero(legal == a)[0] + 1) % len(legal)] for a in first])
+    n = len(keys)
+    arrays = {"dataset": np.zeros(n), "episode": [k[0] for k in keys], "step": [k[1] for k in keys],
+              "game_id": np.zeros(n), "action": first, "candidates": np.stack([first, other], 1),
+              "candidate_q": np.stack([[values[k] for k in keys], [values[k] - 1.0 for k in keys]], 1),
+              "raw_q": np.zeros((n, 18)), "plans": np.zeros((n, 2, 1))}
+    arrays = {name: np.asarray(a).astype(_DTYPES[name]) for name, a in arrays.items()}
+    with h5py.File(path, "w") as f:
+        for name in ROW_FIELDS:
+            f.create_dataset(name, data=arrays[name], fletcher32=True)
+        f.attrs.update({"format": "wam-q-targets", "format_version": 1, "content_sha256": _content_digest(arrays),
+                        "games": json.dumps([game]),
+                        "datasets": json.dumps([{"path": str(directory.resolve()), "game": game}])})
+
+
+def test_finetune_distils_corrected_q_targets(workspace):
+    from wam.datasets.sampler import SegmentSampler
+    from wam.planning.correct import load_q_targets
+    from wam.runs.train_cmds import QTargetSource
+
+    freeway = workspace["freeway"]
+    lengths = TrajectoryStore.open(freeway).episode_lengths()
+    values = {(e, t): float(3 + e + 0.1 * t) for e in range(len(lengths)) for t in range(int(lengths[e]))}
+    del values[(0, 5)]  # one state without a target
+    qfile = workspace["root"] / "q.h5"
+    _write_q_targets(qfile, freeway, "Freeway", values)
+
+    # the targets of each sampled step are those of the step actually sampled (its data action is candidate 0)
+    sampler = SegmentSampler([freeway], horizon=2, batch_size=16, source="frames", seed=3, prefetch=0)
+    source = QTargetSource(sampler, load_q_targets(qfile))
+    try:
+        for _ in range(3):
+            batch = source.sample()
+            b_idx, t_idx = torch.nonzero(batch.mask, as_tuple=True)
+            assert batch.q_target_mask.sum(-1)[batch.mask].le(2).all()
+            covered = batch.q_target_mask.any(-1)[batch.mask]
+            assert covered.float().mean() > 0.9
+            acts = batch.actions[b_idx, t_idx]
+            assert batch.q_target_mask[b_idx, t_idx, acts][covered].all(), "targets of another step"
+            q_first = batch.q_target[b_idx, t_idx, acts][covered]
+            assert torch.all(q_first > 2.9) and not batch.q_target_mask[~batch.mask].any()
+    finally:
+        source.close()
+
+    ft = FinetuneConfig.from_preset("debug")
+    ft.from_run, ft.data, ft.game, ft.transitions = "scratch", (str(freeway),), "Freeway", 40
+    ft.tokenizer = str(workspace["tokenizer"])
+    ft.model.d_model, ft.model.n_layers, ft.model.horizon = 32, 1, 2
+    ft.out, ft.batch_size, ft.prefetch, ft.q_targets = str(workspace["root"] / "distil"), 8, 0, str(qfile)
+    ft.loss.lambda_distill, ft.loss.lambda_wm = 5.0, 0.0
+    ft.train.steps, ft.train.warmup_steps, ft.train.log_every, ft.train.progress = 30, 2, 5, False
+    ft.train.lr = 3e-3
+    assert run_training(ft).step == 30
+    rows = RunDir(ft.out).read_metrics()
+    assert all(r["distill_coverage"] > 0.9 for r in rows)  # every step but one has targets
+    assert rows[-1]["distill_loss"] < rows[0]["distill_loss"] - 0.3, (rows[0], rows[-1])
+    assert rows[-1]["distill_mae"] < rows[0]["distill_mae"], (rows[0], rows[-1])
+    ckpt = load_checkpoint(ft.out, kind=CHECKPOINT_KIND)
+    assert ckpt["q_targets"]["path"] == str(qfile.resolve()) and ckpt["q_targets"]["states"] == len(values)
+    with pytest.raises(WamError, match="covers none"):
+        QTargetSource(SegmentSampler([workspace["pong"]], horizon=2, batch_size=2, prefetch=0), load_q_targets(qfile))

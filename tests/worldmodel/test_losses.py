@@ -201,6 +201,10 @@ def test_joint_loss_gradient_reaches_core_through_td():
     core_grad = sum(p.grad.abs().sum().item() for p in model.core.parameters() if p.grad is not None)
     assert core_grad > 0, "TD gradients must flow into the core"
     assert all(p.grad is None for p in model.target_q_head.parameters())
+    # lambda_wm = 0 is the "no WM loss" objective: the world-model heads are not even run
+    assert all(p.grad is None for p in model.obs_head.parameters())
+    assert set(logs) >= {"loss", "td_loss", "cql_loss"} and "obs_ce" not in logs
+    _, logs = world_action_loss(model, batch, LossConfig())
     assert set(logs) >= {"loss", "obs_ce", "reward_ce", "termination_ce", "td_loss", "cql_loss"}
 
 
