@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from wam.datasets.errors import WamError
@@ -237,6 +238,14 @@ class AtlasMixer(nn.Module):
             return u @ weights[0].mT
         return u + F.silu(u @ weights[0].mT) @ weights[1].mT
 
+    @staticmethod
+    def _orthogonalise(update: torch.Tensor) -> torch.Tensor:
+        """NS5 of a chunk's update; when autograd records, its 5 iterations are recomputed in the backward
+        pass instead of being stored (they were about half of the training memory)."""
+        if torch.is_grad_enabled() and update.requires_grad:
+            return torch.utils.checkpoint.checkpoint(newton_schulz5, update, use_reentrant=False)
+        return newton_schulz5(update)
+
     def _grad_factors(self, mem: tuple[torch.Tensor, ...], xw: torch.Tensor, vw: torch.Tensor,
                       gw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per window token i, ∇_W γ_i ½‖M(x_i) − v_i‖² at `mem` as rank-1 factors (left_i, right_i):
@@ -337,7 +346,7 @@ class AtlasMixer(nn.Module):
         keep = c - 1
         win_k, win_v, win_g = (z[:, :, n - keep:].to(state_dtype) for z in (xw, vw, gw))
         if closes is not None:  # rows whose chunk ends here: fold ΔM into M̄ (through NS5 if on)
-            full = tuple(decay[..., None, None] * m + (newton_schulz5(dm) if self.newton_schulz else dm)
+            full = tuple(decay[..., None, None] * m + (self._orthogonalise(dm) if self.newton_schulz else dm)
                          for m, dm in zip(mem_start, delta))
             every = bool(closes.all())  # the usual case in training: no per-row selection needed
             if self.newton_schulz:  # the chunk's last token reads the orthogonalised memory
