@@ -5,11 +5,14 @@ against `titans-pytorch`, when those install: `pip install -e .[bench]`):
 
 1. **Forward + backward** of a `n_layers x d_model` core on a [B, T, D] float32 batch (loss = mean y²),
    T in {296, 1024, 4096} (B = 8, and B = 2 at T = 4096 to stay within a shared 23 GB machine; every
-   core gets the same B at a given T). Time: best of `reps` after one warm-up, wall clock and process
+   core gets the same B at a given T; the reference packages at T = 296 only). Time: best of `reps` after one warm-up, wall clock and process
    CPU time (all threads), the latter being less disturbed when other processes compete for the cores.
    Memory: each (core, T) runs in a fresh subprocess; the figure is the growth of the peak resident
    set size (`ru_maxrss`) over the RSS just before the first forward+backward — what the activations,
    gradients and allocator really took from the OS (tracemalloc does not see torch's allocations).
+   Everything runs on **one thread** (`threads`): on a shared machine a second OpenMP thread that is
+   not scheduled stalls every op at the next barrier (measured: a 256x64 @ 64x256 matmul took 16 ms
+   with 2 threads and 0.08 ms with 1 while other processes held a core), which swamps the figures.
 2. **Step**: per-token latency of `core.step` (batch 1, no grad) after a prefill of c tokens, for
    c in {0, 256, 1024, 4096}, and the exact size of the state (sum of its tensors' bytes). The
    transformer is measured with full attention (its KV cache grows) and with a 296-token window.
@@ -30,9 +33,9 @@ import sys
 import time
 from typing import Any
 
-FULL = {"d_model": 256, "n_layers": 4, "lengths": {296: 8, 1024: 8, 4096: 2}, "reps": 2,
-        "step_contexts": [0, 256, 1024, 4096], "step_tokens": 16, "window": 296, "reference_lengths": [296, 1024]}
-QUICK = {"d_model": 64, "n_layers": 2, "lengths": {128: 2}, "reps": 1,
+FULL = {"d_model": 256, "n_layers": 4, "lengths": {296: 8, 1024: 8, 4096: 2}, "reps": 2, "threads": 1,
+        "step_contexts": [0, 256, 1024, 4096], "step_tokens": 16, "window": 296, "reference_lengths": [296]}
+QUICK = {"d_model": 64, "n_layers": 2, "lengths": {128: 2}, "reps": 3, "threads": 1,
          "step_contexts": [0, 32, 128], "step_tokens": 4, "window": 32, "reference_lengths": [128]}
 TARGETS = {"mamba2_over_transformer_t296": 1.2, "mamba2_over_transformer_t4096": 1.0,
            "mambapy_over_mamba": 4.0, "atlas_over_transformer_t1024": 3.0, "recurrent_state_growth": 1.0}
@@ -83,6 +86,7 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Time and memory of forward+backward; runs in a fresh process (see the module docstring)."""
     import torch
 
+    torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model, fn = _build(spec["kind"], spec["name"], spec["d_model"], spec["n_layers"], spec["T"])
     x = torch.randn(spec["B"], spec["T"], spec["d_model"])
@@ -143,10 +147,11 @@ def _step_costs(name: str, kwargs: dict[str, Any], cfg: dict[str, Any]) -> list[
     with torch.no_grad():
         for c in cfg["step_contexts"]:
             state = core.init_state(1) if c == 0 else core(torch.randn(1, c, cfg["d_model"]))[1]
-            xs = torch.randn(cfg["step_tokens"] + 1, 1, cfg["d_model"])
-            _, state = core.step(xs[0], state)  # warm-up
+            xs = torch.randn(cfg["step_tokens"] + 3, 1, cfg["d_model"])
+            for x_t in xs[:3]:  # warm-up
+                _, state = core.step(x_t, state)
             times = []
-            for x_t in xs[1:]:
+            for x_t in xs[3:]:
                 t0 = time.perf_counter()
                 _, state = core.step(x_t, state)
                 times.append(time.perf_counter() - t0)
@@ -174,7 +179,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     max_t = max(cfg["lengths"])
     train: dict[str, dict[str, Any]] = {}
     for t, b in cfg["lengths"].items():
-        base = {"d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "T": t, "B": b, "reps": cfg["reps"]}
+        base = {"d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "T": t, "B": b, "reps": cfg["reps"],
+                "threads": cfg["threads"]}
         specs = [{"kind": "core", "name": n} for n in cores]
         specs += [{"kind": k, "name": k} for k in ("mambapy", "titans") if refs[k] and t in cfg["reference_lengths"]]
         for s in specs:
@@ -189,11 +195,16 @@ def run(quick: bool = False) -> dict[str, Any]:
                 r["cpu_time_vs_transformer"] = r["cpu_s"] / ref["cpu_s"]
                 r["mem_vs_transformer"] = r["peak_mem_bytes"] / max(1, ref["peak_mem_bytes"])
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
     step: dict[str, list[dict[str, Any]]] = {}
     for name in cores:
         step[name] = _step_costs(name, core_kwargs(name, cfg["d_model"], max(cfg["step_contexts"]) + 64), cfg)
     step[f"transformer-window{cfg['window']}"] = _step_costs(
         "transformer", {**core_kwargs("transformer", cfg["d_model"], 0), "window": cfg["window"]}, cfg)
+    torch.set_num_threads(threads)
 
     result = {"config": {k: (v if k != "lengths" else {str(t): b for t, b in v.items()}) for k, v in cfg.items()},
               "quick": quick, "train": train, "step": step, "references_installed": refs,
@@ -252,7 +263,8 @@ def markdown(result: dict[str, Any]) -> str:
     cfg, train, step = result["config"], result["train"], result["step"]
     lengths = list(cfg["lengths"])
     head = "| model | " + " | ".join(f"T={t} (B={cfg['lengths'][t]})" for t in lengths) + " |"
-    lines = [f"Forward + backward, {cfg['n_layers']} layers, d={cfg['d_model']}, float32: wall seconds "
+    lines = [f"Forward + backward, {cfg['n_layers']} layers, d={cfg['d_model']}, float32, {cfg.get('threads', '?')} "
+             "thread(s): wall seconds "
              "(x transformer, same run), CPU seconds x transformer, peak memory growth (x transformer).", "",
              head, "|---|" + "---|" * len(lengths)]
     for name, per_t in train.items():
