@@ -173,8 +173,8 @@ class ImportDqnReplayConfig:
     """Root of wam datasets; the dataset goes to <out>/atari/<game>/<name>-v0."""
     run: int = 1
     """Run number (1-5) of the DQN agent whose buffers are imported."""
-    checkpoints: list[int] | None = None
-    """Checkpoints to import (default: every complete one found), e.g. --checkpoints 0 1 2."""
+    checkpoints: tuple[int, ...] = ()
+    """Checkpoints to import, repeating the flag: --checkpoints 0 --checkpoints 1 (default: every complete one)."""
     name: str | None = None
     """Dataset name (default dqn-replay-run<run>)."""
     stack_padding: int = 3
@@ -186,7 +186,7 @@ class ImportDqnReplayConfig:
 def import_dqn_replay(cfg: ImportDqnReplayConfig) -> int:
     from wam.datasets.dqn_replay import import_dqn_replay as run_import
 
-    s = run_import(cfg.src, cfg.game, cfg.out, run=cfg.run, checkpoints=cfg.checkpoints, name=cfg.name,
+    s = run_import(cfg.src, cfg.game, cfg.out, run=cfg.run, checkpoints=list(cfg.checkpoints) or None, name=cfg.name,
                    stack_padding=cfg.stack_padding, overwrite=cfg.overwrite)
     print(f"imported {s.episodes} episodes ({s.steps} transitions) from checkpoints {s.checkpoints} into "
           f"{s.dataset}; dropped partial episodes: {s.dropped_leading} leading, {s.dropped_trailing} trailing")

@@ -67,4 +67,10 @@ def train_with_ray(cfg: Any, workers: int, address: str | None = None, threads_p
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
             run_config=RunConfig(name="ray-train", storage_path=str(out / "ray")),
         )
-        return trainer.fit()
+        import signal
+
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            return trainer.fit()
+        finally:  # Ray Train installs its own SIGINT handler and leaves it behind
+            signal.signal(signal.SIGINT, previous)
