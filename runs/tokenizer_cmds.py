@@ -9,7 +9,6 @@ Details of the model and the training loop: docs/tokenizer.md, `wam.worldmodel.t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -65,10 +64,9 @@ def train(args: TokenizerTrainArgs) -> int:
 
     if not args.out:
         raise WamError("give the run directory with --out RUN")
-    cfg = args.tokenizer
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
-    result = train_tokenizer(cfg, args.data, args.out, resume=args.resume, progress=args.progress)
+    # with --resume the run's stored configuration is used; --steps still applies
+    result = train_tokenizer(args.tokenizer, args.data, args.out, resume=args.resume, progress=args.progress,
+                             steps=args.steps)
     print(result.summary_line())
     return 0
 

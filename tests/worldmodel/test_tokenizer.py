@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from wam.datasets.atari import legal_action_mask, make_env
 from wam.datasets.collect import run_episode
 from wam.datasets.errors import DataError, WamError
@@ -26,7 +27,7 @@ from wam.worldmodel.tokenizer import (
 )
 from wam.worldmodel.tokenizer_train import FramePool, encode_datasets, split_episodes, train_tokenizer
 
-GAMES = ("SpaceInvaders", "BeamRider")
+GAMES = ("Zaxxon", "TimePilot")
 EPISODES = 6  # per game; the last one is held out
 MAX_STEPS = 160  # agent steps per episode (random play would run for minutes of game time)
 
@@ -232,8 +233,10 @@ def test_resume_continues_exactly(datasets, tmp_path):
     assert resumed.step == 12 and resumed.tokenizer_id == straight.tokenizer_id
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / x / "metrics.jsonl").read_text().splitlines())
-               if "loss" in r] for x in ("a", "b")]
-    assert losses[0] == losses[1]
+    # the rows of the last step (training averages of steps 11-12, held-out figures) are the same
+    last = [[r for r in map(json.loads, (tmp_path / x / "metrics.jsonl").read_text().splitlines()) if r["step"] == 12]
+            for x in ("a", "b")]
+    strip = [[{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in rows] for rows in last]
+    assert len(strip[0]) == 2 and strip[0] == strip[1]
     with pytest.raises(WamError, match="same --data"):
         train_tokenizer(cfg, datasets[:1], tmp_path / "b", resume=True, progress=False)
