@@ -212,8 +212,13 @@ class AtariEnv(gym.Env):
         """
         np_seed, ale_seed = np.random.SeedSequence(seed).generate_state(n_words=2)
         self._np_random, _ = gym.utils.seeding.np_random(int(np_seed))
+        if self.protocol.sticky_action_prob == 0.0 and getattr(self, "_rom_loaded", False):
+            # Without sticky actions the ALE's RNG is never drawn from, so reloading the ROM (~0.1 s, as
+            # long as a short episode) would change nothing: `reset_game` alone replays exactly.
+            return
         self.ale.setInt("random_seed", int(np.int32(ale_seed)))
         self.ale.loadROM(ale_py.roms.get_rom_path(self.rom_id))
+        self._rom_loaded = True
 
     # -- gymnasium API ---------------------------------------------------------------------------
 
