@@ -80,6 +80,11 @@ def write_report(out: Path, markdown: Path) -> None:
             continue
         result = json.loads(path.read_text())
         parts += [f"## {name}", "", mod.markdown(result).rstrip(), ""]
+        if hasattr(mod, "plot"):
+            png = markdown.parent / "bench" / f"{name}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            mod.plot(result, png)
+            parts += [f"![{name}]({png.relative_to(markdown.parent).as_posix()})", ""]
         m = result.get("machine", {})
         parts += [f"_Machine: {m.get('cpu_model') or m.get('processor')}, {m.get('cpus')} CPUs"
                   + (f", GPU {m['gpu']}" if m.get("gpu") else "")

@@ -327,3 +327,31 @@ if __name__ == "__main__":
         print(json.dumps(_train_child(json.loads(sys.argv[2]))))
     else:
         print(markdown(run(quick="--quick" in sys.argv)))
+
+
+def plot(result: dict, path) -> None:
+    """Time per token (forward + backward) vs sequence length, and step latency vs context, per core."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for core, rows in sorted(result.get("train", {}).items()):
+        pts = sorted((int(t), r["wall_s"] / (r["B"] * r["T"]) * 1e6) for t, r in rows.items())
+        if len(pts) > 1:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=core)
+    ax1.set(xscale="log", xlabel="sequence length T", ylabel="µs per token (fwd+bwd)",
+            title="training time vs T")
+    ts = sorted({int(t) for rows in result.get("train", {}).values() for t in rows})
+    ax1.set_xticks(ts, [str(t) for t in ts])
+    ax1.minorticks_off()
+    for core, rows in sorted(result.get("step", {}).items()):
+        ax2.plot([max(r["context"], 1) for r in rows], [r["step_ms"] for r in rows], marker="o", label=core)
+    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="ms per step", title="step latency vs context")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
