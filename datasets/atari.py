@@ -36,6 +36,7 @@ import gymnasium as gym
 import numpy as np
 from ale_py.registration import rom_id_to_name
 from gymnasium import spaces
+
 from wam.datasets.config import preset_value
 from wam.datasets.errors import WamError
 

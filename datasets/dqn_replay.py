@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from wam.datasets.errors import DataError
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 
@@ -63,6 +64,7 @@ def minimal_action_set(game: str) -> np.ndarray:
     """
     import ale_py
     import ale_py.roms
+
     from wam.datasets.atari import game_rom_id
 
     ale = ale_py.ALEInterface()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from wam.datasets.errors import DataError
 from wam.datasets.store import (
     MAIN_FILE,

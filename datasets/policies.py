@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
 from wam.datasets.atari import canonical_game
 from wam.datasets.config import preset_value
 from wam.datasets.errors import WamError

@@ -42,6 +42,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+
 from wam.datasets.errors import DataError
 
 log = logging.getLogger(__name__)

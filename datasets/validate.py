@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
 from wam.datasets.errors import DataError
 from wam.datasets.store import (
     FIELDS,

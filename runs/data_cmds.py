@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import tyro
+
 from wam.datasets.errors import DataError
 
 log = logging.getLogger(__name__)

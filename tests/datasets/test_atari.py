@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.wrappers import AtariPreprocessing
+
 from wam.datasets.atari import (
     ACTION_NAMES,
     PROTOCOLS,

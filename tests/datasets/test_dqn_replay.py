@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wam.datasets.dqn_replay import import_dqn_replay, minimal_action_set
 from wam.datasets.errors import DataError
 from wam.datasets.store import TrajectoryStore, validate

@@ -8,6 +8,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+
 from wam.datasets.errors import DataError
 from wam.datasets.minari_io import export_minari, import_minari
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir, validate

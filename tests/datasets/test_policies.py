@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from wam.datasets.atari import get_ram, legal_action_mask, make_env
 from wam.datasets.errors import WamError
 from wam.datasets.policies import (

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from wam.datasets.atari import legal_action_mask
 from wam.datasets.errors import DataError
 from wam.datasets.sampler import SegmentSampler

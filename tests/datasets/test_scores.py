@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+
 from wam.datasets import scores
 from wam.datasets.errors import WamError
 from wam.datasets.scores import has_reference, human_normalized, human_score, random_score, reference_table

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from wam.datasets.errors import DataError
 from wam.datasets.store import (
     TIME_CHUNK,

@@ -9,6 +9,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+
 from wam.datasets.store import TIME_CHUNK, Episode, TrajectoryStore, dataset_dir
 from wam.runs.cli import run_command
 
