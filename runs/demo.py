@@ -45,13 +45,15 @@ class DemoConfig:
     """Transitions collected per game and behaviour policy."""
     finetune_transitions: int = 3000
     """Transitions of the held-out game used for fine-tuning (per dataset)."""
-    pretrain_steps: int = 300
+    tokenizer_steps: int = 1500
+    """Optimiser steps of the tokenizer."""
+    pretrain_steps: int = 3000
     """Optimiser steps of pretraining."""
-    finetune_steps: int = 150
+    finetune_steps: int = 1500
     """Optimiser steps of fine-tuning (and of the from-scratch and BC baselines)."""
-    eval_episodes: int = 4
+    eval_episodes: int = 6
     """Evaluation episodes per agent."""
-    eval_max_steps: int = 600
+    eval_max_steps: int = 1000
     """Cap on the agent steps of each evaluation episode (keeps the demo short)."""
     workers: int = 2
     """Ray workers for collection and evaluation."""
@@ -120,6 +122,7 @@ class _Demo:
     def tokenizer(self) -> str:
         run = self.p("runs", "tokenizer")
         _wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
+             "--steps", self.cfg.tokenizer_steps,
              *(["--resume"] if (run / "checkpoints").exists() else []))
         _wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
         facts = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}

@@ -13,7 +13,7 @@ from wam.runs.cli import run_command
 def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     code = run_command(["demo", "--out", str(out), "--steps-per-game", "800", "--finetune-transitions", "500",
-                        "--pretrain-steps", "20", "--finetune-steps", "10", "--eval-episodes", "2",
+                        "--tokenizer-steps", "30", "--pretrain-steps", "20", "--finetune-steps", "10", "--eval-episodes", "2",
                         "--eval-max-steps", "60"])
     assert code == 0
     text = capsys.readouterr().out
