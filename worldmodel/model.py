@@ -216,11 +216,9 @@ class WorldActionModel(nn.Module):
     def _core_kwargs(cfg: WorldActionModelConfig) -> dict[str, Any]:
         """Options of the core: n_heads/dropout/max_len where the core takes them, positions='none' for the
         transformer (the model has its own learned positions), then `core_options` (which win)."""
-        from wam.worldmodel.cores.base import _REGISTRY, available_cores
+        from wam.worldmodel.cores.base import core_class
 
-        if cfg.core not in available_cores():
-            raise WamError(f"unknown core {cfg.core!r}; choose one of {', '.join(available_cores())}")
-        params = inspect.signature(_REGISTRY[cfg.core]).parameters
+        params = inspect.signature(core_class(cfg.core)).parameters
         kwargs: dict[str, Any] = {}
         for key, value in (("n_heads", cfg.n_heads), ("dropout", cfg.dropout), ("max_len", cfg.max_tokens),
                            ("positions", "none")):

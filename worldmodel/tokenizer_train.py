@@ -61,7 +61,7 @@ from wam.worldmodel.tokenizer import (
     load_tokenizer,
     psnr,
 )
-from wam.worldmodel.trainer import _StopFlag, resolve_device
+from wam.worldmodel.trainer import StopFlag, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
     interrupted = False
     model.train()
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while step < cfg.steps:
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:

@@ -152,14 +152,14 @@ class TrainResult:
     data_wait_share: float
 
 
-class _StopFlag:
+class StopFlag:
     """SIGINT -> finish the step, save, raise KeyboardInterrupt (main thread only; elsewhere a no-op)."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: Any = None
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -330,7 +330,7 @@ class Trainer:
         t_start, tok_total, wait_total = time.perf_counter(), 0, 0.0
         window_t, window_tok = time.perf_counter(), 0
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 while self.step < end:
                     logs, tokens, wait = self.train_step()
                     tok_total += tokens

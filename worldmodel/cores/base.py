@@ -59,12 +59,17 @@ def available_cores() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_core(name: str, d_model: int, n_layers: int, **kwargs: Any) -> SequenceCore:
-    """Build a registered core by name; unknown names are a user error listing the known ones."""
+def core_class(name: str) -> Callable[..., SequenceCore]:
+    """The registered class of a core (e.g. to inspect which options it takes); unknown names are a user error."""
     _import_builtin_cores()
     if name not in _REGISTRY:
         raise WamError(f"unknown core {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](d_model=d_model, n_layers=n_layers, **kwargs)
+    return _REGISTRY[name]
+
+
+def build_core(name: str, d_model: int, n_layers: int, **kwargs: Any) -> SequenceCore:
+    """Build a registered core by name; unknown names are a user error listing the known ones."""
+    return core_class(name)(d_model=d_model, n_layers=n_layers, **kwargs)
 
 
 def _import_builtin_cores() -> None:
