@@ -27,7 +27,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed_everything():
+def _seed_everything_one_thread():
+    """Seeded RNGs, and one torch thread again after any test that changed it."""
     torch.manual_seed(0)
     np.random.seed(0)
     yield
+    torch.set_num_threads(1)

@@ -34,13 +34,6 @@ GAMES = ("Breakout", "Pong")
 LEGAL = legal_action_mask("Pong").copy()  # bool [18]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _save_model(out: Path, tok_dir: Path, tok_id: str, core: str, seed: int) -> Path:
     """A random-weight world-action model checkpointed exactly as `wam pretrain` does (Trainer.save)."""

@@ -21,14 +21,6 @@ from wam.worldmodel.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
 from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _frames(rng: np.random.Generator, n: int, game_id: int) -> np.ndarray:
     """A bright block that moves one pixel a step over a game-specific background (structured, learnable)."""
     obs = np.full((n, 84, 84), 20 * game_id, dtype=np.uint8)

@@ -23,15 +23,6 @@ from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig, World
 from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model(**kw) -> WorldActionModel:
     base = dict(vocab_size=16, d_model=32, n_layers=1, n_heads=2, horizon=2, games=("A", "B"))
     base.update(kw)

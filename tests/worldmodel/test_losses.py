@@ -22,14 +22,6 @@ from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig, World
 SUPPORT = torch.linspace(-10.0, 30.0, 51)  # dz = 0.8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_model(**kw) -> WorldActionModel:
     cfg = WorldActionModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, horizon=2, games=("A", "B"), **kw)

@@ -13,15 +13,6 @@ from wam.worldmodel.losses import LossConfig, world_action_loss
 from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg(core: str = "transformer", **kw) -> WorldActionModelConfig:
     base = dict(vocab_size=16, d_model=32, n_layers=1, n_heads=2, horizon=2, games=("A", "B"), core=core)
     if core == "mamba2":

@@ -15,15 +15,6 @@ from wam.worldmodel.model import CHECKPOINT_KIND, WorldActionModel, WorldActionM
 from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig, lr_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_trainer(run: RunDir | None, steps: int = 6, dropout: float = 0.1, seed: int = 0, **trainer_kw) -> Trainer:
     torch.manual_seed(seed)
     cfg = WorldActionModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, horizon=2, games=("A", "B"),
