@@ -192,6 +192,9 @@ class AtariEnv(gym.Env):
             raise WamError(f"render_mode {render_mode!r} is not supported; use None or 'rgb_array'")
         self.render_mode = render_mode
 
+        # OpenCV resizes with its own thread pool; for one 210x160 frame that only steals the cores that
+        # other environments (Ray workers) run on: 2 workers were no faster than 1 on 2 cores.
+        cv2.setNumThreads(1)
         self.ale = _new_ale(self.protocol.sticky_action_prob)
         self._seed_and_load(seed)
         self.legal_action_mask = legal_action_mask(self.game)  # bool [18], shared and read-only

@@ -222,7 +222,7 @@ def collect(
                 # keep a bounded number of episodes per game ahead of the writer
                 live.sort(key=lambda j: j.next_submit - j.next_write)
                 j = live[0]
-                if steps is not None and j.next_submit - j.next_write >= workers:
+                if steps is not None and j.next_submit - j.next_write >= 2 * workers:
                     return False
                 idx = j.next_submit
                 j.next_submit += 1
@@ -230,8 +230,14 @@ def collect(
                 inflight[ref] = (ai, j.game, idx)
                 return True
 
-            for ai in range(workers):
-                submit(ai)
+            def feed_idle() -> None:
+                """Give work to every actor that has none (one may have been left idle by the look-ahead cap)."""
+                busy = {a for a, _, _ in inflight.values()}
+                for ai in range(workers):
+                    if ai not in busy:
+                        submit(ai)
+
+            feed_idle()
             by_game = {j.game: j for j in todo}
             while inflight:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
@@ -253,7 +259,7 @@ def collect(
                     _write_ready(job, Episode, episode_seed, seed, summary, bar, steps is not None)
                 if job.finished:  # drop surplus episodes of a finished game
                     job.pending.clear()
-                submit(ai)
+                feed_idle()
                 bar.set_postfix(eps=summary.episodes,
                                 ret=f"{np.mean(summary.returns):.1f}" if summary.returns else "-",
                                 sps=f"{summary.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
