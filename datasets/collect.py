@@ -4,8 +4,11 @@ Work is split into episodes. Episode j of game g runs with its own seed derived 
 dataset depends only on the seed, never on the number of workers or the order in which workers finish:
 the parent buffers finished episodes and writes them in index order. With a step budget, the parent
 writes the shortest prefix of episodes that reaches it and truncates the last one to the budget exactly
-(marking it `truncated`). Running again on the same `--out` resumes: the episodes already committed are
-kept and only the missing ones are collected. A worker that dies has its episode re-run on a fresh actor.
+(marking it `truncated`). Episodes are committed atomically every few seconds (copy-on-write, see
+docs/data-format.md); a crash loses at most those seconds, and running again on the same `--out` resumes:
+the committed episodes are kept and only the missing ones are collected, identical to an uninterrupted
+run. A worker that dies has its episode re-run on a fresh actor; an idle worker is always given the next
+episode (a bounded look-ahead keeps finished-but-unwritten episodes in memory few).
 """
 
 from __future__ import annotations
