@@ -145,18 +145,11 @@ def test_state_helpers_repeat_and_index_every_field():
 
 
 # ------------------------------------------------------------------------ the real model, tiny
-def tiny_model(core: str, tokens_per_obs: int = 4, horizon: int = 3) -> WorldActionModel:
+def tiny_model(build, core: str, tokens_per_obs: int = 4, horizon: int = 3) -> WorldActionModel:
     opts = {"mamba2": ("headdim=16", "chunk_size=16"), "atlas": ("chunk_size=16",)}.get(core, ())
     cfg = WorldActionModelConfig(vocab_size=16, tokens_per_obs=tokens_per_obs, d_model=32, n_layers=1, n_heads=2,
                                  horizon=horizon, games=("A", "B"), core=core, core_options=opts)
-    torch.manual_seed(0)
-    model = WorldActionModel(cfg).double().eval()
-    with torch.no_grad():  # sharper heads than the init, so greedy choices are not near-ties
-        for head in (model.obs_head, model.reward_head, model.termination_head):
-            head[-1].weight.mul_(50.0)
-        for qh in model.q_head.heads:
-            qh.net[-1].weight.mul_(50.0)
-    return model
+    return build(cfg, double=True)
 
 
 def context(model: WorldActionModel, b: int, frames: int, seed: int = 1):
@@ -208,8 +201,8 @@ def scratch_plan(model: WorldActionModel, obs, actions, game_ids, legal, k: int,
 
 
 @pytest.mark.parametrize("core", available_cores())
-def test_cached_planning_equals_recomputing_from_scratch(core):
-    model = tiny_model(core)
+def test_cached_planning_equals_recomputing_from_scratch(core, build_sharp_model):
+    model = tiny_model(build_sharp_model, core)
     obs, actions, game_ids, legal = context(model, b=2, frames=2)
     res = BeamSearchPlanner(model, beam_width=2, horizon=2, gamma=0.9).plan_context(obs, actions, game_ids, legal)
     with torch.no_grad():
@@ -218,8 +211,8 @@ def test_cached_planning_equals_recomputing_from_scratch(core):
     torch.testing.assert_close(res.candidate_q.double(), value, atol=1e-5, rtol=1e-5)
 
 
-def test_horizon_zero_is_greedy_argmax():
-    model = tiny_model("transformer", tokens_per_obs=36)
+def test_horizon_zero_is_greedy_argmax(build_sharp_model):
+    model = tiny_model(build_sharp_model, "transformer", tokens_per_obs=36)
     obs, actions, game_ids, legal = context(model, b=3, frames=2)
     res = BeamSearchPlanner(model, beam_width=3, horizon=0).plan_context(obs, actions, game_ids, legal)
     q = model.q_values(model(obs, actions, game_ids)[0].q_logits[:, -1], legal)
@@ -227,8 +220,8 @@ def test_horizon_zero_is_greedy_argmax():
     assert res.model_calls == 0 and res.tokens == 0
 
 
-def test_all_legal_one_step_equals_brute_force_lookahead():
-    model = tiny_model("mamba")
+def test_all_legal_one_step_equals_brute_force_lookahead(build_sharp_model):
+    model = tiny_model(build_sharp_model, "mamba")
     obs, actions, game_ids, legal = context(model, b=2, frames=3)
     gamma = 0.97
     res = BeamSearchPlanner(model, beam_width=18, horizon=1, gamma=gamma).plan_context(obs, actions, game_ids, legal)
@@ -252,8 +245,8 @@ def test_all_legal_one_step_equals_brute_force_lookahead():
 
 
 @pytest.mark.parametrize("core", ["transformer", "mamba2"])
-def test_batched_equals_loop_and_counts_calls(core, monkeypatch):
-    model = tiny_model(core)
+def test_batched_equals_loop_and_counts_calls(core, monkeypatch, build_sharp_model):
+    model = tiny_model(build_sharp_model, core)
     obs, actions, game_ids, legal = context(model, b=3, frames=2)
     planner = BeamSearchPlanner(model, beam_width=3, horizon=2, gamma=0.99)
     batch_sizes: list[int] = []
@@ -274,8 +267,8 @@ def test_batched_equals_loop_and_counts_calls(core, monkeypatch):
         torch.testing.assert_close(one.candidate_q, batched.candidate_q[i:i + 1], atol=1e-5, rtol=1e-5)
 
 
-def test_context_that_leaves_no_room_is_a_user_error():
-    model = tiny_model("transformer", tokens_per_obs=8, horizon=3)
+def test_context_that_leaves_no_room_is_a_user_error(build_sharp_model):
+    model = tiny_model(build_sharp_model, "transformer", tokens_per_obs=8, horizon=3)
     assert max_context_frames(model, 2) == 2
     obs, actions, game_ids, legal = context(model, b=1, frames=3)
     with pytest.raises(WamError, match="at most 2 frames of context"):

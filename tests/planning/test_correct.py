@@ -35,15 +35,9 @@ def make_data(root, lengths=(6, 9)):
     return TrajectoryStore.open(store.directory)
 
 
-def make_agent(path):
+def make_agent(build, path):
     cfg = WorldActionModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, horizon=3, games=("Breakout", "Pong"))
-    torch.manual_seed(0)
-    model = WorldActionModel(cfg).eval()
-    with torch.no_grad():
-        for head in (model.obs_head, model.reward_head, model.termination_head):
-            head[-1].weight.mul_(50.0)
-        for qh in model.q_head.heads:
-            qh.net[-1].weight.mul_(50.0)
+    model = build(cfg)
     save_checkpoint(path, {"kind": CHECKPOINT_KIND, "config": {"model": model.config_dict()},
                            "model": model.state_dict(), "tokenizer": {"id": TOKENIZER_ID, "path": ""}, "step": 1})
     return model
@@ -52,9 +46,9 @@ def make_agent(path):
 SETTINGS = PlannerSettings(beam_width=2, horizon=1, gamma=0.9)
 
 
-def test_correct_writes_the_planners_answers_with_provenance(ray_session, tmp_path):
+def test_correct_writes_the_planners_answers_with_provenance(ray_session, tmp_path, build_sharp_model):
     store = make_data(tmp_path / "data")
-    model = make_agent(tmp_path / "agent.pt")
+    model = make_agent(build_sharp_model, tmp_path / "agent.pt")
     out = tmp_path / "q.h5"
     s = correct_q_values(tmp_path / "agent.pt", tmp_path / "data", out, SETTINGS, stride=2, workers=2, batch_size=3,
                          progress=False)

@@ -12,17 +12,10 @@ from wam.planning.pool import PlannerPool, PlanRequest, plan_requests
 from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig
 
 
-def pool_model() -> WorldActionModel:
+def pool_model(build) -> WorldActionModel:
     cfg = WorldActionModelConfig(vocab_size=16, tokens_per_obs=4, d_model=32, n_layers=1, n_heads=2, horizon=3,
                                  games=("A", "B"), core="transformer")
-    torch.manual_seed(0)
-    model = WorldActionModel(cfg).eval()
-    with torch.no_grad():
-        for head in (model.obs_head, model.reward_head, model.termination_head):
-            head[-1].weight.mul_(50.0)
-        for qh in model.q_head.heads:
-            qh.net[-1].weight.mul_(50.0)
-    return model
+    return build(cfg)
 
 
 def requests(n: int, seed: int = 0) -> list[PlanRequest]:
@@ -61,8 +54,8 @@ def assert_same(a, b):
         np.testing.assert_allclose(x.candidate_q, y.candidate_q, rtol=0, atol=1e-6)
 
 
-def test_pool_matches_local_planner_for_one_and_two_workers(ray_session):
-    model = pool_model()
+def test_pool_matches_local_planner_for_one_and_two_workers(ray_session, build_sharp_model):
+    model = pool_model(build_sharp_model)
     reqs = requests(12)
     local = local_answers(model, reqs, batch_size=4)
     for workers in (1, 2):
@@ -76,8 +69,8 @@ def test_pool_matches_local_planner_for_one_and_two_workers(ray_session):
         assert a.action == a.candidates[np.argmax(a.candidate_q)]
 
 
-def test_dead_actor_chunk_is_rerun_on_a_fresh_actor(ray_session, tmp_path):
-    model = pool_model()
+def test_dead_actor_chunk_is_rerun_on_a_fresh_actor(ray_session, tmp_path, build_sharp_model):
+    model = pool_model(build_sharp_model)
     reqs = requests(8, seed=1)
     local = local_answers(model, reqs, batch_size=2)
     with PlannerPool(model, SETTINGS, workers=2, batch_size=2, _die_on=(2, str(tmp_path / "died"))) as pool:
@@ -88,8 +81,8 @@ def test_dead_actor_chunk_is_rerun_on_a_fresh_actor(ray_session, tmp_path):
     assert_same(got, local)
 
 
-def test_pool_must_be_started():
+def test_pool_must_be_started(build_sharp_model):
     from wam.datasets.errors import WamError
 
     with pytest.raises(WamError, match="not started"):
-        PlannerPool(pool_model(), SETTINGS).plan(requests(1))
+        PlannerPool(pool_model(build_sharp_model), SETTINGS).plan(requests(1))
