@@ -37,8 +37,8 @@ class DemoConfig:
 
     out: Path = Path("demo_out")
     """Directory for every artefact of the demo (datasets, runs, evaluations, report)."""
-    pretrain_games: tuple[str, ...] = ("Breakout", "Boxing")
-    """Games the world-action model is pretrained on."""
+    pretrain_games: tuple[str, ...] = ()
+    """Games the world-action model is pretrained on (repeat the flag; none given: Breakout and Boxing)."""
     finetune_game: str = "Pong"
     """Held-out game for fine-tuning."""
     steps_per_game: int = 4000
@@ -64,9 +64,13 @@ class DemoConfig:
     fresh: bool = False
     """Delete a previous demo directory first (otherwise finished stages are reused/resumed)."""
 
+    def __post_init__(self) -> None:
+        # a repeated flag replaces this default rather than appending to it
+        self.pretrain_games = tuple(self.pretrain_games) or ("Breakout", "Boxing")
+
 
 @dataclass
-class _Stage:
+class Stage:
     name: str
     fn: Callable[[], str]
     status: str = "pending"
@@ -74,7 +78,7 @@ class _Stage:
     seconds: float = 0.0
 
 
-def _wam(*args: object) -> None:
+def run_wam(*args: object) -> None:
     """Run one `wam` command in-process, exactly as typed on the command line."""
     from wam.runs.cli import run_command
 
@@ -106,7 +110,7 @@ class _Demo:
     def collect(self) -> str:
         games = [a for g in self.games for a in ("--game", g)]
         for policy, eps in (("scripted", 0.3), ("random", 0.0)):
-            _wam("data", "collect", *games, "--policy", policy, "--epsilon", eps,
+            run_wam("data", "collect", *games, "--policy", policy, "--epsilon", eps,
                  "--steps", self.cfg.steps_per_game * len(self.games), "--workers", self.cfg.workers,
                  "--seed", self.cfg.seed, "--out", self.p("data"))
         return f"{len(self.games)} games x 2 policies x {self.cfg.steps_per_game} steps"
@@ -114,17 +118,17 @@ class _Demo:
     def validate(self) -> str:
         from wam.datasets.store import dataset_info, find_datasets
 
-        _wam("data", "validate", self.p("data"))
+        run_wam("data", "validate", self.p("data"))
         infos = [dataset_info(d) for d in find_datasets([self.p("data")])]
         self.p("data_info.json").write_text(json.dumps(infos, indent=2, default=str))
         return f"{len(infos)} datasets sound"
 
     def tokenizer(self) -> str:
         run = self.p("runs", "tokenizer")
-        _wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
+        run_wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
              "--steps", self.cfg.tokenizer_steps,
              *(["--resume"] if (run / "checkpoints").exists() else []))
-        _wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
+        run_wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
         facts = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
         from wam.worldmodel.tokenizer import load_tokenizer
 
@@ -137,7 +141,7 @@ class _Demo:
 
     def _train(self, command: list[object], run: Path) -> None:
         resume = ["--resume"] if (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()) else []
-        _wam(*command, "--out", run, *resume)
+        run_wam(*command, "--out", run, *resume)
 
     def pretrain(self) -> str:
         data = [a for g in self.cfg.pretrain_games for a in ("--data", self.game_data(g))]
@@ -171,14 +175,14 @@ class _Demo:
         for label, (agent, extra) in agents.items():
             out = self.p("eval", label.replace(" ", "_").replace(",", "").replace("+", "_").replace("(", "")
                          .replace(")", ""))
-            _wam("eval", "--agent", agent, "--game", self.cfg.finetune_game, "--episodes", self.cfg.eval_episodes,
+            run_wam("eval", "--agent", agent, "--game", self.cfg.finetune_game, "--episodes", self.cfg.eval_episodes,
                  "--workers", self.cfg.workers, "--envs-per-worker", 2, "--max-steps", self.cfg.eval_max_steps,
                  "--seed", self.cfg.seed, "--out", out, *extra)
             self.evals[label] = out
         return f"{len(agents)} agents x {self.cfg.eval_episodes} episodes on {self.cfg.finetune_game}"
 
     def report(self) -> str:
-        _wam("report", *self.evals.values(), self.p("runs"), "--out", self.p("report"))
+        run_wam("report", *self.evals.values(), self.p("runs"), "--out", self.p("report"))
         return str(self.p("report", "report.md"))
 
 
@@ -214,14 +218,23 @@ def demo(cfg: DemoConfig) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     d = _Demo(cfg)
     stages = [
-        _Stage("1 collect (Ray workers)", d.collect),
-        _Stage("2 validate", d.validate),
-        _Stage("3 tokenizer train + tokenize", d.tokenizer),
-        _Stage(f"4 pretrain ({'+'.join(cfg.pretrain_games)})", d.pretrain),
-        _Stage(f"5 fine-tune on {cfg.finetune_game} (+ scratch, BC)", d.finetune),
-        _Stage("6 evaluate (Ray rollouts)", d.evaluate),
-        _Stage("7 report", d.report),
+        Stage("1 collect (Ray workers)", d.collect),
+        Stage("2 validate", d.validate),
+        Stage("3 tokenizer train + tokenize", d.tokenizer),
+        Stage(f"4 pretrain ({'+'.join(cfg.pretrain_games)})", d.pretrain),
+        Stage(f"5 fine-tune on {cfg.finetune_game} (+ scratch, BC)", d.finetune),
+        Stage("6 evaluate (Ray rollouts)", d.evaluate),
+        Stage("7 report", d.report),
     ]
+    run_stages(stages)
+    print("\n" + _results_table(d.evals, cfg.finetune_game))
+    print(f"\nreport: {cfg.out / 'report' / 'report.md'}")
+    return 0
+
+
+def run_stages(stages: list[Stage]) -> None:
+    """Run stages in order with a header each; on a failure mark the rest "not run", print the summary table
+    and re-raise (a WamError names the stage). The summary table is printed at the end either way."""
     t0 = time.perf_counter()
     for i, stage in enumerate(stages):
         print(f"\n=== stage {stage.name} ===", flush=True)
@@ -240,12 +253,9 @@ def demo(cfg: DemoConfig) -> int:
             raise
         stage.seconds = time.perf_counter() - s0
     _print_summary(stages, time.perf_counter() - t0)
-    print("\n" + _results_table(d.evals, cfg.finetune_game))
-    print(f"\nreport: {cfg.out / 'report' / 'report.md'}")
-    return 0
 
 
-def _print_summary(stages: list[_Stage], total: float) -> None:
+def _print_summary(stages: list[Stage], total: float) -> None:
     print("\n" + "=" * 100)
     print(f"{'stage':<44} {'status':<8} {'time':>7}  detail")
     for s in stages:

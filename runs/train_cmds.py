@@ -54,8 +54,8 @@ Flat = tyro.conf.OmitArgPrefixes  # nested configs' fields appear as --steps, --
 def _trainer_preset(name: str) -> TrainerConfig:
     return dataclasses.replace(preset_value({
         "debug": TrainerConfig(steps=200, lr=1e-3, min_lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100),
-        "small": TrainerConfig(steps=20_000, lr=3e-4, min_lr=5e-5, warmup_steps=500, log_every=50,
-                               checkpoint_every=1000),
+        "small": TrainerConfig(steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=100, log_every=50,
+                               checkpoint_every=500),
         "jowa-40m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
                                   log_every=100, checkpoint_every=10_000),
         "jowa-70m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
@@ -66,7 +66,7 @@ def _trainer_preset(name: str) -> TrainerConfig:
 
 
 _BATCH = {"debug": 8, "small": 32, "jowa-40m": 512, "jowa-70m": 512, "jowa-150m": 512}
-_TARGET_EVERY = {"debug": 50, "small": 500, "jowa-40m": 1000, "jowa-70m": 1000, "jowa-150m": 1000}
+_TARGET_EVERY = {"debug": 50, "small": 200, "jowa-40m": 1000, "jowa-70m": 1000, "jowa-150m": 1000}
 
 
 @dataclass

@@ -114,7 +114,8 @@ class WorldActionModelConfig:
 
 MODEL_PRESETS: dict[str, WorldActionModelConfig] = {
     "debug": WorldActionModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, horizon=4),
-    "small": WorldActionModelConfig(vocab_size=512, d_model=384, n_layers=6, n_heads=6, horizon=8),
+    # CPU-sized: ~0.4 s per batch of 32 segments on one core, so a recipe trains in tens of minutes.
+    "small": WorldActionModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, horizon=4),
     "jowa-40m": WorldActionModelConfig(vocab_size=2048, d_model=512, n_layers=4, n_heads=8, horizon=8, dropout=0.1),
     "jowa-70m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=6, n_heads=12, horizon=8, dropout=0.1),
     "jowa-150m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=12, n_heads=12, horizon=8,
