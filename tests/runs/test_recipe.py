@@ -1,0 +1,156 @@
+"""`wam recipe`: behaviour-data scoring, the claim statistics, the parallel job runner and flag handling."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from wam.datasets.errors import WamError
+from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+from wam.runs.cli import parse_command, run_command
+from wam.runs.recipe import (
+    RecipeConfig,
+    _diff_ci,
+    _Job,
+    _mean_ci,
+    _Recipe,
+    _run_jobs,
+    _verdict,
+    behaviour_data_returns,
+)
+
+
+def _episode(rewards: list[float], terminated: bool) -> Episode:
+    t = len(rewards)
+    end, never = np.zeros(t, bool), np.zeros(t, bool)
+    end[-1] = True
+    return Episode(observations=np.zeros((t + 1, 84, 84), np.uint8), actions=np.zeros(t, np.int64),
+                   rewards=np.asarray(rewards, np.float32), terminations=end if terminated else never,
+                   truncations=never if terminated else end)
+
+
+def test_behaviour_data_returns_cap_each_episode_and_drop_collection_cut_ones(tmp_path):
+    d = dataset_dir(tmp_path, "Pong", "scripted-eps30")
+    store = TrajectoryStore.create(d, game="Pong", provenance={"protocol": "jowa", "policy": "scripted"})
+    with store.writer() as w:
+        w.append(_episode([1, 0, 1, 1, 1, 1], terminated=True))  # long: first 4 steps count -> 3
+        w.append(_episode([-1, 0], terminated=True))  # ended by the game before the cap -> -1
+        w.append(_episode([5, 5], terminated=False))  # cut by the end of collection before the cap: dropped
+        w.append(_episode([2, 0, 0, 0, 7], terminated=False))  # truncated after the cap: counts -> 2
+    store.close()
+    np.testing.assert_array_equal(behaviour_data_returns(d, cap=4), [3.0, -1.0, 2.0])
+    np.testing.assert_array_equal(behaviour_data_returns(d, cap=100), [5.0, -1.0])
+
+
+def test_claim_statistics_are_differences_of_means_with_intervals_around_them():
+    rng = np.random.default_rng(0)
+    a = [rng.normal(0.0, 1.0, 40), rng.normal(1.0, 1.0, 40)]
+    b = [rng.normal(3.0, 1.0, 40)]
+    point, low, high = _diff_ci(a, b)
+    assert point == pytest.approx(b[0].mean() - (a[0].mean() + a[1].mean()) / 2)
+    assert low < point < high and low > 1.5  # a clear difference: the whole interval is above 0
+    m, ml, mh = _mean_ci(a)
+    assert m == pytest.approx((a[0].mean() + a[1].mean()) / 2) and ml < m < mh
+    # constant scores: no spread, the interval collapses on the point
+    assert _diff_ci([np.full(5, 1.0)], [np.full(3, 4.0)]) == (3.0, 3.0, 3.0)
+    assert _verdict(0.5, 1.0) == "holds, supported by the CI"
+    assert _verdict(-0.5, 1.0).startswith("holds (point estimate")
+    assert _verdict(-2.0, -1.0) == "does not hold"
+    assert _verdict(0.0, 0.0) == "does not hold" and _verdict(0.0, 0.0, strict=False).startswith("holds")
+
+
+def test_repeated_flags_replace_the_default_games_and_seeds():
+    cfg = parse_command("recipe", [])[1]
+    assert cfg.pretrain_games == ["Freeway", "Boxing"] and cfg.seeds == [0, 1, 2] and cfg.preset == "small"
+    cfg = parse_command("recipe", ["--pretrain-games", "Breakout", "--seeds", "7", "--seeds", "8"])[1]
+    assert cfg.pretrain_games == ["Breakout"] and cfg.seeds == [7, 8]
+    assert parse_command("demo", ["--pretrain-games", "Pong"])[1].pretrain_games == ("Pong",)
+
+
+def test_recipe_refuses_a_held_out_game_it_pretrains_on(tmp_path, capsys):
+    assert run_command(["recipe", "--out", str(tmp_path / "r"), "--pretrain-games", "Pong"]) == 2
+    assert "held-out game Pong is also a pretraining game" in capsys.readouterr().err
+    assert run_command(["recipe", "--out", str(tmp_path / "r"), "--seeds", "1", "--seeds", "1"]) == 2
+
+
+def _train_args(out, steps: int) -> list[str]:
+    return ["--data", "synthetic", "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--d-model", "16",
+            "--n-layers", "1", "--horizon", "2", "--vocab-size", "32", "--log-every", "1", "--prefetch", "0",
+            "--checkpoint-every", str(steps)]
+
+
+def test_job_runner_runs_real_processes_in_dependency_order_and_skips_finished_runs(tmp_path):
+    pre, ft, other = tmp_path / "pre", tmp_path / "ft", tmp_path / "other"
+    jobs = [
+        _Job("pre", ["pretrain", *_train_args(pre, 3)], pre, 3),
+        _Job("ft", ["finetune", "--from", str(pre), "--game", "Synthetic", "--data", "synthetic", "--out", str(ft), "--steps", "2",
+                    "--batch-size", "2", "--prefetch", "0", "--checkpoint-every", "2"], ft, 2, after=("pre",)),
+        _Job("other", ["pretrain", *_train_args(other, 2)], other, 2),
+    ]
+    _run_jobs(jobs, parallel=2)
+    for run, steps in ((pre, 3), (ft, 2), (other, 2)):
+        assert (run / "checkpoints" / f"step_{steps:08d}.pt").exists()
+    # the fine-tuning run started after pretraining had finished: its config names the pretrained checkpoint
+    assert "pre" in (ft / "config.json").read_text()
+    mtime = (pre / "metrics.jsonl").stat().st_mtime_ns
+    _run_jobs(jobs, parallel=2)  # everything finished: nothing runs again
+    assert (pre / "metrics.jsonl").stat().st_mtime_ns == mtime
+    bad = tmp_path / "bad"
+    with pytest.raises(WamError, match="training run bad exited with status 2"):
+        _run_jobs([_Job("bad", ["pretrain", "--data", str(tmp_path / "missing"), "--out", str(bad)], bad, 1)], 1)
+
+
+def _write_eval(path, game: str, returns: list[float], hns: list[float]) -> None:
+    path.mkdir(parents=True)
+    with open(path / "episodes.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["game", "episode", "return", "hns"])
+        w.writeheader()
+        for i, (r, h) in enumerate(zip(returns, hns)):
+            w.writerow({"game": game, "episode": i, "return": r, "hns": h})
+
+
+def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatch):
+    cfg = RecipeConfig(out=tmp_path, pretrain_games=["Freeway", "Boxing"], finetune_game="Pong", seeds=[0, 1],
+                       eval_max_steps=10)
+    r = _Recipe(cfg)
+    data = {"Freeway": [1.0, 1.0], "Boxing": [5.0, 7.0], "Pong": [-3.0, -5.0]}
+    monkeypatch.setattr("wam.runs.recipe.behaviour_data_returns", lambda path, cap: np.asarray(
+        data[{"freeway": "Freeway", "boxing": "Boxing", "pong": "Pong"}[path.parent.name]]))
+    for name, game_returns in {
+        "random": {"Freeway": [0.0], "Boxing": [0.0], "Pong": [-20.0]},
+        "behaviour": {"Freeway": [9.0], "Boxing": [20.0], "Pong": [0.0]},
+    }.items():
+        rows = [(g, x) for g, xs in game_returns.items() for x in xs]
+        d = tmp_path / "eval" / name
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "episodes.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["game", "episode", "return", "hns"])
+            w.writeheader()
+            w.writerows({"game": g, "episode": i, "return": x, "hns": 0.0} for i, (g, x) in enumerate(rows))
+    for s in (0, 1):
+        for plan, delta in (("", 0.0), ("-plan", 0.5)):
+            d = tmp_path / "eval" / f"pretrained{plan}-seed{s}"
+            d.mkdir(parents=True)
+            with open(d / "episodes.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["game", "episode", "return", "hns"])
+                w.writeheader()
+                w.writerow({"game": "Freeway", "episode": 0, "return": 4.0 + delta, "hns": 0.1 + delta})
+                w.writerow({"game": "Boxing", "episode": 0, "return": 2.0, "hns": 0.2})
+            _write_eval(tmp_path / "eval" / f"finetune{plan}-seed{s}", "Pong", [-10.0 + s], [0.3 + delta])
+        _write_eval(tmp_path / "eval" / f"scratch-seed{s}", "Pong", [-12.0], [0.2])
+    claims = r.claims()
+    json.dumps(claims)  # JSON-able
+    assert claims["games"]["Freeway"]["agent_minus_data"][0] == pytest.approx(3.0)
+    assert claims["games"]["Boxing"]["agent_minus_data"][0] == pytest.approx(-4.0)
+    assert claims["games"]["Pong"]["agent_minus_data"][0] == pytest.approx(-9.5 + 4.0)
+    assert claims["beats_data"] == {"games_above": 1, "of": 3, "holds": False}
+    assert claims["planning"]["hns_with_minus_without"][0] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+    assert claims["pretraining"]["finetuned_minus_scratch_return"][0] == pytest.approx(2.5)
+    assert claims["pretraining"]["verdict"] == "holds, supported by the CI"
+    from wam.runs.recipe import claims_markdown
+
+    text = claims_markdown(claims, cfg)
+    assert "DOES NOT HOLD** (1 of 3)" in text and "| Freeway | pretraining |" in text
