@@ -1,4 +1,4 @@
-"""`--workers N [--address ADDR]`: data-parallel training with Ray Train's `TorchTrainer`.
+"""`--workers N [--ray-address ADDR]`: data-parallel training with Ray Train's `TorchTrainer`.
 
 Each of the N workers runs `run_training` (the same code as a single process): Ray Train starts the
 processes and initialises `torch.distributed` (gloo on CPU, NCCL on GPU); the `Trainer` sees several

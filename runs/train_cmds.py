@@ -2,7 +2,7 @@
 
     wam pretrain --preset debug --data DIR... --tokenizer RUN --core transformer --out RUN [--steps N] [--resume]
     wam finetune --from RUN|scratch --data DIR --game NEW --transitions 5000 --out RUN [--freeze core ...]
-    ... --workers N [--address ADDR]      (Ray Train DDP, see wam.runs.ray_train)
+    ... --workers N [--ray-address ADDR]      (Ray Train DDP, see wam.runs.ray_train)
 
 Both build the same pieces (`run_training`): a `SegmentSampler` over the datasets (the token cache
 when every dataset has one from this tokenizer, else frames encoded on the fly by the frozen
@@ -93,7 +93,7 @@ class DataOptions:
     """Continue the newest checkpoint in --out exactly (same settings); a fresh run when there is none."""
     workers: int = 1
     """Training processes; more than 1 trains with Ray Train (DDP: gloo on CPU, NCCL on GPU)."""
-    address: str | None = None
+    ray_address: str | None = None
     """Ray cluster address for --workers (default: a local Ray session)."""
     q_targets: str = ""
     """Corrected-Q file of `wam plan correct`: distil the planner's Q of the sampled steps (weight --lambda-distill)."""
@@ -404,10 +404,10 @@ def _q_target_source(sampler: SegmentSampler, path: str) -> tuple[QTargetSource,
 def _dispatch(cfg: PretrainConfig | FinetuneConfig) -> int:
     if cfg.workers < 1:
         raise WamError(f"--workers must be >= 1, got {cfg.workers}")
-    if cfg.workers > 1 or cfg.address is not None:
+    if cfg.workers > 1 or cfg.ray_address is not None:
         from wam.runs.ray_train import train_with_ray
 
-        train_with_ray(cfg, cfg.workers, cfg.address)
+        train_with_ray(cfg, cfg.workers, cfg.ray_address)
         return 0
     result = run_training(cfg)
     print(f"trained to step {result.step}: loss {result.last_logs.get('loss', float('nan')):.4f}; "

@@ -299,8 +299,12 @@ def test_dataset_info(tmp_path):
 # ------------------------------------------------------------------------------------ atomicity
 
 WRITER = EPISODE_SOURCE + textwrap.dedent("""
+    import signal
     import sys
     from wam.datasets.store import TrajectoryStore, dataset_dir
+    # Ctrl-C as in an interactive shell: a test run launched in the background (`cmd &` in a script)
+    # inherits SIGINT ignored, and an ignored Ctrl-C must stay ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     root, commit_every = sys.argv[1], int(sys.argv[2])
     store = TrajectoryStore.create(dataset_dir(root, "Pong", "kill"), game="Pong",
                                    provenance={"protocol": "jowa", "policy": "random"})
