@@ -317,6 +317,9 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
     command = "finetune" if finetune else "pretrain"
     if not cfg.out:
         raise WamError(f"give the run directory with --out (wam {command})")
+    for flag, value in (("--steps", cfg.train.steps), ("--batch-size", cfg.batch_size)):
+        if value < 1:
+            raise WamError(f"{flag} must be at least 1, got {value}")
     run = RunDir(cfg.out)
     ckpt = load_checkpoint(run.latest(), kind=CHECKPOINT_KIND) if cfg.resume and run.latest() else None
     if cfg.resume and ckpt is None:
