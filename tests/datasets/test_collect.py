@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,14 @@ def test_bad_input_is_a_user_error(tmp_path):
         collect(["Pong"], steps=10, epsilon=1.5, out=tmp_path)
     with pytest.raises(WamError, match="Pong"):
         collect(["Pongg"], steps=10, out=tmp_path)
+
+
+def test_ray_workers_run_at_the_drivers_priority(ray_session):
+    """Ray's default worker niceness (15) starves workers beside any busy process; ray_session sets 0."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
