@@ -9,11 +9,15 @@ Objectives (`LossConfig.objective`, `--objective`):
 
 - **World model**: cross-entropy of every next observation token (frames inside the episode),
   of the reward sign (3 classes) and of the termination flag at each action token.
-- **C51 TD** (1-step): the target distribution at o_{t+1} comes from the target Q head (hard-updated
-  copy), at the legal action with the highest expected value (ensemble mean); it is shifted by the
-  transformed reward r_t and shrunk by gamma, cut at terminations (a truncation still bootstraps),
-  projected onto the support and compared with the online distribution of the data action by
-  cross-entropy. Gradients flow through the online logits into the core (never through the target).
+- **C51 TD** (n-step, 1 by default): the target distribution at o_{t+k} comes from the target Q head
+  (hard-updated copy), at the legal action with the highest expected value (ensemble mean) of the
+  target head, or of the online head with `double_q` (double DQN: the online head picks, the target
+  head values); it is shifted by the discounted sum of the transformed rewards r_t .. r_{t+k-1} and
+  shrunk by gamma^k, cut at terminations (a truncation still bootstraps). k is `n_step`, fewer where
+  the segment or the episode ends first (the segment holds H+1 frames, so step t can look at most
+  H-t steps ahead). The target is projected onto the support and compared with the online
+  distribution of the data action by cross-entropy. Gradients flow through the online logits into
+  the core (never through the target).
 - **CQL** on the expected C51 Q: logsumexp over the legal actions minus Q of the data action.
 
 - **Behaviour cloning** (`bc_loss`): the logits of the 18 actions are `model.q_values(...)`, the
@@ -61,7 +65,11 @@ class LossConfig:
     lambda_cql: float = 0.1
     """Weight of the CQL regulariser."""
     gamma: float = 0.99
-    """Discount of the 1-step TD target."""
+    """Discount of the TD target."""
+    n_step: int = 1
+    """Steps of reward summed before the TD target bootstraps (fewer where the segment or episode ends)."""
+    double_q: bool = False
+    """Double DQN: the online Q head picks the bootstrap action, the target head gives its distribution."""
     target_update_every: int = 1000
     """Hard-update the target Q head every N optimiser steps."""
     reward_transform: Literal["sign", "clip", "raw"] = "sign"
@@ -182,9 +190,37 @@ def c51_project(next_probs: torch.Tensor, rewards: torch.Tensor, discounts: torc
     return out
 
 
+def nstep_returns(rewards: torch.Tensor, terminations: torch.Tensor, truncations: torch.Tensor,
+                  mask: torch.Tensor, gamma: float, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n-step returns inside segments. All inputs [B, H] (rewards already transformed).
+
+    For each step t: G = sum_{j<k} gamma^j r_{t+j}, the discount gamma^k (0 when the episode terminated
+    on the way) and the frame index t+k to bootstrap from, where k <= n stops early after a
+    termination, a truncation, the last step inside the episode or the segment's last step (frame H).
+    With n = 1 this is (r_t, gamma * (1 - term_t), t + 1). Returns (G, discount, boot_index) [B, H].
+    """
+    b, h = rewards.shape
+    t = torch.arange(h, device=rewards.device)
+    ret = torch.zeros_like(rewards)
+    scale = torch.ones_like(rewards)  # gamma^j of the next reward to add
+    end = t.expand(b, h).clone()  # last step summed (its successor frame is the bootstrap frame)
+    terminated = torch.zeros_like(mask)
+    alive = mask.clone()
+    for j in range(max(1, n)):
+        idx = (t + j).clamp(max=h - 1)
+        take = alive & (t + j < h)[None, :] & mask[:, idx]
+        ret = ret + torch.where(take, scale * rewards[:, idx], torch.zeros_like(ret))
+        scale = torch.where(take, scale * gamma, scale)
+        end = torch.where(take, idx[None, :].expand(b, h), end)
+        terminated = terminated | (take & terminations[:, idx])
+        alive = take & ~terminations[:, idx] & ~truncations[:, idx]
+    discount = scale * (~terminated).to(scale.dtype)
+    return ret, discount, end + 1
+
+
 def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: LossConfig
             ) -> tuple[torch.Tensor, Logs]:
-    """C51 1-step TD with the target head; masked mean over valid steps, mean over the ensemble."""
+    """C51 n-step TD with the target head; masked mean over valid steps, mean over the ensemble."""
     assert out.target_q_logits is not None, "td_loss needs the forward pass run with with_target=True"
     h = batch.actions.shape[1]
     legal = batch.legal_actions[:, None, :]  # [B, 1, 18]
@@ -192,15 +228,21 @@ def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: 
     idx = batch.actions[:, :, None, None, None].expand(-1, -1, logp.shape[2], 1, logp.shape[-1])
     logp_a = logp.gather(3, idx).squeeze(3)  # [B, H, E, A]
     with torch.no_grad():
-        next_probs = out.target_q_logits[:, 1:].float().softmax(-1)  # [B, H, E, 18, A]
-        next_q = (next_probs * model.support).sum(-1).mean(2)  # [B, H, 18] ensemble mean
+        r = transform_reward(batch.rewards.float(), cfg.reward_transform)  # [B, H]
+        ret, disc, boot = nstep_returns(r, batch.terminations, batch.truncations, batch.mask, cfg.gamma, cfg.n_step)
+        tl = out.target_q_logits[:, : h + 1]
+        bidx = boot[:, :, None, None, None].expand(-1, -1, *tl.shape[2:])  # [B, H, E, 18, A]
+        next_probs = tl.gather(1, bidx).float().softmax(-1)  # [B, H, E, 18, A] at the bootstrap frames
+        if cfg.double_q:
+            chooser = out.q_logits[:, : h + 1].detach().gather(1, bidx).float().softmax(-1)
+        else:
+            chooser = next_probs
+        next_q = (chooser * model.support).sum(-1).mean(2)  # [B, H, 18] ensemble mean
         next_a = next_q.masked_fill(~legal, float("-inf")).argmax(-1)  # [B, H] legal actions only
         nidx = next_a[:, :, None, None, None].expand(-1, -1, next_probs.shape[2], 1, next_probs.shape[-1])
         p_next = next_probs.gather(3, nidx).squeeze(3)  # [B, H, E, A]
-        r = transform_reward(batch.rewards.float(), cfg.reward_transform)  # [B, H]
-        disc = cfg.gamma * (1.0 - batch.terminations.float())  # [B, H]
         e = p_next.shape[2]
-        target = c51_project(p_next.flatten(0, 2), r[:, :, None].expand(-1, -1, e).flatten(),
+        target = c51_project(p_next.flatten(0, 2), ret[:, :, None].expand(-1, -1, e).flatten(),
                              disc[:, :, None].expand(-1, -1, e).flatten(), model.support.float())
         target = target.view_as(p_next)
     ce = -(target * logp_a).sum(-1)  # [B, H, E]

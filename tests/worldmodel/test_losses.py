@@ -12,6 +12,7 @@ from wam.worldmodel.losses import (
     LossConfig,
     c51_project,
     cql_loss,
+    nstep_returns,
     obs_token_labels,
     td_loss,
     world_action_loss,
@@ -211,3 +212,97 @@ def test_illegal_data_action_never_enters_q_losses():
     (td + cql).backward()
     assert q.grad[0, 0].abs().max() == 0
     assert logs["illegal_data_actions"] == pytest.approx(0.25)
+
+
+def _nstep_by_hand(r, term, trunc, mask, gamma, n):
+    """Loop version of the n-step return of every step of one segment (lists of length H)."""
+    h = len(r)
+    out = []
+    for t in range(h):
+        g, scale, end, dead = 0.0, 1.0, t, False
+        for j in range(n):
+            i = t + j
+            if i >= h or not mask[i]:
+                break
+            g += scale * r[i]
+            scale *= gamma
+            end = i
+            if term[i]:
+                dead = True
+                break
+            if trunc[i]:
+                break
+        out.append((g, 0.0 if dead else scale, end + 1))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_nstep_returns_match_a_loop(n):
+    g = torch.Generator().manual_seed(n)
+    b, h, gamma = 6, 5, 0.9
+    r = torch.randint(-1, 2, (b, h), generator=g).double()
+    term = torch.zeros(b, h, dtype=torch.bool)
+    trunc = torch.zeros(b, h, dtype=torch.bool)
+    mask = torch.ones(b, h, dtype=torch.bool)
+    term[1, 2] = True
+    mask[1, 3:] = False  # the episode ended at step 2
+    trunc[2, 1] = True
+    mask[2, 2:] = False  # cut by a cap after step 1
+    mask[3, 4:] = False  # the data ends without a flag
+    term[4, 4] = True  # terminal on the segment's last step
+    ret, disc, boot = nstep_returns(r, term, trunc, mask, gamma, n)
+    for i in range(b):
+        want = _nstep_by_hand(r[i].tolist(), term[i].tolist(), trunc[i].tolist(), mask[i].tolist(), gamma, n)
+        for t, (gw, dw, ew) in enumerate(want):
+            if not mask[i, t]:
+                continue  # padded steps never enter a loss
+            assert ret[i, t].item() == pytest.approx(gw, abs=1e-12), (i, t)
+            assert disc[i, t].item() == pytest.approx(dw, abs=1e-12), (i, t)
+            assert boot[i, t].item() == ew, (i, t)
+    if n == 1:  # the 1-step target: (r_t, gamma * (1 - term_t), t + 1)
+        torch.testing.assert_close(ret[mask], r[mask])
+        torch.testing.assert_close(disc[mask], (gamma * (~term).double())[mask])
+    assert boot.min() >= 1 and boot.max() <= h
+
+
+def test_nstep_td_target_hand_checked():
+    """2-step target of step 0: r0 + g r1 + g^2 * Q(frame 2); step 1 (last) bootstraps after 1 step."""
+    model = tiny_model()
+    batch = make_batch(b=1, h=2)
+    batch.actions[:] = 1
+    batch.rewards[:] = torch.tensor([[1.0, 1.0]])
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :3] = True
+    # target head: frame 1 best Q = 0.4 (atom 13), frame 2 best Q = 4.4 (atom 18)
+    target = torch.full((1, 3, 1, 18, 51), -1e4)
+    target[0, 1, 0, :, 13] = 0.0
+    target[0, 2, 0, :, 18] = 0.0
+    cfg = LossConfig(gamma=0.5, n_step=2)
+    # step 0: 1 + 0.5 + 0.25 * 4.4 = 2.6 (atom 15.75); step 1: 1 + 0.5 * 4.4 = 3.2 (atom 16.5)
+    online = torch.full((1, 3, 1, 18, 51), -30.0)
+    online[0, 0, 0, 1, 15], online[0, 0, 0, 1, 16] = math.log(0.25), math.log(0.75)
+    online[0, 1, 0, 1, 16] = online[0, 1, 0, 1, 17] = math.log(0.5)
+    loss, _ = td_loss(model, _output(online, target), batch, cfg)
+    ent = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert loss.item() == pytest.approx((ent + math.log(2.0)) / 2, abs=1e-4)
+    # 1-step: step 0 targets 1 + 0.5 * 0.4 = 1.2 instead, so the same online logits fit worse
+    assert td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5))[0].item() > loss.item() + 1.0
+
+
+def test_double_q_lets_the_online_head_pick_the_action():
+    model = tiny_model()
+    batch = make_batch(b=1, h=1)
+    batch.actions[:] = 0
+    batch.rewards[:] = 0.0
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :3] = True
+    # frame 1: the target head values action 1 at 3.6 (atom 17) and action 2 at 0.4 (atom 13); the online
+    # head prefers action 2. Double DQN bootstraps 0.5 * 0.4 = 0.2 (atom 12.75), plain DQN 0.5 * 3.6 = 1.8.
+    target = _delta_logits([12, 17, 13] + [12] * 15, h=2)
+    online = _delta_logits([12, 13, 17] + [12] * 15, h=2)
+    online[0, 0, 0, 0] = -30.0
+    online[0, 0, 0, 0, 12], online[0, 0, 0, 0, 13] = math.log(0.25), math.log(0.75)  # = the double target
+    double, _ = td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5, double_q=True))
+    assert double.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-4)
+    plain, _ = td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5))
+    assert plain.item() > 10.0  # its target (atoms 14/15) has no online mass
