@@ -75,9 +75,13 @@ class RecipeConfig:
     """Optimiser steps of pretraining."""
     finetune_steps: int = 1500
     """Optimiser steps of each fine-tuning and from-scratch run."""
-    lambda_cql: float = 1.0
-    """Weight of the CQL regulariser in every run (the `small` preset's 1.0; JOWA's 0.1 left the Boxing agent
-    below random on this narrow scripted data)."""
+    lambda_cql: float | None = None
+    """Weight of the CQL regulariser in every run (none given: the preset's; `small` uses 1.0, JOWA 0.1)."""
+    n_step: int | None = None
+    """Rewards summed before the TD target bootstraps (none given: the preset's; `small` uses 4, JOWA 1)."""
+    double_q: bool | None = None
+    """Double-DQN targets (none given: the preset's; `small` uses them, JOWA does not). JOWA's objective on the
+    small model: --lambda-cql 0.1 --n-step 1 --double-q False."""
     seeds: Annotated[list[int], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Training seeds of the fine-tuned and from-scratch runs, each also seeding its evaluation episodes (repeat
     the flag; none given: 0, 1 and 2)."""
@@ -265,10 +269,17 @@ class _Recipe:
         return f"held-out PSNR {extra.get('heldout_psnr', float('nan')):.1f} dB vs mean frame " \
                f"{extra.get('baseline_psnr', float('nan')):.1f} dB"
 
-    def train(self) -> str:
+    def training_jobs(self) -> list[_Job]:
+        """Pretraining, then fine-tuning from it and from scratch for every seed (wam command lines)."""
         c = self.cfg
         tok = str(self.p("runs", "tokenizer"))
-        common = ["--preset", c.preset, "--lambda-cql", str(c.lambda_cql)]
+        common = ["--preset", c.preset]
+        if c.lambda_cql is not None:
+            common += ["--lambda-cql", str(c.lambda_cql)]
+        if c.n_step is not None:
+            common += ["--n-step", str(c.n_step)]
+        if c.double_q is not None:
+            common.append("--double-q" if c.double_q else "--no-double-q")
         pre = self.p("runs", "pretrain")
         jobs = [_Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
                                                          for a in ("--data", str(self.data(g, "scripted")))],
@@ -284,8 +295,12 @@ class _Recipe:
             run = self.p("runs", f"finetune-seed{s}")
             jobs.append(_Job(f"finetune-seed{s}", ["finetune", "--from", str(pre), *common, *ft, "--seed", str(s),
                                                    "--out", str(run)], run, c.finetune_steps, after=("pretrain",)))
+        return jobs
+
+    def train(self) -> str:
+        jobs = self.training_jobs()
         # pretraining first: the fine-tuning runs wait for it, the from-scratch runs fill the other slot
-        _run_jobs(jobs, c.parallel)
+        _run_jobs(jobs, self.cfg.parallel)
         return f"{len(jobs)} runs"
 
     def _eval(self, name: str, agent: str | Path, games: list[str], episodes: int, seed: int,

@@ -70,6 +70,20 @@ def test_repeated_flags_replace_the_default_games_and_seeds():
     assert parse_command("demo", ["--pretrain-games", "Pong"])[1].pretrain_games == ("Pong",)
 
 
+def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_path):
+    def losses(flags: list[str]):
+        recipe = _Recipe(parse_command("recipe", ["--out", str(tmp_path), *flags])[1])
+        jobs = recipe.training_jobs()
+        assert [j.name for j in jobs] == ["pretrain", "scratch-seed0", "scratch-seed1", "scratch-seed2",
+                                          "finetune-seed0", "finetune-seed1", "finetune-seed2"]
+        # each job's command line parses into the loss that run trains with
+        return {(cfg.loss.lambda_cql, cfg.loss.n_step, cfg.loss.double_q)
+                for cfg in (parse_command(j.argv[0], j.argv[1:])[1] for j in jobs)}
+
+    assert losses([]) == {(1.0, 4, True)}  # the `small` preset
+    assert losses(["--lambda-cql", "0.1", "--n-step", "1", "--double-q", "False"]) == {(0.1, 1, False)}  # JOWA's
+
+
 def test_recipe_refuses_a_held_out_game_it_pretrains_on(tmp_path, capsys):
     assert run_command(["recipe", "--out", str(tmp_path / "r"), "--pretrain-games", "Pong"]) == 2
     assert "held-out game Pong is also a pretraining game" in capsys.readouterr().err
