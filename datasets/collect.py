@@ -26,6 +26,9 @@ from wam.datasets.errors import WamError
 
 log = logging.getLogger(__name__)
 
+MAX_EPISODE_RETRIES = 3
+"""Restarts of a dead worker on one episode before collection stops with a `WamError`."""
+
 
 @dataclass
 class CollectSummary:
@@ -90,8 +93,9 @@ class _EpisodeRunner:
     def run(self, game: str, index: int, seed: int) -> tuple[str, int, dict[str, np.ndarray]]:
         if self.die_on is not None and (game, index) == self.die_on[:2]:
             marker = Path(self.die_on[2])
-            if not marker.exists():  # die once, the way a crashed worker process does
-                marker.touch()
+            if not self.die_on[2] or not marker.exists():  # die once (no marker: every time), as a crash does
+                if self.die_on[2]:
+                    marker.touch()
                 import os
 
                 os._exit(1)
@@ -150,7 +154,9 @@ def collect(
 
     `out` is a dataset root: each game goes to `out/atari/<game>/<policy-name>-v0/`.
     `_die_on` = (game, episode index, marker file) makes the worker that runs that episode exit the first
-    time (tests use it to check that a dead worker's episode is re-run and counted once).
+    time (tests use it to check that a dead worker's episode is re-run and counted once); with an empty
+    marker it exits every time, and after `MAX_EPISODE_RETRIES` restarts on one episode collection stops
+    with a `WamError` (the episodes written before it stay in the dataset).
     """
     import ray
     from tqdm import tqdm
@@ -215,6 +221,7 @@ def collect(
             Runner = ray.remote(num_cpus=cpus_per)(_EpisodeRunner)
             actors = [Runner.remote(protocol, policy, epsilon, _die_on) for _ in range(workers)]
             inflight: dict[object, tuple[int, str, int]] = {}  # ref -> (actor idx, game, episode index)
+            retries: dict[tuple[str, int], int] = {}  # (game, episode index) -> restarts
             rr = 0
 
             def submit(ai: int) -> bool:
@@ -252,6 +259,11 @@ def collect(
                     log.warning("worker %d died on %s episode %d; restarting it and re-running the episode",
                                 ai, game, idx)
                     summary.restarted_workers += 1
+                    retries[(game, idx)] = retries.get((game, idx), 0) + 1
+                    if retries[(game, idx)] > MAX_EPISODE_RETRIES:
+                        raise WamError(f"workers died {MAX_EPISODE_RETRIES + 1} times on {game} episode {idx} "
+                                       f"(seed {episode_seed(seed, game, idx)}); the episodes before it are saved "
+                                       f"in {out}, see the Ray worker logs for the crash") from None
                     actors[ai] = Runner.remote(protocol, policy, epsilon, _die_on)
                     ref = actors[ai].run.remote(game, idx, episode_seed(seed, game, idx))
                     inflight[ref] = (ai, game, idx)

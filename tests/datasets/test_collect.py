@@ -74,6 +74,17 @@ def test_a_dead_worker_has_its_episode_rerun_once(ray_session, tmp_path):
     _same(_episodes(tmp_path / "x", "Pong", "random"), _episodes(tmp_path / "y", "Pong", "random"))
 
 
+def test_a_worker_that_always_dies_stops_collection_with_the_episodes_before_it_kept(ray_session, tmp_path):
+    with pytest.raises(WamError, match="died 4 times on Pong episode 1"):
+        collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False,
+                _die_on=("Pong", 1, ""))
+    path = dataset_dir(tmp_path, "Pong", "random")
+    validate(path)
+    assert len(_episodes(tmp_path, "Pong", "random")) == 1
+    s = collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False)
+    assert s.episodes == 2 and len(_episodes(tmp_path, "Pong", "random")) == 3  # the rerun resumes
+
+
 def test_bad_input_is_a_user_error(tmp_path):
     with pytest.raises(WamError, match="exactly one"):
         collect(["Pong"], steps=10, episodes=1, out=tmp_path)
