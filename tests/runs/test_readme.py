@@ -63,3 +63,21 @@ def test_readme_inspection_commands_run(tmp_path, capsys):
     assert run_command(["data", "validate", str(tmp_path / "data")]) == 0
     out = capsys.readouterr().out
     assert "Pong" in out and "20" in out
+
+
+def test_the_journeys_train_like_the_recipe_whose_output_they_show(tmp_path):
+    """The README's journeys print the `small` recipe's output, so they must train with its settings."""
+    from wam.runs.recipe import _Recipe
+
+    jobs = {j.name: j for j in _Recipe(parse_command("recipe", ["--out", str(tmp_path)])[1]).training_jobs()}
+    readme = {}
+    for line in readme_commands():
+        argv = shlex.split(line)[1:]
+        if argv[0] in ("pretrain", "finetune"):
+            kind = argv[0] if argv[0] == "pretrain" else ("scratch" if "scratch" in argv else "finetune")
+            readme.setdefault(kind, parse_command(argv[0], argv[1:])[1])
+    for kind, job in (("pretrain", "pretrain"), ("finetune", "finetune-seed0"), ("scratch", "scratch-seed0")):
+        want = parse_command(jobs[job].argv[0], jobs[job].argv[1:])[1]
+        got = readme[kind]
+        assert (got.preset, got.loss, got.batch_size) == (want.preset, want.loss, want.batch_size), kind
+        assert got.train == want.train, kind
