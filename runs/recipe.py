@@ -76,12 +76,12 @@ class RecipeConfig:
     finetune_steps: int = 1500
     """Optimiser steps of each fine-tuning and from-scratch run."""
     lambda_cql: float | None = None
-    """Weight of the CQL regulariser in every run (none given: the preset's; `small` uses 1.0, JOWA 0.1)."""
+    """Weight of the CQL regulariser in every run (none given: the preset's, JOWA's 0.1)."""
     n_step: int | None = None
-    """Rewards summed before the TD target bootstraps (none given: the preset's; `small` uses 4, JOWA 1)."""
+    """Rewards summed before the TD target bootstraps (none given: the preset's, JOWA's 1)."""
     double_q: bool | None = None
-    """Double-DQN targets (none given: the preset's; `small` uses them, JOWA does not). JOWA's objective on the
-    small model: --lambda-cql 0.1 --n-step 1 --double-q False."""
+    """Double-DQN targets (none given: the preset's, off as in JOWA). The ablation run in
+    docs/results/small-nstep4-double-cql1 used --lambda-cql 1.0 --n-step 4 --double-q True."""
     seeds: Annotated[list[int], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Training seeds of the fine-tuned and from-scratch runs, each also seeding its evaluation episodes (repeat
     the flag; none given: 0, 1 and 2)."""

@@ -69,16 +69,6 @@ _BATCH = {"debug": 8, "small": 32, "jowa-40m": 512, "jowa-70m": 512, "jowa-150m"
 _TARGET_EVERY = {"debug": 50, "small": 200, "jowa-40m": 1000, "jowa-70m": 1000, "jowa-150m": 1000}
 
 
-def _loss_preset(name: str) -> LossConfig:
-    """JOWA's objective for the paper presets. `small` trains 4,000 steps on narrow scripted data, so it
-    propagates rewards 4 steps per target update (`n_step`), values with double DQN and keeps Q near the
-    data's actions with CQL 1.0: on Boxing (1,500 steps from scratch) JOWA's settings scored -95 and
-    these +4 (docs/recipes.md)."""
-    loss = LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000))
-    if name == "small":
-        loss = dataclasses.replace(loss, n_step=4, double_q=True, lambda_cql=1.0)
-    return loss
-
 
 @dataclass
 class DataOptions:
@@ -122,7 +112,7 @@ class PretrainConfig(DataOptions):
     def from_preset(cls, name: str) -> PretrainConfig:
         return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
                    model=WorldActionModelConfig.from_preset(name), train=_trainer_preset(name),
-                   loss=_loss_preset(name))
+                   loss=LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000)))
 
 
 @dataclass
@@ -148,7 +138,7 @@ class FinetuneConfig(DataOptions):
         train = dataclasses.replace(train, steps=min(train.steps, 20_000 if name.startswith("jowa") else train.steps))
         return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
                    model=WorldActionModelConfig.from_preset(name), train=train,
-                   loss=_loss_preset(name))
+                   loss=LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000)))
 
 
 # ------------------------------------------------------------------------------------- building
