@@ -15,7 +15,8 @@ the same `wam` commands as a user would, at the `small` preset, with several tra
  5. check the three claims of issue 9 against the numbers and write `claims.md` / `claims.json`, then
     `wam report` with its plots.
 
-The claims, each with a 95 % bootstrap confidence interval (episodes resampled within each seed or game):
+The claims, each with a 95 % bootstrap confidence interval (seeds resampled, then episodes within each seed;
+games kept fixed):
 
 - **beats its data**: the agent's mean return is above the mean return of its behaviour data (over
   the same number of agent steps as an evaluation episode) on at least 2 of the 3 games;
@@ -178,26 +179,48 @@ def _records(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def _mean_ci(groups: Sequence[np.ndarray], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over groups of each group's mean; percentile CI from resampling within every group."""
-    rng = np.random.default_rng(seed)
-    point = float(np.mean([g.mean() for g in groups]))
-    reps_values = np.mean([g[rng.integers(0, g.size, size=(reps, g.size))].mean(1) for g in groups], axis=0)
-    low, high = np.percentile(reps_values, [2.5, 97.5])
-    return point, float(low), float(high)
+Groups = Sequence[np.ndarray]  # one array of episode scores per seed (or a single group: one array)
 
 
-def _diff_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], reps: int = 2000,
+def _strata(x: Groups | Sequence[Groups]) -> list[list[np.ndarray]]:
+    """A list of seed groups is one stratum; a list of such lists is one stratum each (e.g. per game)."""
+    return [list(x)] if isinstance(x[0], np.ndarray) else [list(g) for g in x]
+
+
+def _point(strata: list[list[np.ndarray]]) -> float:
+    return float(np.mean([np.mean([g.mean() for g in seeds]) for seeds in strata]))
+
+
+def _bootstrap(strata: list[list[np.ndarray]], reps: int, rng: np.random.Generator) -> np.ndarray:
+    """`reps` bootstrap replicates of the mean over strata of the mean over seeds of the mean episode score.
+
+    Two levels: the seeds of a stratum are resampled with replacement, and the episodes within each seed,
+    so the interval carries seed-to-seed variance (three seeds whose greedy episodes are each identical,
+    -21, -21 and -7, give an interval spanning -21 to -7, not a point). Strata (games) are kept fixed.
+    """
+    total = np.zeros(reps)
+    for seeds in strata:
+        per_seed = np.stack([g[rng.integers(0, g.size, size=(reps, g.size))].mean(1) for g in seeds], 1)
+        pick = rng.integers(0, len(seeds), size=(reps, len(seeds)))
+        total += np.take_along_axis(per_seed, pick, 1).mean(1)
+    return total / len(strata)
+
+
+def _mean_ci(groups: Groups | Sequence[Groups], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of each seed's mean episode score (over strata, if given); 95 % percentile CI from the
+    two-level bootstrap (seeds, then episodes within seeds)."""
+    strata = _strata(groups)
+    low, high = np.percentile(_bootstrap(strata, reps, np.random.default_rng(seed)), [2.5, 97.5])
+    return _point(strata), float(low), float(high)
+
+
+def _diff_ci(a: Groups | Sequence[Groups], b: Groups | Sequence[Groups], reps: int = 2000,
              seed: int = 0) -> tuple[float, float, float]:
-    """(mean of b) - (mean of a), groups resampled independently; percentile CI."""
+    """(mean of b) - (mean of a), each bootstrapped independently as in `_mean_ci`; 95 % percentile CI."""
     rng = np.random.default_rng(seed)
-
-    def rep(groups: Sequence[np.ndarray]) -> np.ndarray:
-        return np.mean([g[rng.integers(0, g.size, size=(reps, g.size))].mean(1) for g in groups], axis=0)
-
-    point = float(np.mean([g.mean() for g in b]) - np.mean([g.mean() for g in a]))
-    low, high = np.percentile(rep(b) - rep(a), [2.5, 97.5])
-    return point, float(low), float(high)
+    sa, sb = _strata(a), _strata(b)
+    low, high = np.percentile(_bootstrap(sb, reps, rng) - _bootstrap(sa, reps, rng), [2.5, 97.5])
+    return _point(sb) - _point(sa), float(low), float(high)
 
 
 def behaviour_data_returns(data: Path, cap: int) -> np.ndarray:
@@ -390,9 +413,9 @@ class _Recipe:
             }
         out["beats_data"] = {"games_above": beaten, "of": len(self.games),
                              "holds": beaten >= 2}
-        # planning: mean over games of (HNS with planning - HNS without), games resampled independently
-        with_p = [np.concatenate(agent_groups(g, True, hns)) for g in self.games]
-        without = [np.concatenate(agent_groups(g, False, hns)) for g in self.games]
+        # planning: mean over games of (HNS with planning - HNS without); games fixed, seeds and episodes resampled
+        with_p = [agent_groups(g, True, hns) for g in self.games]
+        without = [agent_groups(g, False, hns) for g in self.games]
         d = _diff_ci(without, with_p)
         out["planning"] = {"hns_with_minus_without": d, "verdict": _verdict(d[1], d[0], strict=False)}
         g = c.finetune_game
@@ -424,8 +447,8 @@ def claims_markdown(claims: dict[str, Any], cfg: RecipeConfig) -> str:
     lines = [
         "# `small` recipe: does it learn?", "",
         f"Seeds {claims['seeds']}; every return is over the first {cap} agent steps of an episode (the evaluation "
-        "cap), for the agents and for the behaviour data alike. Brackets: 95 % bootstrap CIs (episodes resampled "
-        "within each seed). Agent = the model pretrained on "
+        "cap), for the agents and for the behaviour data alike. Brackets: 95 % bootstrap CIs (seeds resampled, "
+        "then episodes within each seed, so they carry seed-to-seed variance; 3 seeds make them coarse). Agent = the model pretrained on "
         f"{' + '.join(cfg.pretrain_games)} (those games) or fine-tuned from it on {cfg.finetune_game}, acting "
         "greedily on its Q (ε = 0.001).", "",
         "## 1. Agent vs its behaviour data", "",

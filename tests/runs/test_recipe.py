@@ -51,11 +51,19 @@ def test_claim_statistics_are_differences_of_means_with_intervals_around_them():
     b = [rng.normal(3.0, 1.0, 40)]
     point, low, high = _diff_ci(a, b)
     assert point == pytest.approx(b[0].mean() - (a[0].mean() + a[1].mean()) / 2)
-    assert low < point < high and low > 1.5  # a clear difference: the whole interval is above 0
+    # a clear difference: the whole interval is above 0 (a's two seeds, means 0 and 1, are resampled too, so
+    # the interval reaches down to about 3 - 1 - episode noise)
+    assert low < point < high and 1.0 < low < 2.0
     m, ml, mh = _mean_ci(a)
     assert m == pytest.approx((a[0].mean() + a[1].mean()) / 2) and ml < m < mh
     # constant scores: no spread, the interval collapses on the point
     assert _diff_ci([np.full(5, 1.0)], [np.full(3, 4.0)]) == (3.0, 3.0, 3.0)
+    # seeds that differ carry their spread into the interval even when each seed's episodes are identical
+    seeds = [np.full(4, -21.0), np.full(4, -21.0), np.full(4, -7.0)]
+    m, ml, mh = _mean_ci(seeds)
+    assert m == pytest.approx(-49 / 3) and ml == -21.0 and mh == -7.0
+    # strata (games) stay fixed: two games of constant seeds have no spread, their mean is the point
+    assert _diff_ci([[np.zeros(2)], [np.zeros(2)]], [[np.full(2, 1.0)], [np.full(2, 3.0)]]) == (2.0, 2.0, 2.0)
     assert _verdict(0.5, 1.0) == "holds, supported by the CI"
     assert _verdict(-0.5, 1.0).startswith("holds (point estimate")
     assert _verdict(-2.0, -1.0) == "does not hold"
