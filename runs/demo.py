@@ -30,6 +30,9 @@ from pathlib import Path
 
 from wam.datasets.errors import WamError
 
+BEHAVIOUR_EPSILON = 0.3
+"""Random-action fraction of the scripted behaviour data the demo collects and trains on."""
+
 
 @dataclass
 class DemoConfig:
@@ -101,21 +104,19 @@ class _Demo:
     def games(self) -> tuple[str, ...]:
         return (*self.cfg.pretrain_games, self.cfg.finetune_game)
 
-    def game_data(self, game: str) -> Path:
-        from wam.datasets.store import game_dir_name
-
-        return self.p("data", "atari", game_dir_name(game))
-
     def behaviour_data(self, game: str) -> Path:
         """The scripted (+30 % random actions) dataset of a game: what every model trains on. The random-policy
         data trains the tokenizer only, as in `wam recipe` (with it in the mix the Q agents scored -21 on Pong,
         the worst possible, against -10 without it)."""
-        return self.game_data(game) / "scripted-eps30-v0"
+        from wam.datasets.collect import dataset_name
+        from wam.datasets.store import dataset_dir
+
+        return dataset_dir(self.p("data"), game, dataset_name("scripted", BEHAVIOUR_EPSILON))
 
     # -- stages ------------------------------------------------------------------------------
     def collect(self) -> str:
         games = [a for g in self.games for a in ("--game", g)]
-        for policy, eps in (("scripted", 0.3), ("random", 0.0)):
+        for policy, eps in (("scripted", BEHAVIOUR_EPSILON), ("random", 0.0)):
             run_wam("data", "collect", *games, "--policy", policy, "--epsilon", eps,
                  "--steps", self.cfg.steps_per_game * len(self.games), "--workers", self.cfg.workers,
                  "--seed", self.cfg.seed, "--out", self.p("data"))

@@ -260,11 +260,12 @@ class _Recipe:
     def games(self) -> list[str]:
         return [*self.cfg.pretrain_games, self.cfg.finetune_game]
 
-    def data(self, game: str, policy: str) -> Path:
-        from wam.datasets.store import game_dir_name
+    def behaviour_data(self, game: str) -> Path:
+        """The scripted (+ --epsilon random actions) dataset of a game: what every model trains on."""
+        from wam.datasets.collect import dataset_name
+        from wam.datasets.store import dataset_dir
 
-        name = f"scripted-eps{round(self.cfg.epsilon * 100)}-v0" if policy == "scripted" else "random-v0"
-        return self.p("data", "atari", game_dir_name(game), name)
+        return dataset_dir(self.p("data"), game, dataset_name("scripted", self.cfg.epsilon))
 
     def collect(self) -> str:
         from wam.runs.demo import run_wam
@@ -305,10 +306,10 @@ class _Recipe:
             common.append("--double-q" if c.double_q else "--no-double-q")
         pre = self.p("runs", "pretrain")
         jobs = [_Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
-                                                         for a in ("--data", str(self.data(g, "scripted")))],
+                                                         for a in ("--data", str(self.behaviour_data(g)))],
                                   "--tokenizer", tok, "--core", c.core, "--steps", str(c.pretrain_steps),
                                   "--seed", "0", "--out", str(pre)], pre, c.pretrain_steps)]
-        ft = ["--data", str(self.data(c.finetune_game, "scripted")), "--game", c.finetune_game,
+        ft = ["--data", str(self.behaviour_data(c.finetune_game)), "--game", c.finetune_game,
               "--transitions", str(c.transitions), "--tokenizer", tok, "--steps", str(c.finetune_steps)]
         for s in c.seeds:
             run = self.p("runs", f"scratch-seed{s}")
@@ -395,7 +396,7 @@ class _Recipe:
         out: dict[str, Any] = {"cap_steps": cap, "seeds": list(c.seeds), "games": {}}
         beaten = 0
         for g in self.games:
-            data = behaviour_data_returns(self.data(g, "scripted"), cap)
+            data = behaviour_data_returns(self.behaviour_data(g), cap)
             agent = agent_groups(g, False)
             a_pt = _mean_ci(agent)
             d_pt = _mean_ci([data])
