@@ -318,7 +318,7 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
     command = "finetune" if finetune else "pretrain"
     if not cfg.out:
         raise WamError(f"give the run directory with --out (wam {command})")
-    for flag, value in (("--steps", cfg.train.steps), ("--batch-size", cfg.batch_size)):
+    for flag, value in (("--steps", cfg.train.steps), ("--batch-size", cfg.batch_size), ("--n-step", cfg.loss.n_step)):
         if value < 1:
             raise WamError(f"{flag} must be at least 1, got {value}")
     run = RunDir(cfg.out)

@@ -199,6 +199,7 @@ def nstep_returns(rewards: torch.Tensor, terminations: torch.Tensor, truncations
     termination, a truncation, the last step inside the episode or the segment's last step (frame H).
     With n = 1 this is (r_t, gamma * (1 - term_t), t + 1). Returns (G, discount, boot_index) [B, H].
     """
+    assert n >= 1, f"n-step returns need n >= 1, got {n}"
     b, h = rewards.shape
     t = torch.arange(h, device=rewards.device)
     ret = torch.zeros_like(rewards)
@@ -206,7 +207,7 @@ def nstep_returns(rewards: torch.Tensor, terminations: torch.Tensor, truncations
     end = t.expand(b, h).clone()  # last step summed (its successor frame is the bootstrap frame)
     terminated = torch.zeros_like(mask)
     alive = mask.clone()
-    for j in range(max(1, n)):
+    for j in range(n):
         idx = (t + j).clamp(max=h - 1)
         take = alive & (t + j < h)[None, :] & mask[:, idx]
         ret = ret + torch.where(take, scale * rewards[:, idx], torch.zeros_like(ret))

@@ -137,6 +137,7 @@ def test_cli_pretrain_resume_continues(workspace):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert run_command(["pretrain", "--data", "synthetic"]) == 2  # no --out: one-line user error
     assert run_command(["pretrain", "--data", "synthetic", "--out", str(out), "--steps", "0"]) == 2
+    assert run_command(["pretrain", "--data", "synthetic", "--out", str(out), "--n-step", "0"]) == 2
     assert [r["step"] for r in RunDir(out).read_metrics()] == [1, 2, 3, 4, 5, 6]  # the run is untouched
 
 
