@@ -55,16 +55,23 @@ def episode_seed(seed: int, game: str, index: int) -> int:
 
 
 def run_episode(env, policy, legal: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Play one episode of `policy` in `env` (legal: bool[18]); returns the arrays of a stored episode."""
+    """Play one episode of `policy` in `env` (legal: bool[18]); returns the arrays of a stored episode.
+
+    `ram[t]` is the console RAM (`ale.getRAM()`) when `observations[t]` was produced: after the reset
+    for t = 0, after step t-1 otherwise; the policy sees that same RAM row.
+    """
     rng = np.random.default_rng(seed)
     ale = env.unwrapped.ale
     obs, info = env.reset(seed=seed)
     policy.reset(rng)
-    frames, actions, rewards, terms, truncs, lives = [obs], [], [], [], [], []
+    ram = ale.getRAM().copy()
+    frames, rams, actions, rewards, terms, truncs, lives = [obs], [ram], [], [], [], [], []
     while True:
-        a = policy.act(obs, ale.getRAM(), legal, rng)
+        a = policy.act(obs, ram, legal, rng)
         obs, r, terminated, truncated, info = env.step(a)
+        ram = ale.getRAM().copy()
         frames.append(obs)
+        rams.append(ram)
         actions.append(a)
         rewards.append(r)
         terms.append(terminated)
@@ -79,6 +86,7 @@ def run_episode(env, policy, legal: np.ndarray, seed: int) -> dict[str, np.ndarr
         "terminations": np.asarray(terms, dtype=bool),
         "truncations": np.asarray(truncs, dtype=bool),
         "lives": np.asarray(lives, dtype=np.int32),
+        "ram": np.stack(rams).astype(np.uint8, copy=False),
     }
 
 
@@ -317,6 +325,6 @@ def _truncate(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """The first n transitions of an episode, flagged as truncated when cut short."""
     if len(arrays["actions"]) == n:
         return arrays
-    out = {k: (v[: n + 1] if k == "observations" else v[:n]).copy() for k, v in arrays.items()}
+    out = {k: (v[: n + 1] if k in ("observations", "ram") else v[:n]).copy() for k, v in arrays.items()}
     out["truncations"][-1] = not out["terminations"][-1]
     return out

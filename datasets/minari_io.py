@@ -12,7 +12,9 @@ Atari layout (`ALE/<Game>-v5`: 210x160x3 RGB frames, 18 actions) to wam's: each 
 there is no max-pool over the last two emulator frames as in wam's own env (flickering sprites may
 be missing from some frames); the provenance records the conversion. A Minari action space smaller
 than 18 is mapped to full ids through the game's minimal action set. Episodes that end with neither
-flag are stored as truncated. Like the DQN-Replay import, it commits once, at the end.
+flag are stored as truncated. Console RAM in `infos["ram"]` (T+1 rows of 128 bytes, one per frame, as
+wam exports it) is kept as `infos/ram`; RAM of any other shape cannot be aligned with the frames and is
+dropped with a warning. Like the DQN-Replay import, it commits once, at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from wam.datasets.store import (
     MAIN_FILE,
     METADATA_FILE,
     NAMESPACE_FILE,
+    RAM_SIZE,
     Episode,
     TrajectoryStore,
     _write_json_atomic,
@@ -116,6 +119,17 @@ def _game_of(meta: dict, game: str | None) -> str:
     raise DataError(f"cannot tell the game of Minari dataset {meta.get('dataset_id')!r}; pass --game")
 
 
+def _ram_of(infos: dict | None, t: int) -> np.ndarray | None:
+    """`infos["ram"]` as uint8 `[t+1, 128]` when it is one RAM row per frame of bytes, else None."""
+    if not infos or "ram" not in infos:
+        return None
+    raw = np.asarray(infos["ram"])
+    if raw.shape != (t + 1, RAM_SIZE) or raw.dtype.kind not in "iu" or (
+            raw.size and (raw.min() < 0 or raw.max() > 255)):
+        return None
+    return raw.astype(np.uint8, copy=False)
+
+
 @dataclass
 class MinariImportSummary:
     dataset: str
@@ -123,6 +137,8 @@ class MinariImportSummary:
     episodes: int = 0
     steps: int = 0
     marked_truncated: int = 0
+    episodes_with_ram: int = 0
+    dropped_ram: int = 0
 
 
 def import_minari(src: str | os.PathLike, out: str | os.PathLike, game: str | None = None, name: str | None = None,
@@ -186,14 +202,23 @@ def import_minari(src: str | os.PathLike, out: str | os.PathLike, game: str | No
             if ep.infos and "lives" in ep.infos:
                 raw = np.asarray(ep.infos["lives"])
                 lives = raw[1:] if len(raw) == t + 1 else raw if len(raw) == t else None
+            ram = _ram_of(ep.infos, t)
+            if ram is not None:
+                summary.episodes_with_ram += 1
+            elif ep.infos and "ram" in ep.infos:
+                summary.dropped_ram += 1
             writer.append(Episode(observations=frames, actions=action_map[acts],
                                   rewards=np.asarray(ep.rewards, np.float32), terminations=term, truncations=trunc,
                                   lives=None if lives is None else lives.astype(np.int32),
-                                  seed=seeds[k], attrs={"source": "minari", "minari_episode_id": int(ep.id)}))
+                                  seed=seeds[k], ram=ram,
+                                  attrs={"source": "minari", "minari_episode_id": int(ep.id)}))
             summary.episodes += 1
             summary.steps += t
     if summary.marked_truncated:
         log.warning("%d episode(s) of %s ended with neither flag and were stored as truncated",
                     summary.marked_truncated, data_dir)
+    if summary.dropped_ram:
+        log.warning("%d episode(s) of %s have infos['ram'] that is not [T+1, %d] bytes (one row per frame); "
+                    "their RAM was not imported", summary.dropped_ram, data_dir, RAM_SIZE)
     log.info("imported %d episodes (%d steps) of %s into %s", summary.episodes, summary.steps, game, directory)
     return summary

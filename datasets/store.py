@@ -55,10 +55,14 @@ NAMESPACE = "atari"
 FRAME_SHAPE = (84, 84)
 NUM_TOKENS = 36
 NUM_ACTIONS = 18
+RAM_SIZE = 128
+"""Bytes of Atari 2600 console RAM stored per frame in `infos/ram`."""
 TIME_CHUNK = 16  # frames per chunk: 16 reads ~40 % faster than 32 for ~4 % more bytes (docs/sampler.md)
 """Frames (or token rows) per HDF5 chunk of `observations` / `obs_tokens`."""
 SCALAR_CHUNK = 1024
 """Steps per HDF5 chunk of the 1-D fields (actions, rewards, flags, lives)."""
+RAM_CHUNK = 256
+"""Rows per HDF5 chunk of `infos/ram` (256 x 128 B = 32 KiB uncompressed)."""
 GZIP_LEVEL = 1
 """gzip level of every dataset. On Pong frames level 1 stores 107 B/frame vs 73 at level 4, but reads ~2x
 faster (145k vs 69k frames/s, 2-core CPU), and the sampler is read-bound."""
@@ -68,11 +72,14 @@ NAMESPACE_FILE = "namespace_metadata.json"
 _TMP_PREFIX = ".main_data.hdf5.tmp-"
 _LOCK_FILE = ".write.lock"
 FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
-"""Fields every episode group holds; `infos/lives` and `obs_tokens` are optional."""
+"""Fields every episode group holds; `infos/lives`, `infos/ram` and `obs_tokens` are optional."""
+RAM_FIELD = "infos/ram"
+"""Where an episode group keeps its console RAM, uint8 `[T+1, 128]` (optional)."""
 _WINDOW_FIELDS = {"observations": "observations", "obs_tokens": "obs_tokens", "actions": "actions",
                   "rewards": "rewards", "terminations": "terminations", "truncations": "truncations",
-                  "lives": "infos/lives"}
-_RESERVED_ATTRS = {"id", "seed", "total_steps", "return", "length", "observations_crc32", "obs_tokens_crc32"}
+                  "lives": "infos/lives", "ram": RAM_FIELD}
+_RESERVED_ATTRS = {"id", "seed", "total_steps", "return", "length", "observations_crc32", "obs_tokens_crc32",
+                   "ram_crc32"}
 _PROVENANCE_MUST_MATCH = ("game", "protocol", "policy")
 _PROVENANCE_ATTR = "wam_provenance"
 _CHUNK_CACHE_BYTES = 512 * 1024
@@ -90,7 +97,8 @@ class Episode:
     Step t: in frame `observations[t]` the agent took `actions[t]`, received `rewards[t]`, and
     `terminations[t]` / `truncations[t]` say whether the episode ended (by the game / by a cap) after
     that step; `observations[T]` is the frame after the last action; `lives[t]` are the lives after
-    step t.
+    step t; `ram[t]` is the console RAM when `observations[t]` was produced (`ram[0]` after the reset,
+    `ram[t]` after step t-1), so RAM rows align with frames.
     """
 
     observations: np.ndarray  # [T+1, 84, 84] uint8
@@ -102,6 +110,7 @@ class Episode:
     seed: int | None = None
     obs_tokens: np.ndarray | None = None  # [T+1, 36] uint16
     attrs: dict = field(default_factory=dict)
+    ram: np.ndarray | None = None  # [T+1, 128] uint8, console RAM aligned with observations
 
     def __post_init__(self) -> None:
         obs = np.asarray(self.observations)
@@ -127,6 +136,14 @@ class Episode:
             if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.uint16).max):
                 raise ValueError("Episode.obs_tokens must fit in uint16")
             self.obs_tokens = tok.astype(np.uint16, copy=False)
+        if self.ram is not None:
+            ram = np.asarray(self.ram)
+            if ram.shape != (t + 1, RAM_SIZE) or ram.dtype.kind not in "iu":
+                raise ValueError(f"Episode.ram must be integer [{t + 1}, {RAM_SIZE}] (one RAM row per frame), "
+                                 f"got {ram.dtype} {ram.shape}")
+            if ram.dtype != np.uint8 and ram.size and (ram.min() < 0 or ram.max() > 255):
+                raise ValueError("Episode.ram must hold bytes (0..255)")
+            self.ram = ram.astype(np.uint8, copy=False)
         if self.seed is not None:
             self.seed = int(self.seed)
         clash = _RESERVED_ATTRS.intersection(self.attrs)
@@ -422,14 +439,17 @@ class TrajectoryStore:
             n = int(f.attrs["num_episodes"])
             lengths = np.zeros(n, np.int64)
             returns = np.zeros(n, np.float64)
+            num_ram = 0
             for i in range(n):
                 g = f.get(f"episode_{i}")
                 if g is None:
                     raise DataError(f"{self.path}: episode {i} is missing; run `wam data validate {self.directory}`")
                 lengths[i] = int(g.attrs["total_steps"])
                 returns[i] = float(g.attrs["return"])
+                num_ram += RAM_FIELD in g
             self._lengths = lengths
             self._returns = returns
+            self._num_ram = num_ram
             self._tokenizer_id = _py(f.attrs["tokenizer_id"]) if "tokenizer_id" in f.attrs else None
             self._num_tokenized = int(f.attrs.get("num_tokenized", 0))
             self._mtime = os.stat(self.path).st_mtime_ns
@@ -479,6 +499,19 @@ class TrajectoryStore:
 
     def tokenizer_id(self) -> str | None:
         return self._tokenizer_id
+
+    @property
+    def has_ram(self) -> bool:
+        """True when every episode holds its console RAM (`infos/ram`); False for an empty store.
+
+        A property (not a method like `has_tokens()`): `if store.has_ram:`.
+        """
+        return self.num_episodes > 0 and self._num_ram == self.num_episodes
+
+    @property
+    def num_episodes_with_ram(self) -> int:
+        """How many episodes hold `infos/ram` (imports from DQN-Replay have none)."""
+        return self._num_ram
 
     def episodes_without_tokens(self) -> list[int]:
         """Indices of the episodes that have no token cache yet."""
@@ -577,12 +610,16 @@ class TrajectoryStore:
             seed=attrs.get("seed"),
             obs_tokens=obs_tokens,
             attrs={k: v for k, v in attrs.items() if k not in _RESERVED_ATTRS},
+            ram=g[RAM_FIELD][()] if RAM_FIELD in g else None,
         )
 
     def read_window(self, i: int, start: int, stop: int, field: str) -> np.ndarray:
-        """`field[start:stop]` of episode i: frames `[n, 84, 84]`, tokens `[n, 36]` or a step field `[n]`.
+        """`field[start:stop]` of episode i: frames `[n, 84, 84]`, tokens `[n, 36]`, RAM `[n, 128]` uint8, or a
+        step field `[n]`.
 
-        `field` is one of observations, obs_tokens, actions, rewards, terminations, truncations, lives.
+        `field` is one of observations, obs_tokens, ram, actions, rewards, terminations, truncations, lives.
+        `ram` rows align with frames (row t is the RAM of observation t); an episode without RAM raises
+        DataError.
         """
         if field not in _WINDOW_FIELDS:
             raise ValueError(f"unknown field {field!r}; choose one of {sorted(_WINDOW_FIELDS)}")
@@ -711,7 +748,10 @@ def _write_episode(f: h5py.File, index: int, ep: Episode) -> None:
         _create_dataset(g, "terminations", ep.terminations, step_chunk)
         _create_dataset(g, "truncations", ep.truncations, step_chunk)
         if ep.lives is not None:
-            _create_dataset(g.create_group("infos"), "lives", ep.lives, step_chunk)
+            _create_dataset(g.require_group("infos"), "lives", ep.lives, step_chunk)
+        if ep.ram is not None:
+            _create_dataset(g.require_group("infos"), "ram", ep.ram, (min(RAM_CHUNK, t + 1), RAM_SIZE))
+            g.attrs["ram_crc32"] = frames_crc32(ep.ram)
         if ep.obs_tokens is not None:
             _create_dataset(g, "obs_tokens", ep.obs_tokens, (min(TIME_CHUNK, t + 1), NUM_TOKENS))
             g.attrs["obs_tokens_crc32"] = frames_crc32(ep.obs_tokens)
@@ -779,7 +819,8 @@ class EpisodeWriter:
         self._held: contextlib.ExitStack | None = None
         self._f: h5py.File | None = None
         self._tmp = store.data / f"{_TMP_PREFIX}{os.getpid()}"
-        self._pending: list[tuple[int, float, bool]] = []  # (length, return, has tokens) of uncommitted episodes
+        # (length, return, has tokens, has RAM) of the uncommitted episodes
+        self._pending: list[tuple[int, float, bool, bool]] = []
         self._last_commit = time.monotonic()
         self.commits = 0
         self.copy_seconds = 0.0
@@ -827,7 +868,7 @@ class EpisodeWriter:
         index = self.num_episodes
         with _defer_sigint():
             _write_episode(self._f, index, ep)
-            self._pending.append((ep.length, ep.total_return, ep.obs_tokens is not None))
+            self._pending.append((ep.length, ep.total_return, ep.obs_tokens is not None, ep.ram is not None))
         if len(self._pending) >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
             self.commit()
         return index
@@ -845,6 +886,7 @@ class EpisodeWriter:
         lengths = np.concatenate([store._lengths, np.array([p[0] for p in self._pending], np.int64)])
         returns = np.concatenate([store._returns, np.array([p[1] for p in self._pending], np.float64)])
         tokenized = store._num_tokenized + sum(p[2] for p in self._pending)
+        with_ram = store._num_ram + sum(p[3] for p in self._pending)
         f.attrs["num_episodes"] = len(lengths)
         f.attrs["num_steps"] = int(lengths.sum())
         f.attrs["num_tokenized"] = tokenized
@@ -856,6 +898,7 @@ class EpisodeWriter:
         _write_metadata(store.directory, store.provenance, len(lengths), int(lengths.sum()))
         store.close()
         store._lengths, store._returns, store._num_tokenized = lengths, returns, tokenized
+        store._num_ram = with_ram
         store._mtime = os.stat(store.path).st_mtime_ns
         self._pending.clear()
         self._last_commit = time.monotonic()
@@ -865,5 +908,5 @@ class EpisodeWriter:
 # `validate`, `dataset_info` and `Problem` live in wam.datasets.validate and are re-exported here.
 from wam.datasets.validate import Problem, dataset_info, validate  # noqa: E402
 
-__all__ = ["Episode", "EpisodeWriter", "TrajectoryStore", "Problem", "dataset_dir", "dataset_info",
-           "find_datasets", "frames_crc32", "game_dir_name", "validate"]
+__all__ = ["RAM_FIELD", "RAM_SIZE", "Episode", "EpisodeWriter", "TrajectoryStore", "Problem", "dataset_dir",
+           "dataset_info", "find_datasets", "frames_crc32", "game_dir_name", "validate"]

@@ -19,6 +19,8 @@ from wam.datasets.store import (
     METADATA_FILE,
     NUM_ACTIONS,
     NUM_TOKENS,
+    RAM_FIELD,
+    RAM_SIZE,
     _py,
     _read_provenance,
     _write_metadata,
@@ -28,7 +30,8 @@ from wam.datasets.store import (
 log = logging.getLogger(__name__)
 
 _DTYPES = {"observations": np.uint8, "actions": np.int64, "rewards": np.float32, "terminations": np.bool_,
-           "truncations": np.bool_, "infos/lives": np.int32, "obs_tokens": np.uint16}
+           "truncations": np.bool_, "infos/lives": np.int32, "obs_tokens": np.uint16,
+           RAM_FIELD: np.uint8}
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def _resolve(directory: str | os.PathLike) -> Path:
 def validate(directory: str | os.PathLike) -> list[Problem]:
     """Every problem found in the dataset at `directory` (empty when sound).
 
-    Reads every chunk of every dataset (fletcher32 and gzip checks), recomputes the frame and token
+    Reads every chunk of every dataset (fletcher32 and gzip checks), recomputes the frame, RAM and token
     checksums, and checks fields, dtypes, shapes, lengths, flags and metadata.json. A metadata.json
     left behind by an interrupted commit is rewritten from the HDF5 file (the truth), not reported.
     Raises DataError only when `directory` does not exist.
@@ -107,14 +110,23 @@ def _check_episode(f: h5py.File, i: int, tokenizer_id: str | None) -> tuple[list
         t = g["actions"].shape[0] if "actions" in g else 0
     else:
         t = int(g.attrs["total_steps"])
-    present = [k for k in (*FIELDS, "infos/lives", "obs_tokens") if k in g]
+    present = [k for k in (*FIELDS, "infos/lives", RAM_FIELD, "obs_tokens") if k in g]
     for k in FIELDS:
         if k not in g:
             out.append(f"missing field '{k}'")
     arrays: dict[str, np.ndarray] = {}
     for k in present:
         ds = g[k]
-        want_shape = {"observations": (t + 1, *FRAME_SHAPE), "obs_tokens": (t + 1, NUM_TOKENS)}.get(k, (t,))
+        if not isinstance(ds, h5py.Dataset):
+            out.append(f"'{k}' is not a dataset but a {type(ds).__name__}")
+            continue
+        want_shape = {"observations": (t + 1, *FRAME_SHAPE), "obs_tokens": (t + 1, NUM_TOKENS),
+                      RAM_FIELD: (t + 1, RAM_SIZE)}.get(k, (t,))
+        if k == RAM_FIELD and ds.shape != want_shape:
+            kind = "mismatched lengths" if ds.shape[1:] == want_shape[1:] else "wrong shape"
+            out.append(f"{kind}: '{k}' has shape {ds.shape}, expected {want_shape} "
+                       f"(total_steps={t}: one {RAM_SIZE}-byte RAM row per frame, {t + 1} frames)")
+            continue
         if ds.shape != want_shape:
             what = "frames" if k in ("observations", "obs_tokens") else "steps"
             out.append(f"mismatched lengths: '{k}' has shape {ds.shape}, expected {want_shape} "
@@ -133,6 +145,11 @@ def _check_episode(f: h5py.File, i: int, tokenizer_id: str | None) -> tuple[list
     if "observations" in arrays and "observations_crc32" in g.attrs:
         if frames_crc32(arrays["observations"]) != int(g.attrs["observations_crc32"]):
             out.append("observations do not match their checksum (attribute observations_crc32)")
+    if RAM_FIELD in g and isinstance(g[RAM_FIELD], h5py.Dataset):
+        if "ram_crc32" not in g.attrs:
+            out.append(f"'{RAM_FIELD}' has no checksum (attribute ram_crc32)")
+        elif RAM_FIELD in arrays and frames_crc32(arrays[RAM_FIELD]) != int(g.attrs["ram_crc32"]):
+            out.append(f"'{RAM_FIELD}' does not match its checksum (attribute ram_crc32): damaged")
     if "obs_tokens" in g:
         if tokenizer_id is None:
             out.append("token cache present but the file has no tokenizer_id attribute")
@@ -234,6 +251,8 @@ def dataset_info(directory: str | os.PathLike) -> dict:
         "length_mean": stat(np.mean, lengths),
         "has_tokens": store.has_tokens(),
         "tokenizer_id": store.tokenizer_id(),
+        "has_ram": store.has_ram,
+        "episodes_with_ram": store.num_episodes_with_ram,
         "bytes_on_disk": int(on_disk),
         "raw_bytes": int(raw),
         "stored_bytes": int(stored),

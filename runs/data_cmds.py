@@ -66,7 +66,7 @@ def collect(cfg: CollectConfig) -> int:
 
 @dataclass
 class InfoConfig:
-    """Summarise datasets: game, policy, episodes, transitions, returns, size on disk and compression."""
+    """Summarise datasets: game, policy, episodes, transitions, returns, RAM recorded, size on disk, compression."""
 
     paths: Annotated[list[Path], tyro.conf.Positional] = field(default_factory=list)
     """Dataset directories, or roots holding several datasets."""
@@ -103,19 +103,27 @@ def format_info(infos: list[dict], total: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     head = (f"{'dataset':<44} {'game':<14} {'policy':<16} {'episodes':>8} {'steps':>10} "
-            f"{'return mean±std [min, max]':>30} {'MB':>8} {'B/frame':>8} {'ratio':>6}")
+            f"{'return mean±std [min, max]':>30} {'RAM':>7} {'MB':>8} {'B/frame':>8} {'ratio':>6}")
     lines = [head]
     for i in infos:
         ret = f"{num(i['return_mean'], '.1f')}±{num(i['return_std'], '.1f')} " \
               f"[{num(i['return_min'], '.0f')}, {num(i['return_max'], '.0f')}]"
         name = "/".join(Path(i["path"]).parts[-3:])
         lines.append(f"{name:<44} {i['game']:<14} {str(i['policy'])[:16]:<16} {i['episodes']:>8} "
-                     f"{i['transitions']:>10} {ret:>30} {i['bytes_on_disk'] / 1e6:>8.1f} "
+                     f"{i['transitions']:>10} {ret:>30} {_ram_cell(i):>7} {i['bytes_on_disk'] / 1e6:>8.1f} "
                      f"{num(i['frame_bytes_on_disk_per_frame'], '.0f'):>8} {num(i['compression_ratio'], '.1f'):>6}")
     lines.append(f"total: {total['datasets']} dataset(s), {len(total['games'])} game(s), {total['episodes']} "
                  f"episodes, {total['transitions']} transitions, {total['bytes_on_disk'] / 1e6:.1f} MB on disk "
                  f"({num(total['compression_ratio'], '.1f')}x smaller than raw)")
     return "\n".join(lines)
+
+
+def _ram_cell(i: dict) -> str:
+    """Whether a dataset recorded the console RAM: yes (every episode), no, or k/n episodes."""
+    k = i.get("episodes_with_ram", 0)
+    if i.get("has_ram"):
+        return "yes"
+    return "no" if not k else f"{k}/{i['episodes']}"
 
 
 # ======================================================================================= validate
@@ -214,7 +222,8 @@ def import_minari(cfg: ImportMinariConfig) -> int:
     from wam.datasets.minari_io import import_minari as run_import
 
     s = run_import(cfg.src, cfg.out, game=cfg.game, name=cfg.name, overwrite=cfg.overwrite)
-    print(f"imported {s.episodes} episodes ({s.steps} transitions) of {s.game} into {s.dataset}")
+    ram = f"; console RAM kept for {s.episodes_with_ram} episode(s)" if s.episodes_with_ram else ""
+    print(f"imported {s.episodes} episodes ({s.steps} transitions) of {s.game} into {s.dataset}{ram}")
     return 0
 
 

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from wam.datasets.collect import collect, dataset_name
+from wam.datasets.atari import make_env
+from wam.datasets.collect import _truncate, collect, dataset_name
 from wam.datasets.errors import WamError
 from wam.datasets.store import TrajectoryStore, dataset_dir, validate
 
@@ -25,6 +26,7 @@ def _same(a, b):
         np.testing.assert_array_equal(x.rewards, y.rewards)
         np.testing.assert_array_equal(x.terminations, y.terminations)
         np.testing.assert_array_equal(x.truncations, y.truncations)
+        np.testing.assert_array_equal(x.ram, y.ram)
 
 
 def test_same_seed_same_dataset_whatever_the_worker_count(ray_session, tmp_path):
@@ -61,6 +63,44 @@ def test_step_budget_is_exact_and_a_rerun_resumes(ray_session, tmp_path):
     assert sum(len(e.actions) for e in after) == 1500
     with pytest.raises(WamError, match="seed"):
         collect(["Pong"], policy="scripted", epsilon=0.25, steps=2000, workers=1, seed=2, out=tmp_path, progress=False)
+
+
+def test_recorded_ram_is_the_emulators_ram_at_each_frame(ray_session, tmp_path):
+    """Replaying each collected episode (same seed, same actions) in a fresh env gives RAM[t] at frame t."""
+    collect(["Breakout"], policy="random", episodes=2, workers=1, seed=11, out=tmp_path, progress=False)
+    d = dataset_dir(tmp_path, "Breakout", "random")
+    assert validate(d) == []
+    store = TrajectoryStore.open(d)
+    assert store.has_ram and store.num_episodes == 2
+    for i in range(2):  # episode 1 ran on the worker's reused env, reset with its own seed
+        ep = store.read_episode(i)
+        t = ep.length
+        assert ep.terminations[-1], "a random Breakout episode ends by losing every life"
+        assert ep.ram.shape == (t + 1, 128) and ep.ram.dtype == np.uint8
+        assert len({r.tobytes() for r in ep.ram}) > t // 2, "RAM should change from step to step"
+        np.testing.assert_array_equal(store.read_window(i, 3, 9, "ram"), ep.ram[3:9])
+        env = make_env("Breakout", protocol="jowa", seed=ep.seed)
+        obs, _ = env.reset(seed=ep.seed)
+        np.testing.assert_array_equal(env.unwrapped.ale.getRAM(), ep.ram[0])  # the reset RAM
+        np.testing.assert_array_equal(obs, ep.observations[0])
+        for k, a in enumerate(ep.actions):
+            obs, _, term, trunc, _ = env.step(int(a))
+            np.testing.assert_array_equal(env.unwrapped.ale.getRAM(), ep.ram[k + 1], err_msg=f"step {k}")
+            np.testing.assert_array_equal(obs, ep.observations[k + 1])
+        assert term
+        env.close()
+
+
+def test_truncating_to_a_step_budget_keeps_one_ram_row_per_frame():
+    t = 10
+    arrays = {"observations": np.zeros((t + 1, 84, 84), np.uint8), "actions": np.arange(t),
+              "rewards": np.zeros(t, np.float32), "terminations": np.eye(1, t, t - 1, dtype=bool)[0],
+              "truncations": np.zeros(t, bool), "lives": np.zeros(t, np.int32),
+              "ram": np.arange((t + 1) * 128).reshape(t + 1, 128).astype(np.uint8)}
+    cut = _truncate(arrays, 4)
+    assert cut["observations"].shape[0] == cut["ram"].shape[0] == 5 and len(cut["actions"]) == 4
+    np.testing.assert_array_equal(cut["ram"], arrays["ram"][:5])
+    assert cut["truncations"][-1] and not cut["terminations"][-1]
 
 
 def test_a_dead_worker_has_its_episode_rerun_once(ray_session, tmp_path):

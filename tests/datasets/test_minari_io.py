@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wam.datasets.errors import DataError
-from wam.datasets.minari_io import export_minari, import_minari
+from wam.datasets.minari_io import _ram_of, export_minari, import_minari
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir, validate
 
 HAS_MINARI = importlib.util.find_spec("minari") is not None
@@ -142,8 +142,62 @@ def test_import_minari_atari_layout(tmp_path, monkeypatch):
         np.testing.assert_array_equal(ep.terminations, buf.terminations)
         np.testing.assert_array_equal(ep.truncations, buf.truncations)
         np.testing.assert_array_equal(ep.lives, buf.infos["lives"][1:])
-    assert validate(store.directory) == []
+        assert ep.ram is None  # Minari's Atari datasets hold no RAM
+    assert validate(store.directory) == [] and not store.has_ram
     with pytest.raises(DataError, match="does not exist"):
         import_minari(tmp_path / "nope", tmp_path / "wam")
     with pytest.raises(DataError, match="not a Minari dataset"):
         import_minari(tmp_path, tmp_path / "wam")
+
+
+def _episode_with_ram(i: int) -> Episode:
+    ep = _episode(i)
+    ram = np.random.default_rng(100 + i).integers(0, 256, (ep.length + 1, 128), dtype=np.uint8)
+    return Episode(ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations, lives=ep.lives,
+                   seed=ep.seed, ram=ram)
+
+
+@pytest.fixture
+def wam_dataset_with_ram(tmp_path):
+    store = TrajectoryStore.create(dataset_dir(tmp_path / "wam", "Pong", "ram"), game="Pong",
+                                   provenance={"protocol": "jowa", "policy": "random"})
+    with store.writer() as w:
+        for i in range(2):
+            w.append(_episode_with_ram(i))
+    return store
+
+
+def test_export_keeps_ram(wam_dataset_with_ram, tmp_path):
+    target = export_minari(wam_dataset_with_ram.directory, tmp_path / "minari")
+    with h5py.File(target / "data" / "main_data.hdf5", "r") as f:
+        np.testing.assert_array_equal(f["episode_1/infos/ram"][()], _episode_with_ram(1).ram)
+    assert validate(target) == [] and TrajectoryStore.open(target).has_ram
+
+
+@needs_minari
+def test_minari_reads_exported_ram_and_import_keeps_it(wam_dataset_with_ram, tmp_path, monkeypatch):
+    import minari
+
+    target = export_minari(wam_dataset_with_ram.directory, tmp_path / "minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    for i, ep in enumerate(minari.load_dataset("atari/pong/ram-v0").iterate_episodes()):
+        np.testing.assert_array_equal(ep.infos["ram"], _episode_with_ram(i).ram)  # T+1 rows, as Minari's infos
+    summary = import_minari(target, tmp_path / "back")
+    assert summary.episodes == summary.episodes_with_ram == 2 and summary.dropped_ram == 0
+    store = TrajectoryStore.open(summary.dataset)
+    assert store.has_ram and validate(store.directory) == []
+    for i in range(2):
+        ref = _episode_with_ram(i)
+        np.testing.assert_array_equal(store.read_episode(i).ram, ref.ram)
+        np.testing.assert_array_equal(store.read_window(i, 2, 6, "ram"), ref.ram[2:6])
+        np.testing.assert_array_equal(store.read_episode(i).observations, ref.observations)
+
+
+def test_only_ram_aligned_with_frames_is_imported():
+    t = 5
+    ram = np.arange((t + 1) * 128).reshape(t + 1, 128) % 256  # int64, as Minari may store it
+    np.testing.assert_array_equal(_ram_of({"ram": ram}, t), ram.astype(np.uint8))
+    assert _ram_of({"ram": ram}, t).dtype == np.uint8
+    for bad in (ram[1:], ram[:, :64], ram + 256, ram.astype(np.float32)):  # no reset row, not bytes, ...
+        assert _ram_of({"ram": bad}, t) is None
+    assert _ram_of(None, t) is None and _ram_of({"lives": np.zeros(t + 1)}, t) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -24,6 +25,7 @@ from wam.datasets.store import (
     dataset_dir,
     dataset_info,
     find_datasets,
+    frames_crc32,
     validate,
 )
 
@@ -47,9 +49,10 @@ EPISODE_SOURCE = textwrap.dedent("""
         term = np.zeros(t, bool)
         trunc = np.zeros(t, bool)
         (term if i % 3 else trunc)[-1] = True
+        ram = rng.integers(0, 256, (t + 1, 128), dtype=np.uint8)  # one console RAM row per frame
         return Episode(observations=obs, actions=rng.integers(0, 18, t), rewards=rng.normal(size=t).astype(np.float32),
                        terminations=term, truncations=trunc, lives=np.full(t, 3 - i % 3, np.int32), seed=i,
-                       attrs={"worker": i % 2, "episode_key": f"k{i}"})
+                       attrs={"worker": i % 2, "episode_key": f"k{i}"}, ram=ram)
 """)
 _ns: dict = {}
 exec(EPISODE_SOURCE, _ns)
@@ -57,7 +60,7 @@ make_episode = _ns["make_episode"]
 
 
 def _assert_same(a: Episode, b: Episode) -> None:
-    for k in ("observations", "actions", "rewards", "terminations", "truncations", "lives"):
+    for k in ("observations", "actions", "rewards", "terminations", "truncations", "lives", "ram"):
         x, y = getattr(a, k), getattr(b, k)
         assert x.dtype == y.dtype and np.array_equal(x, y), k
     assert a.seed == b.seed
@@ -87,6 +90,10 @@ def test_round_trip_layout_and_windows(tmp_path):
     np.testing.assert_array_equal(reopened.read_window(2, 5, 12, "observations"), ep.observations[5:12])
     np.testing.assert_array_equal(reopened.read_window(2, 3, 9, "actions"), ep.actions[3:9])
     np.testing.assert_array_equal(reopened.read_window(2, 0, 4, "lives"), ep.lives[:4])
+    ram = reopened.read_window(2, 30, 35, "ram")  # the last 5 frames' RAM (35 frames)
+    assert ram.shape == (5, 128) and ram.dtype == np.uint8
+    np.testing.assert_array_equal(ram, ep.ram[30:35])
+    assert reopened.has_ram and reopened.num_episodes_with_ram == 4
     attrs = reopened.episode_attrs(1)
     assert attrs["id"] == 1 and attrs["seed"] == 1 and attrs["total_steps"] == lengths[1]
     assert attrs["episode_key"] == "k1" and attrs["worker"] == 1
@@ -94,6 +101,10 @@ def test_round_trip_layout_and_windows(tmp_path):
     with h5py.File(d / "data" / "main_data.hdf5", "r") as f:
         obs = f["episode_2/observations"]  # 35 frames: two chunks
         assert obs.chunks == (TIME_CHUNK, 84, 84) and obs.compression == "gzip" and obs.fletcher32
+        ram = f["episode_2/infos/ram"]  # Minari-style infos entry beside infos/lives
+        assert ram.shape == (35, 128) and ram.dtype == np.uint8
+        assert ram.compression == "gzip" and ram.fletcher32
+        assert f["episode_2"].attrs["ram_crc32"] == frames_crc32(make_episode(2).ram)
         assert f["episode_0/actions"].dtype == np.int64 and f["episode_0/terminations"].dtype == bool
         assert f.attrs["game"] == "Pong" and f.attrs["protocol"] == "jowa" and f.attrs["policy"] == "random"
         assert f.attrs["wam_schema_version"] == 1 and "ale_py_version" in f.attrs and "wam_version" in f.attrs
@@ -121,6 +132,35 @@ def test_episode_checks_are_programmer_errors():
         Episode(ep.observations, ep.actions + 18, ep.rewards, ep.terminations, ep.truncations)
     assert Episode(ep.observations, ep.actions.astype(np.int32), ep.rewards, ep.terminations,
                    ep.truncations).actions.dtype == np.int64
+
+
+def test_ram_is_optional_and_checked(tmp_path):
+    ep = make_episode(0)
+    t = ep.length
+    for bad in (ep.ram[:-1], ep.ram[:, :64], ep.ram.astype(np.float32), ep.ram.astype(np.int32) + 256):
+        with pytest.raises(ValueError, match="ram"):
+            Episode(ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations, ram=bad)
+    assert Episode(ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations,
+                   ram=ep.ram.astype(np.int64)).ram.dtype == np.uint8
+    store = TrajectoryStore.create(dataset_dir(tmp_path, "Pong", "mixed"), game="Pong", provenance=PROV)
+    assert not store.has_ram  # empty
+    with store.writer() as w:
+        w.append(dataclasses.replace(ep, ram=None))  # e.g. data without RAM (DQN-Replay imports)
+    assert not store.has_ram and store.num_episodes_with_ram == 0
+    assert store.read_episode(0).ram is None
+    with pytest.raises(DataError, match="episode 0 has no infos/ram"):
+        store.read_window(0, 0, 2, "ram")
+    with store.writer() as w:
+        w.append(make_episode(1))
+    for s in (store, TrajectoryStore.open(store.directory)):  # the writer's index and a fresh open agree
+        assert not s.has_ram and s.num_episodes_with_ram == 1
+        np.testing.assert_array_equal(s.read_episode(1).ram, make_episode(1).ram)
+    info = dataset_info(store.directory)
+    assert info["has_ram"] is False and info["episodes_with_ram"] == 1 and validate(store.directory) == []
+    assert _info_ram_column(info) == "1/2"  # `wam data info` says which part of the dataset has RAM
+    with h5py.File(_main(store), "r") as f:
+        assert "infos/ram" not in f["episode_0"] and "ram_crc32" not in f["episode_0"].attrs
+    assert t == store.episode_lengths()[0]
 
 
 def test_resume_appends_and_refuses_other_data(tmp_path):
@@ -247,6 +287,69 @@ def test_validate_names_each_kind_of_damage(tmp_path):
     assert len(probs) == 1 and probs[0].episode == 0 and "mismatched lengths: 'actions'" in probs[0].reason
 
 
+def _flip_byte_in_chunk(path: Path, dataset: str, chunk: int) -> None:
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        b = fh.read(1)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_validate_catches_damaged_ram(tmp_path):
+    good = _store(tmp_path, 3, "good")
+    assert validate(good.directory) == [] and dataset_info(good.directory)["has_ram"] is True
+
+    def copy(name: str) -> TrajectoryStore:
+        dst = dataset_dir(tmp_path, "Pong", name)
+        shutil.copytree(good.directory, dst)
+        return TrajectoryStore.open(dst)
+
+    def reasons(s: TrajectoryStore) -> list[tuple[int | None, str]]:
+        return [(p.episode, p.reason) for p in validate(s.directory)]
+
+    # bytes flipped on disk: the fletcher32 checksum of the chunk fails
+    s = copy("flip")
+    _flip_byte_in_chunk(_main(s), "episode_1/infos/ram", 0)
+    probs = reasons(s)
+    assert len(probs) == 1 and probs[0][0] == 1, probs
+    assert probs[0][1].startswith("'infos/ram' rows 0-") and "corrupt" in probs[0][1]
+
+    # well-formed chunks with other content (rewritten in place): the episode's CRC-32 catches it
+    s = copy("content")
+    with h5py.File(_main(s), "a") as f:
+        f["episode_2/infos/ram"][7, 100] ^= 1
+    assert reasons(s) == [(2, "'infos/ram' does not match its checksum (attribute ram_crc32): damaged")]
+
+    # wrong length, wrong row width, wrong dtype, missing checksum: one line each, naming the problem
+    s = copy("shape")
+    with h5py.File(_main(s), "a") as f:
+        t0, t1 = (int(f[f"episode_{i}"].attrs["total_steps"]) for i in (0, 1))
+        for i, data in ((0, np.zeros((t0, 128), np.uint8)), (1, np.zeros((t1 + 1, 64), np.uint8)),
+                        (2, None)):
+            g = f[f"episode_{i}/infos"]
+            if data is None:
+                del f["episode_2"].attrs["ram_crc32"]
+                continue
+            del g["ram"]
+            g.create_dataset("ram", data=data, chunks=True, fletcher32=True)
+    assert reasons(s) == [
+        (0, f"mismatched lengths: 'infos/ram' has shape ({t0}, 128), expected ({t0 + 1}, 128) "
+            f"(total_steps={t0}: one 128-byte RAM row per frame, {t0 + 1} frames)"),
+        (1, f"wrong shape: 'infos/ram' has shape ({t1 + 1}, 64), expected ({t1 + 1}, 128) "
+            f"(total_steps={t1}: one 128-byte RAM row per frame, {t1 + 1} frames)"),
+        (2, "'infos/ram' has no checksum (attribute ram_crc32)"),
+    ]
+    s = copy("dtype")
+    with h5py.File(_main(s), "a") as f:
+        t0 = int(f["episode_0"].attrs["total_steps"])
+        del f["episode_0/infos/ram"]
+        f["episode_0/infos"].create_dataset("ram", data=np.zeros((t0 + 1, 128), np.int16), chunks=True,
+                                            fletcher32=True)
+    assert reasons(s) == [(0, "'infos/ram' has dtype int16, expected uint8")]
+
+
 def test_validate_token_cache_and_non_datasets(tmp_path):
     s = _store(tmp_path, 2)
     lengths = s.episode_lengths()
@@ -294,6 +397,16 @@ def test_dataset_info(tmp_path):
     assert info["raw_bytes"] / info["stored_bytes"] > 5  # synthetic frames compress well
     assert info["compression_ratio"] == pytest.approx(info["raw_bytes"] / info["bytes_on_disk"])
     assert info["raw_bytes"] >= info["frames"] * 84 * 84
+    assert info["has_ram"] is True and info["episodes_with_ram"] == 3 and _info_ram_column(info) == "yes"
+
+
+def _info_ram_column(info: dict) -> str:
+    """The RAM column of `wam data info`'s table for one dataset."""
+    from wam.runs.data_cmds import _total, format_info
+
+    head, row = format_info([info], _total([info])).splitlines()[:2]
+    col = head.split().index("RAM") - len(head.split())  # from the right: the return column has spaces
+    return row.split()[col]
 
 
 # ------------------------------------------------------------------------------------ atomicity
