@@ -81,6 +81,10 @@ class WorldActionModelConfig:
     """Number of Q heads (JOWA-150M uses 3); acting uses the mean of their expected Q."""
     q_hidden_mult: int = 2
     """Hidden width of the Q-head MLP, in multiples of d_model."""
+    q_init: float = 0.0
+    """Expected Q of every action at initialisation: the Q head's last layer starts with small weights and
+    the bias of the maximum-entropy distribution on the support with this mean (not the support's midpoint,
+    which a uniform distribution would give: 10 on [-10, 30])."""
     dropout: float = 0.0
     """Dropout on the embeddings and inside cores that take `dropout`."""
     games: tuple[str, ...] = ()
@@ -182,6 +186,44 @@ class QEnsemble(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(h) for head in self.heads], dim=-3)
 
+    @torch.no_grad()
+    def calibrate(self, support: torch.Tensor, value: float) -> None:
+        """Start every head at expected value `value` for every action and input: output weights small
+        (std 0.05 / sqrt(fan_in), so the logits vary by a few hundredths), output bias the logits of
+        `mean_logits(support, value)` (all actions alike)."""
+        logits = mean_logits(support, value)
+        for head in self.heads:
+            last = head.net[-1]
+            nn.init.normal_(last.weight, mean=0.0, std=0.05 / last.in_features ** 0.5)
+            last.bias.copy_(logits.to(last.bias).repeat(head.n_actions))
+
+
+def mean_logits(support: torch.Tensor, value: float) -> torch.Tensor:
+    """Logits [n_atoms] of the maximum-entropy distribution on `support` whose mean is `value`.
+
+    p_i is proportional to exp(beta z_i) (uniform for beta = 0); beta is found by bisection (the mean
+    rises monotonically with it). A value outside the open support interval is clipped just inside it.
+    """
+    z = support.detach().double().cpu()
+    lo_v, hi_v = float(z[0]), float(z[-1])
+    margin = 1e-3 * (hi_v - lo_v)
+    value = min(max(float(value), lo_v + margin), hi_v - margin)
+    zn = (z - lo_v) / (hi_v - lo_v)  # [0, 1], so beta in [-200, 200] reaches means within 0.5 % of the ends
+
+    def mean(beta: float) -> float:
+        return float((torch.softmax(beta * zn, 0) * z).sum())
+
+    lo, hi = -200.0, 200.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if mean(mid) < value:
+            lo = mid
+        else:
+            hi = mid
+    beta = 0.5 * (lo + hi)
+    logits = beta * zn
+    return (logits - logits.max()).float()
+
 
 # ------------------------------------------------------------------------------------------ model
 class WorldActionModel(nn.Module):
@@ -208,10 +250,12 @@ class WorldActionModel(nn.Module):
         for m in (self.obs_embedding, self.action_embedding, self.pos_embedding, self.task_obs_embedding,
                   self.task_action_embedding, self.obs_head, self.reward_head, self.termination_head, self.q_head):
             m.apply(_init_weights)
+        support = torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms)
+        self.q_head.calibrate(torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms, device="cpu"), cfg.q_init)
         self.target_q_head = QEnsemble(cfg)
         self.target_q_head.requires_grad_(False)
         self.update_target()
-        self.register_buffer("support", torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms), persistent=False)
+        self.register_buffer("support", support, persistent=False)
 
     @staticmethod
     def _core_kwargs(cfg: WorldActionModelConfig) -> dict[str, Any]:

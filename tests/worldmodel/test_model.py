@@ -3,6 +3,8 @@ new games, freezing, and one optimiser step per core."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,3 +140,19 @@ def test_add_game_and_freeze():
     assert "task_obs_embedding.weight" in trainable and any(n.startswith("q_head.") for n in trainable)
     with pytest.raises(WamError, match="cannot freeze"):
         model.freeze(("everything",))
+
+
+@pytest.mark.parametrize("preset,q_init", [("debug", 0.0), ("small", 0.0), ("jowa-40m", 0.0), ("debug", 3.5),
+                                           ("debug", -2.0)])
+def test_q_head_starts_at_its_configured_expectation(preset, q_init):
+    """On random input every action's initial E[Q] (online and target head) lies within 0.5 of `q_init`
+    (not at the support's midpoint, 10 on [-10, 30])."""
+    cfg = WorldActionModelConfig.from_preset(preset)
+    cfg = dataclasses.replace(cfg, games=("A", "B"), q_init=q_init, vocab_size=64)
+    torch.manual_seed(0)
+    model = WorldActionModel(cfg)
+    batch = random_batch(4, cfg.horizon, cfg.vocab_size, seed=1)
+    out, _ = model(batch.obs, batch.actions, batch.game_ids, with_target=True)
+    for logits in (out.q_logits, out.target_q_logits):
+        q = model.expected_q(logits)  # [B, H+1, E, 18]
+        assert (q - q_init).abs().max() < 0.5, f"initial E[Q] spans {q.min():.2f}..{q.max():.2f}, target {q_init}"
