@@ -118,7 +118,9 @@ def _quality(preset: str, dirs: list[Path], steps: int, work: Path) -> dict[str,
     e = r.eval
     return {"steps": steps, "seconds": time.perf_counter() - t0, "heldout_psnr": e.psnr,
             "baseline_psnr": e.baseline_psnr, "psnr_gain_db": e.psnr - e.baseline_psnr, "usage": e.usage,
-            "perplexity": e.perplexity, "codebook_size": cfg.codebook_size, "train_images_per_s": r.images_per_s}
+            "perplexity": e.perplexity, "codebook_size": cfg.codebook_size, "train_images_per_s": r.images_per_s,
+            "fg_gain_db": e.fg_gain, "fg_psnr": e.fg_psnr, "fg_baseline_psnr": e.fg_baseline_psnr,
+            "fg_fraction": e.fg_fraction}
 
 
 def run(quick: bool = False) -> dict:
@@ -160,11 +162,13 @@ def markdown(result: dict) -> str:
                          f"{x['encode_frames_per_s']:.0f} | {x['encode_peak_fraction']:.1%} |")
     lines += ["", f"Held-out quality (random-policy episodes of {', '.join(result['games'])}; last episode of each "
               "held out):", "",
-              "| preset | steps | held-out PSNR (dB) | mean-frame baseline (dB) | gain (dB) | codebook usage |",
-              "|---|---|---|---|---|---|"]
+              "| preset | steps | held-out PSNR (dB) | mean-frame baseline (dB) | gain (dB) | foreground gain over "
+              "the median frame (dB, per game) | codebook usage |",
+              "|---|---|---|---|---|---|---|"]
     for preset, q in result["quality"].items():
+        fg = ", ".join(f"{g} {v:+.1f}" for g, v in q.get("fg_gain_db", {}).items()) or "n/a"
         lines.append(f"| {preset} | {q['steps']} | {q['heldout_psnr']:.2f} | {q['baseline_psnr']:.2f} | "
-                     f"{q['psnr_gain_db']:+.2f} | {q['usage']:.0%} of {q['codebook_size']} |")
+                     f"{q['psnr_gain_db']:+.2f} | {fg} | {q['usage']:.0%} of {q['codebook_size']} |")
     m = result["machine"]
     lines += ["", f"Machine: {m.get('cpu_model', m.get('processor'))}, {m.get('cpus')} CPUs, torch {m.get('torch')}; "
               f"load average before/after {m['load_before'][0]:.1f}/{m['load_after'][0]:.1f}"

@@ -238,9 +238,11 @@ def _curve_keys(rows: list[dict[str, Any]]) -> list[str]:
     keys: dict[str, None] = {}
     for r in rows:
         for k, v in r.items():
+            if k.startswith(("fg_psnr/", "fg_baseline_psnr/", "fg_gain/")):  # per game: in the fidelity table
+                continue
             if k not in ("step", "time", "epoch", "wall_time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.setdefault(k, None)
-    ordered = sorted(keys, key=lambda k: (0 if "loss" in k else 1, k))
+    ordered = sorted(keys, key=lambda k: (0 if "loss" in k or k in ("heldout_psnr", "fg_gain_min") else 1, k))
     return ordered[:MAX_CURVES]
 
 
@@ -400,6 +402,16 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
                 name = f"curves_{_slug(run.label)}.png"
                 _curves_plot(out / name, run, keys)
                 md += [f"![training curves of {run.label}]({name})", ""]
+        fidelity = _tokenizer_fidelity(runs)
+        if fidelity:
+            data["tokenizer_fidelity"] = fidelity
+            md += ["## Tokenizer fidelity (held-out frames)", "",
+                   "Foreground: pixels more than 24 grey levels from the game's median training frame (the objects); "
+                   "the gain is the reconstruction's PSNR on them minus the median frame's (docs/tokenizer.md).", ""]
+            md += _md_table(["run", "step", "PSNR (dB)", "mean frame (dB)", "foreground gain over the median frame"],
+                            [[f["run"], f["step"], f"{f['heldout_psnr']:.2f}", f"{f['baseline_psnr']:.2f}",
+                              ", ".join(f"{g} {v:+.1f} dB" for g, v in f["fg_gain"].items()) or "n/a"]
+                             for f in fidelity])
         grids = [(run, g) for run in runs for g in run.recon_grids]
         if grids:
             md += ["## Tokenizer reconstructions", ""]
@@ -412,6 +424,21 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     log.info("wrote %s", out / "report.md")
     return data
+
+
+def _tokenizer_fidelity(runs: list[RunInput]) -> list[dict[str, Any]]:
+    """The last held-out evaluation of each tokenizer run (rows with `heldout_psnr`): PSNR, mean-frame baseline
+    and the per-game foreground gain over the median frame (`fg_gain/<game>`; absent in runs before it existed)."""
+    out = []
+    for run in runs:
+        evals = [r for r in run.rows if "heldout_psnr" in r]
+        if not evals:
+            continue
+        last = evals[-1]
+        out.append({"run": run.label, "step": last.get("step"), "heldout_psnr": last["heldout_psnr"],
+                    "baseline_psnr": last.get("baseline_psnr", float("nan")),
+                    "fg_gain": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("fg_gain/")}})
+    return out
 
 
 def report(cfg: ReportConfig) -> int:

@@ -42,6 +42,8 @@ FRAME_SIZE = 84
 GRID_SIZE = 6
 """Side of the latent token grid; each frame becomes GRID_SIZE**2 tokens."""
 TOKENS_PER_FRAME = GRID_SIZE * GRID_SIZE
+FOREGROUND_THRESHOLD = 24
+"""Default grey-level distance from the per-game median frame above which a pixel is foreground."""
 # Spatial sizes of the levels: space-to-depth 84 -> 42, then 3x3 stride-2 convs with padding 1: 42 -> 21 -> 11 -> 6.
 _SIZES = (42, 21, 11, 6)
 CHECKPOINT_KIND = "tokenizer"
@@ -72,6 +74,14 @@ class TokenizerConfig:
     which L1 alone (a median) learns slowly; see docs/tokenizer.md."""
     gradient_loss_weight: float = 1.0
     """Weight of the image-gradient L1 term (the weight-free stand-in for the perceptual loss)."""
+    foreground_weight: float = 0.0
+    """Extra weight of foreground pixels in the L1 and MSE terms: a pixel that differs from its game's median
+    training frame by more than `foreground_threshold` grey levels weighs 1 + foreground_weight (the
+    players, ball, cars: 1-3 % of the pixels, and what decides play); 0 weighs every pixel alike (JOWA).
+    See docs/tokenizer.md."""
+    foreground_threshold: int = FOREGROUND_THRESHOLD
+    """Grey levels (0-255) by which a pixel must differ from its game's median frame to count as foreground,
+    for the loss weighting above and for the foreground PSNR reported at every evaluation."""
     # -- codebook upkeep
     ema_decay: float = 0.95
     """Decay of the EMA codebook updates; 0 learns the codebook by gradient (codebook loss) instead."""
@@ -130,6 +140,9 @@ class TokenizerConfig:
             raise WamError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.usage_decay < 1.0:
             raise WamError(f"ema_decay must be in [0, 1) and usage_decay in (0, 1), got {self.ema_decay}, {self.usage_decay}")
+        if self.foreground_weight < 0 or not 0 <= self.foreground_threshold <= 255:
+            raise WamError(f"foreground_weight must be >= 0 and foreground_threshold in [0, 255], got "
+                           f"{self.foreground_weight}, {self.foreground_threshold}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise WamError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         for name in ("batch_size", "steps", "eval_interval", "plot_interval", "checkpoint_interval", "eval_frames",
@@ -398,6 +411,50 @@ def psnr(mse: torch.Tensor | float) -> float:
     return 100.0 if mse <= 1e-10 else 10.0 * math.log10(1.0 / mse)
 
 
+def foreground_mask(frames: torch.Tensor, background: torch.Tensor, threshold: int = FOREGROUND_THRESHOLD
+                    ) -> torch.Tensor:
+    """bool [N, 84, 84]: the pixels of uint8 `frames` that differ from the uint8 `background` (one frame
+    [84, 84] or one per frame [N, 84, 84], the game's median training frame) by more than `threshold`
+    grey levels: the moving objects (players, ball, cars)."""
+    return (frames.to(torch.int16) - background.to(torch.int16)).abs() > threshold
+
+
+@dataclass
+class ForegroundFidelity:
+    """Reconstruction quality on the foreground pixels only (see `foreground_fidelity`)."""
+
+    psnr: float
+    """PSNR (dB) of the reconstruction over the foreground pixels."""
+    background_psnr: float
+    """PSNR (dB) of the median frame itself over the same pixels (what a tokenizer that drops every object gets)."""
+    fraction: float
+    """Fraction of the pixels that are foreground."""
+
+    @property
+    def gain(self) -> float:
+        """psnr - background_psnr: how much better than the median frame the objects are rebuilt (dB)."""
+        return self.psnr - self.background_psnr
+
+
+def foreground_fidelity(frames: np.ndarray | torch.Tensor, recon: np.ndarray | torch.Tensor,
+                        background: np.ndarray | torch.Tensor, threshold: int = FOREGROUND_THRESHOLD
+                        ) -> ForegroundFidelity:
+    """Foreground PSNR of `recon` (float [N, 84, 84] in [0, 1]) against uint8 `frames` [N, 84, 84], next to
+    the PSNR of the uint8 median frame `background` ([84, 84] or [N, 84, 84]) on the same pixels.
+
+    One MSE over all foreground pixels of all frames (NaN figures when no pixel is foreground).
+    """
+    frames_t, bg_t = torch.as_tensor(frames), torch.as_tensor(background)
+    fg = foreground_mask(frames_t, bg_t, threshold)
+    n = int(fg.sum())
+    if n == 0:
+        return ForegroundFidelity(psnr=float("nan"), background_psnr=float("nan"), fraction=0.0)
+    target = frames_t.double() / 255.0
+    err = (torch.as_tensor(recon).double() - target)[fg].pow(2).mean()
+    base = (bg_t.double().expand_as(target) / 255.0 - target)[fg].pow(2).mean()
+    return ForegroundFidelity(psnr=psnr(err), background_psnr=psnr(base), fraction=n / fg.numel())
+
+
 @dataclass
 class TokenizerOutput:
     """Everything one forward pass computes (for losses, tests and plots)."""
@@ -461,18 +518,33 @@ class VQTokenizer(nn.Module):
                                tokens=q.indices.reshape(n, TOKENS_PER_FRAME))
 
     # -- public API ----------------------------------------------------------------------------------
-    def compute_loss(self, frames: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, frames: torch.Tensor | np.ndarray, background: torch.Tensor | np.ndarray | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, logs) on a batch of uint8 frames [N, 84, 84].
 
         loss = L1 + mse_weight * MSE + gradient_loss_weight * image-gradient L1 + beta * commitment
-        (+ the codebook loss without EMA). logs: loss, recon_l1, recon_mse, grad_l1, commitment, psnr (of the clamped reconstruction), perplexity (of the
-        batch's code distribution) and usage (fraction of the codebook used in the batch).
+        (+ the codebook loss without EMA). With `background` (uint8 [N, 84, 84], each frame's game median
+        frame) and `foreground_weight > 0`, L1 and MSE are weighted means with weight 1 + foreground_weight
+        on foreground pixels (`foreground_mask`). logs: loss, recon_l1, recon_mse, grad_l1, commitment, psnr
+        (of the clamped reconstruction), perplexity (of the batch's code distribution), usage (fraction of
+        the codebook used in the batch) and, with a background, fg_fraction and fg_psnr (of the batch).
         """
         out = self(frames)
         recon = out.recon.float().unsqueeze(1)  # [N, 1, 84, 84]
         target = out.target.unsqueeze(1)
-        l1 = (recon - target).abs().mean()
-        mse_raw = (recon - target).pow(2).mean()
+        fg = None
+        if background is not None:
+            bg = torch.as_tensor(background, device=recon.device)
+            fg = foreground_mask(torch.as_tensor(frames, device=recon.device), bg,
+                                 self.cfg.foreground_threshold).unsqueeze(1)  # [N, 1, 84, 84] bool
+        if fg is not None and self.cfg.foreground_weight > 0:
+            w = 1.0 + self.cfg.foreground_weight * fg.float()
+            w = w / w.mean()
+            l1 = ((recon - target).abs() * w).mean()
+            mse_raw = ((recon - target).pow(2) * w).mean()
+        else:
+            l1 = (recon - target).abs().mean()
+            mse_raw = (recon - target).pow(2).mean()
         grad_l1 = image_gradient_l1(recon, target)
         q = out.quantized
         loss = (l1 + self.cfg.mse_weight * mse_raw + self.cfg.gradient_loss_weight * grad_l1
@@ -487,6 +559,13 @@ class VQTokenizer(nn.Module):
             "commitment": q.commitment.item(), "psnr": psnr(mse), "perplexity": float(perplexity),
             "usage": float((counts > 0).float().mean()),
         }
+        if fg is not None:
+            with torch.no_grad():
+                n_fg = fg.sum()
+                logs["fg_fraction"] = float(fg.float().mean())
+                if n_fg > 0:
+                    fg_mse = ((recon.clamp(0, 1) - target).pow(2) * fg).sum() / n_fg
+                    logs["fg_psnr"] = psnr(fg_mse)
         return loss, logs
 
     @torch.no_grad()
@@ -597,7 +676,8 @@ def load_tokenizer(run_or_path: str | Path, device: str | torch.device = "cpu") 
 
 
 __all__ = [
-    "CHECKPOINT_KIND", "FRAME_SIZE", "GRID_SIZE", "TOKENS_PER_FRAME", "TOKENIZER_PRESETS", "TokenizerConfig",
-    "TokenizerOutput", "VQTokenizer", "VectorQuantizer", "build_tokenizer", "image_gradient_l1",
+    "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "FRAME_SIZE", "ForegroundFidelity", "GRID_SIZE", "TOKENS_PER_FRAME", "TOKENIZER_PRESETS", "TokenizerConfig",
+    "TokenizerOutput", "VQTokenizer", "VectorQuantizer", "build_tokenizer", "foreground_fidelity",
+    "foreground_mask", "image_gradient_l1",
     "load_tokenizer", "psnr",
 ]

@@ -58,6 +58,7 @@ from wam.worldmodel.tokenizer import (
     TokenizerConfig,
     VQTokenizer,
     build_tokenizer,
+    foreground_fidelity,
     load_tokenizer,
     psnr,
 )
@@ -154,9 +155,26 @@ class FramePool:
         self.windows[replace] = self._random_windows(k, rng)
         self.frames, self.dataset_of = self._load(self.windows)
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-        """[B, 84, 84] uint8 frames drawn uniformly (with replacement) from the pool."""
-        return self.frames[rng.integers(0, len(self.frames), size=batch_size)]
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """([B, 84, 84] uint8 frames, [B] dataset index) drawn uniformly (with replacement) from the pool."""
+        idx = rng.integers(0, len(self.frames), size=batch_size)
+        return self.frames[idx], self.dataset_of[idx]
+
+    def median_frames(self, games: Sequence[str], max_frames: int = 4096, seed: int = 0) -> np.ndarray:
+        """[n_datasets, 84, 84] uint8: each dataset gets the per-pixel median frame of its *game* (all the
+        pool's frames of the datasets of that game, or `max_frames` of them drawn evenly): the background
+        that foreground fidelity and the foreground-weighted loss measure objects against."""
+        out = np.zeros((len(self.stores), FRAME_SIZE, FRAME_SIZE), dtype=np.uint8)
+        for game in dict.fromkeys(games):
+            members = [d for d, g in enumerate(games) if g == game]
+            idx = np.flatnonzero(np.isin(self.dataset_of, members))
+            if not len(idx):
+                continue
+            if len(idx) > max_frames:
+                idx = idx[np.linspace(0, len(idx) - 1, num=max_frames).round().astype(np.int64)]
+            med = np.median(self.frames[idx], axis=0).round().astype(np.uint8)
+            out[members] = med
+        return out
 
     def mean_frames(self) -> np.ndarray:
         """[n_datasets, 84, 84] float32 in [0, 1]: each dataset's per-pixel mean frame over the pool."""
@@ -208,16 +226,52 @@ class EvalResult:
     """exp(entropy) of the held-out token distribution."""
     psnr_per_dataset: list[float]
     """Held-out PSNR of each dataset (NaN for a dataset without held-out episodes)."""
+    fg_psnr: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per game: PSNR (dB) of the reconstructions over the held-out foreground pixels (docs/tokenizer.md)."""
+    fg_baseline_psnr: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per game: PSNR of the game's median training frame over the same pixels."""
+    fg_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per game: fraction of the held-out pixels that are foreground."""
+
+    @property
+    def fg_gain(self) -> dict[str, float]:
+        """Per game: foreground gain over the median frame (dB), fg_psnr - fg_baseline_psnr."""
+        return {g: self.fg_psnr[g] - self.fg_baseline_psnr[g] for g in self.fg_psnr}
+
+    @property
+    def fg_gain_min(self) -> float:
+        """The smallest per-game foreground gain (dB): the game whose objects the tokens keep worst."""
+        gains = [v for v in self.fg_gain.values() if math.isfinite(v)]
+        return min(gains) if gains else float("nan")
 
     def metrics(self) -> dict[str, float]:
-        return {"heldout_psnr": self.psnr, "baseline_psnr": self.baseline_psnr, "heldout_usage": self.usage,
-                "heldout_perplexity": self.perplexity}
+        out = {"heldout_psnr": self.psnr, "baseline_psnr": self.baseline_psnr, "heldout_usage": self.usage,
+               "heldout_perplexity": self.perplexity}
+        if self.fg_psnr:
+            out["fg_gain_min"] = self.fg_gain_min
+            for g, v in self.fg_gain.items():
+                out[f"fg_gain/{g}"] = v
+                out[f"fg_psnr/{g}"] = self.fg_psnr[g]
+                out[f"fg_baseline_psnr/{g}"] = self.fg_baseline_psnr[g]
+        return out
+
+    def fg_text(self) -> str:
+        """e.g. "foreground gain over the median frame: Pong +8.1 dB, Boxing +6.3 dB"."""
+        if not self.fg_psnr:
+            return "no foreground figures"
+        return "foreground gain over the median frame: " + ", ".join(
+            f"{g} {v:+.1f} dB" for g, v in self.fg_gain.items())
 
 
 @torch.no_grad()
 def evaluate(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray, mean_frames: np.ndarray,
-             batch_size: int = 256) -> tuple[EvalResult, torch.Tensor]:
-    """Encode/decode held-out `frames` [M, 84, 84] (fp32, eval mode); returns the figures and the reconstructions."""
+             batch_size: int = 256, median_frames: np.ndarray | None = None, games: Sequence[str] | None = None
+             ) -> tuple[EvalResult, torch.Tensor]:
+    """Encode/decode held-out `frames` [M, 84, 84] (fp32, eval mode); returns the figures and the reconstructions.
+
+    With `median_frames` (uint8 [n_datasets, 84, 84]) and `games` (the game of each dataset), the foreground
+    fidelity of each game is measured too (`foreground_fidelity`, threshold `model.cfg.foreground_threshold`).
+    """
     was_training = model.training
     model.eval()
     try:
@@ -233,9 +287,17 @@ def evaluate(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray, mean_fra
     perplexity = float(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
     per_dataset = [psnr(sq[torch.from_numpy(owner == d)].mean()) if (owner == d).any() else float("nan")
                    for d in range(len(mean_frames))]
+    fg_psnr, fg_base, fg_frac = {}, {}, {}
+    if median_frames is not None and games is not None:
+        for game in dict.fromkeys(games[d] for d in np.unique(owner)):
+            sel = np.isin(owner, [d for d, g in enumerate(games) if g == game])
+            fid = foreground_fidelity(frames[sel], recon[torch.from_numpy(sel)], median_frames[owner[sel]],
+                                      model.cfg.foreground_threshold)
+            fg_psnr[game], fg_base[game], fg_frac[game] = fid.psnr, fid.background_psnr, fid.fraction
     result = EvalResult(psnr=psnr(sq.mean()), baseline_psnr=psnr(base_sq.mean()),
                         usage=float((counts > 0).double().mean()), perplexity=perplexity,
-                        psnr_per_dataset=per_dataset)
+                        psnr_per_dataset=per_dataset, fg_psnr=fg_psnr, fg_baseline_psnr=fg_base,
+                        fg_fraction=fg_frac)
     return result, recon
 
 
@@ -259,7 +321,8 @@ def plot_reconstructions(path: Path, frames: np.ndarray, recon: torch.Tensor, st
     axes[0][0].set_ylabel("held-out", fontsize=8)
     axes[1][0].set_ylabel("reconstruction", fontsize=8)
     fig.suptitle(f"step {step}: held-out PSNR {result.psnr:.2f} dB (mean-frame baseline "
-                 f"{result.baseline_psnr:.2f} dB), codebook usage {result.usage:.0%}", fontsize=9)
+                 f"{result.baseline_psnr:.2f} dB), codebook usage {result.usage:.0%}\n{result.fg_text()}",
+                 fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -293,7 +356,7 @@ class TrainResult:
     def summary_line(self) -> str:
         e = self.eval
         return (f"tokenizer {self.tokenizer_id} at step {self.step}: held-out PSNR {e.psnr:.2f} dB vs mean-frame "
-                f"baseline {e.baseline_psnr:.2f} dB ({e.psnr - e.baseline_psnr:+.2f} dB), codebook usage "
+                f"baseline {e.baseline_psnr:.2f} dB ({e.psnr - e.baseline_psnr:+.2f} dB), {e.fg_text()}, codebook usage "
                 f"{e.usage:.0%} of {self.codebook_size} codes, perplexity {e.perplexity:.1f}; "
                 f"{self.images_per_s:.0f} images/s; run {self.run_dir}")
 
@@ -375,6 +438,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         rng = np.random.default_rng(cfg.seed)
         pool = FramePool(stores, [t for t, _ in splits], cfg.pool_frames, cfg.pool_window, rng)
         mean_frames = pool.mean_frames()
+        median_frames = pool.median_frames(titles)
         step = 0
         last_eval: EvalResult | None = None
         run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
@@ -386,6 +450,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         pool = FramePool(stores, [t for t, _ in splits], cfg.pool_frames, cfg.pool_window, rng,
                          windows=sampler["windows"].numpy())
         mean_frames = sampler["mean_frames"].numpy()
+        median_frames = (sampler["median_frames"].numpy() if "median_frames" in sampler
+                         else pool.median_frames(titles))  # checkpoints before foreground fidelity
         step = int(ckpt["step"])
         last_eval = EvalResult(**ckpt["eval"]) if ckpt.get("eval") else None
         set_rng_state(ckpt["rng"])
@@ -402,7 +468,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         payload = {
             "kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng_state(),
-            "sampler": {**pool.state_dict(), "rng": _rng_json(rng), "mean_frames": torch.from_numpy(mean_frames)},
+            "sampler": {**pool.state_dict(), "rng": _rng_json(rng), "mean_frames": torch.from_numpy(mean_frames),
+                        "median_frames": torch.from_numpy(median_frames)},
             "tokenizer_id": model.tokenizer_id(), "data": [str(p) for p in paths],
             "eval": dataclasses.asdict(last_eval) if last_eval else None,
             "summary": {**last_eval.metrics(), "eval_step": eval_step} if last_eval else {},
@@ -411,7 +478,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
 
     def run_eval() -> EvalResult:
         nonlocal eval_step
-        result, recon = evaluate(model, eval_frames, eval_owner, mean_frames)
+        result, recon = evaluate(model, eval_frames, eval_owner, mean_frames, median_frames=median_frames,
+                                 games=titles)
         eval_step = step
         run.log_metrics(step, result.metrics())
         if step % cfg.plot_interval == 0 or step == cfg.steps:
@@ -438,9 +506,10 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                frames = torch.from_numpy(pool.sample(cfg.batch_size, rng))  # [B, 84, 84] uint8
+                frames, owner = pool.sample(cfg.batch_size, rng)  # [B, 84, 84] uint8, [B]
+                background = torch.from_numpy(median_frames[owner]).to(device)  # [B, 84, 84] uint8
                 with autocast:
-                    loss, logs = model.compute_loss(frames.to(device, non_blocking=True))
+                    loss, logs = model.compute_loss(torch.from_numpy(frames).to(device), background)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -463,7 +532,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
                     last_eval = run_eval()
                     if bar is not None:
                         bar.write(f"step {step}: held-out PSNR {last_eval.psnr:.2f} dB (mean frame "
-                                  f"{last_eval.baseline_psnr:.2f} dB), usage {last_eval.usage:.0%}")
+                                  f"{last_eval.baseline_psnr:.2f} dB), usage {last_eval.usage:.0%}; "
+                                  f"{last_eval.fg_text()}")
                 if not pool.fits and step % cfg.pool_refresh_interval == 0:
                     pool.refresh(0.25, rng)
                 if bar is not None:

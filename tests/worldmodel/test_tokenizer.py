@@ -240,3 +240,62 @@ def test_resume_continues_exactly(datasets, tmp_path):
     assert len(strip[0]) == 2 and strip[0] == strip[1]
     with pytest.raises(WamError, match="same --data"):
         train_tokenizer(cfg, datasets[:1], tmp_path / "b", resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------- foreground fidelity
+def _square_frames(n: int = 6, size: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """A textured fixed background and n frames with a bright square moving across it; (frames, background)."""
+    rng = np.random.default_rng(0)
+    background = rng.integers(40, 80, size=(84, 84)).astype(np.uint8)
+    frames = np.repeat(background[None], n, axis=0)
+    for i in range(n):
+        frames[i, 10 + 9 * i:10 + 9 * i + size, 20 + 7 * i:20 + 7 * i + size] = 230
+    return frames, background
+
+
+def test_foreground_fidelity_on_a_moving_square():
+    from wam.worldmodel.tokenizer import foreground_fidelity, foreground_mask
+
+    frames, background = _square_frames()
+    mask = foreground_mask(torch.from_numpy(frames), torch.from_numpy(background))
+    assert int(mask.sum()) == 6 * 25  # exactly the squares
+    # a reconstruction that keeps the background and drops the square: no gain over the median frame
+    without = torch.from_numpy(np.repeat(background[None], 6, axis=0)).double() / 255
+    fid = foreground_fidelity(frames, without, background)
+    assert abs(fid.gain) < 1e-9 and fid.fraction == pytest.approx(6 * 25 / (6 * 84 * 84))
+    # one that keeps the square up to small noise: a large gain
+    noisy = torch.from_numpy(frames).double() / 255 + 0.01 * torch.randn(6, 84, 84, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fid = foreground_fidelity(frames, noisy, background)
+    assert fid.gain > 20.0
+    # the square blurred to half its contrast: in between (error halves -> +6 dB)
+    half = without + 0.5 * (torch.from_numpy(frames).double() / 255 - without)
+    assert foreground_fidelity(frames, half, background).gain == pytest.approx(20 * np.log10(2), abs=1e-6)
+    # no foreground pixel at all: NaN figures, not a crash
+    empty = foreground_fidelity(background[None], without[:1], background)
+    assert np.isnan(empty.gain) and empty.fraction == 0.0
+
+
+def test_foreground_weight_puts_the_loss_on_the_objects():
+    frames, background = _square_frames(n=4)
+    bg = np.repeat(background[None], 4, axis=0)
+    base = build_tokenizer(TokenizerConfig())
+    weighted = build_tokenizer(TokenizerConfig(foreground_weight=20.0))
+    weighted.load_state_dict(base.state_dict())
+    base.eval(), weighted.eval()
+    _, plain_logs = base.compute_loss(frames, bg)
+    _, w_logs = weighted.compute_loss(frames, bg)
+    # same reconstruction, same batch: the weighted MSE is the hand-computed weighted mean, square pixels x21
+    assert plain_logs["psnr"] == pytest.approx(w_logs["psnr"])
+    with torch.no_grad():
+        err = (base(frames).recon.double() - torch.from_numpy(frames).double() / 255).pow(2)
+    w = torch.ones(4, 84, 84, dtype=torch.float64)
+    for i in range(4):
+        w[i, 10 + 9 * i:15 + 9 * i, 20 + 7 * i:25 + 7 * i] = 21.0
+    assert w_logs["recon_mse"] == pytest.approx(float((w * err).sum() / w.sum()), rel=1e-4)
+    assert plain_logs["recon_mse"] == pytest.approx(float(err.mean()), rel=1e-4)
+    assert w_logs["recon_mse"] != pytest.approx(plain_logs["recon_mse"], rel=0.05)
+    assert plain_logs["fg_fraction"] == pytest.approx(4 * 25 / (4 * 84 * 84))
+    _, no_bg = weighted.compute_loss(frames)  # no background given: the plain loss
+    assert no_bg["recon_mse"] == pytest.approx(plain_logs["recon_mse"]) and "fg_psnr" not in no_bg
+    with pytest.raises(WamError, match="foreground_weight"):
+        TokenizerConfig(foreground_weight=-1.0)
