@@ -7,15 +7,18 @@ Two kinds of context (`memory`):
 
 - `"window"` (default): each env row keeps the tokens of its last `context` frames and the actions
   between them. At every step the window is re-encoded from a fresh state with the model's parallel
-  forward (one call over at most 37 (H+1) - 1 tokens per row, the cheapest exact choice: stepping the
+  forward (one call over at most 37 H - 1 tokens per row, the cheapest exact choice: stepping the
   same tokens one by one gives the same Q, tested) and Q is read at the last observation token. Like a
-  training segment, a window always starts at position 0. With planning the window holds at most
-  `max_context_frames(model, horizon)` frames, leaving positions for the imagined steps.
+  training segment, a window always starts at position 0. A window holds at most H frames, not the H+1
+  of a training sequence: Q is read only at frame slots the Q losses train (0..H-1; the last frame of a
+  training sequence only serves as the TD bootstrap and its Q gets no gradient). With planning the window
+  holds at most `max_context_frames(model, horizon)` = H - horizon frames, so the imagined leaves too are
+  read at trained slots.
 - `"episode"` (recurrent cores `mamba`, `mamba2`, `atlas`): the core state is carried through the whole
   episode (`model.observe(frame)`, then `model.act(action)` before the next frame) and reset at episode
   starts. The model's learned position table covers one training segment only, so frame t of an
-  episode takes the positions of frame slot `min(t, cap)` of a segment (`cap = H - max(1, horizon)`:
-  the last slot that still leaves room for the action token and for the planner's imagined steps).
+  episode takes the positions of frame slot `min(t, cap)` of a segment (`cap = H - 1 - horizon`: the
+  last slot from which Q is read, at the frame and at the planner's leaves, only at trained slots).
   A transformer's state is a bounded KV cache: episode memory is refused for it.
 
 Actions taken: the agent feeds the action of step t into its context lazily, at the start of step t+1.
@@ -124,15 +127,16 @@ class WorldActionAgent:
             horizon = int(plan.horizon)
             self.planner = BeamSearchPlanner(model, beam_width=plan.beam_width, horizon=horizon,
                                              gamma=getattr(plan, "gamma", 0.99))
-        room = max_context_frames(model, horizon)  # frames that fit beside the imagined steps
+        room = max_context_frames(model, horizon)  # frames whose Q, and whose leaves' Q, are read at trained slots
         if context is None:
             context = room
         if not 1 <= context <= room:
-            raise WamError(f"context of {context} frames does not fit: this model holds at most {room} real frames"
-                           + (f" beside {horizon} planned steps" if horizon else "") + f" (H={cfg.horizon})")
+            raise WamError(f"context of {context} frames does not fit: this model's Q is trained at {cfg.horizon} "
+                           f"frame slots (H={cfg.horizon}), so a window holds at most {room} real frames"
+                           + (f" beside {horizon} planned steps" if horizon else ""))
         self.context = int(context)
-        # episode mode: the last frame slot that leaves room for the action token and the imagined steps
-        self.slot_cap = max_context_frames(model, max(1, horizon)) - 1
+        # episode mode: the last frame slot whose Q and whose planner leaves are read at trained slots
+        self.slot_cap = max_context_frames(model, horizon) - 1
         suffix = "-episode" if memory == "episode" else ""
         self.name = name or f"wam-{cfg.core}{suffix}"
         log.info("world-action agent for %s: %s core, memory=%s (%s), %s, %s", game, cfg.core, memory,

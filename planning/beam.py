@@ -152,18 +152,18 @@ class BeamSearchPlanner:
         return (reward_logits.float().softmax(-1) * signs).sum(-1)
 
     def _check_room(self, state: Any) -> None:
-        """Imagining H steps must not run past the model's position table."""
+        """The leaves of H imagined steps must lie at frame slots whose Q is trained (`q_frames`)."""
         max_tokens = getattr(self.model.cfg, "max_tokens", None)
         pos = getattr(state, "pos", None)
         if max_tokens is None or not isinstance(pos, int):
             return
-        need = pos + self.settings.horizon * self.tokens_per_step
-        if need > max_tokens:
-            frames = (max_tokens + 1) // self.tokens_per_step
+        frames = q_frames(self.model)
+        need = pos + self.settings.horizon * self.tokens_per_step  # position after the leaf frame
+        if need > frames * self.tokens_per_step - 1:
             raise WamError(
-                f"planning {self.settings.horizon} steps from position {pos} needs {need} token positions, but the "
-                f"model's context holds {max_tokens} ({frames} frames); encode at most "
-                f"{frames - self.settings.horizon} frames of context before planning, or lower the horizon")
+                f"planning {self.settings.horizon} steps from position {pos} reads Q at frame slot "
+                f"{need // self.tokens_per_step}, but the model's Q is trained at slots 0..{frames - 1}; encode at "
+                f"most {frames - self.settings.horizon} frames of context before planning, or lower the horizon")
 
     @torch.no_grad()
     def plan(self, state: Any, q_logits: torch.Tensor, legal: torch.Tensor) -> PlanResult:
@@ -224,21 +224,32 @@ class BeamSearchPlanner:
         """Encode a context window (parallel form), then plan from its last frame.
 
         obs_tokens [B, T, tokens_per_obs] int64, actions [B, T-1] int64 (the actions between the frames),
-        game_ids [B] int64, legal [B, 18] bool. Frames must leave room for H imagined steps in the model's
-        context (at most `max_context_frames(model, H)`).
+        game_ids [B] int64, legal [B, 18] bool. Frames must leave room for H imagined steps at frame slots
+        whose Q is trained (at most `max_context_frames(model, H)`).
         """
         out, state = self.model(obs_tokens, actions, game_ids)
         return self.plan(state, out.q_logits[:, -1], legal)
 
 
+def q_frames(model: Any) -> int:
+    """Frame slots at which the model's Q head is trained: H for a world-action model (a training sequence
+    holds H+1 frames, and the Q losses use frames 0..H-1: the last frame has no successor, so its Q gets
+    no gradient); models without a `horizon` (hand-built test models) may read Q at every slot that fits."""
+    horizon = getattr(model.cfg, "horizon", None)
+    if horizon is not None:
+        return int(horizon)
+    return (model.cfg.max_tokens + 1) // (model.cfg.tokens_per_obs + 1)
+
+
 def max_context_frames(model: Any, horizon: int) -> int:
-    """The most real frames a context may hold so that `horizon` imagined steps still fit the model."""
-    per_step = model.cfg.tokens_per_obs + 1
-    frames = (model.cfg.max_tokens + 1) // per_step
+    """The most real frames a context may hold so that the Q values read at its last frame and at the
+    `horizon` imagined frames after it (the leaves) all lie at slots where Q is trained (`q_frames`)."""
+    frames = q_frames(model)
     if frames - horizon < 1:
-        raise WamError(f"a planning horizon of {horizon} does not fit the model's context of {frames} frames")
+        raise WamError(f"a planning horizon of {horizon} does not fit the model's {frames} frames with trained Q "
+                       f"(H={frames}); lower the horizon")
     return frames - horizon
 
 
 __all__ = ["BeamSearchPlanner", "PlanResult", "PlannerSettings", "index_state", "map_state", "max_context_frames",
-           "repeat_state"]
+           "q_frames", "repeat_state"]

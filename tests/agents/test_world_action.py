@@ -113,14 +113,16 @@ def test_load_agent_and_user_errors(runs):
     agent = load_agent(str(runs["transformer"]), "pong")
     assert isinstance(agent, WorldActionAgent) and agent.game == "Pong" and agent.name == "wam-transformer"
     assert agent.checkpoint_id.startswith("transformer/step_00000000.pt@0#")
-    assert agent.context == 5 and agent.memory == "window"  # H=4: 5 frames when not planning
-    assert load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2)).context == 3
+    assert agent.context == 4 and agent.memory == "window"  # H=4: Q is trained at frame slots 0..3
+    assert load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2)).context == 2
     with pytest.raises(WamError, match="not trained on Freeway; it knows Breakout, Pong"):
         load_agent(str(runs["transformer"]), "Freeway")
     with pytest.raises(WamError, match="episode memory needs a recurrent core"):
         load_agent(str(runs["transformer"]), "Pong", memory="episode")
-    with pytest.raises(WamError, match="context of 4 frames does not fit"):
-        load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2), context=4)
+    with pytest.raises(WamError, match="context of 3 frames does not fit"):
+        load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2), context=3)
+    with pytest.raises(WamError, match="context of 5 frames does not fit"):
+        load_agent(str(runs["transformer"]), "Pong", context=5)
     other = build_tokenizer(dataclasses.replace(TokenizerConfig.from_preset("debug"), seed=7))
     bad = runs["root"] / "other_tok"
     save_checkpoint(bad / "checkpoints" / "step_00000000.pt",
@@ -160,7 +162,7 @@ def test_window_q_equals_parallel_forward_and_stepping(runs, frames):
 
 def test_episode_memory_equals_stepping_by_hand(runs, frames):
     agent = load_agent(str(runs["mamba"]), "Pong", memory="episode")
-    assert agent.name == "wam-mamba-episode" and agent.slot_cap == 3  # H=4: slots 0..3 keep the action token in range
+    assert agent.name == "wam-mamba-episode" and agent.slot_cap == 3  # H=4: Q is trained at slots 0..3
     model = agent.model
     acts, qs, _, _ = _play(agent, frames[:8, None])
     tokens = agent.tokenizer.encode(frames[:8])

@@ -145,7 +145,7 @@ def test_state_helpers_repeat_and_index_every_field():
 
 
 # ------------------------------------------------------------------------ the real model, tiny
-def tiny_model(build, core: str, tokens_per_obs: int = 4, horizon: int = 3) -> WorldActionModel:
+def tiny_model(build, core: str, tokens_per_obs: int = 4, horizon: int = 4) -> WorldActionModel:
     opts = {"mamba2": ("headdim=16", "chunk_size=16"), "atlas": ("chunk_size=16",)}.get(core, ())
     cfg = WorldActionModelConfig(vocab_size=16, tokens_per_obs=tokens_per_obs, d_model=32, n_layers=1, n_heads=2,
                                  horizon=horizon, games=("A", "B"), core=core, core_options=opts)
@@ -269,9 +269,12 @@ def test_batched_equals_loop_and_counts_calls(core, monkeypatch, build_sharp_mod
 
 def test_context_that_leaves_no_room_is_a_user_error(build_sharp_model):
     model = tiny_model(build_sharp_model, "transformer", tokens_per_obs=8, horizon=3)
-    assert max_context_frames(model, 2) == 2
-    obs, actions, game_ids, legal = context(model, b=1, frames=3)
-    with pytest.raises(WamError, match="at most 2 frames of context"):
+    # Q is trained at frame slots 0..2 (H=3): 2 imagined steps leave one real frame
+    assert max_context_frames(model, 2) == 1 and max_context_frames(model, 0) == 3
+    with pytest.raises(WamError, match="horizon of 3 does not fit"):
+        max_context_frames(model, 3)
+    obs, actions, game_ids, legal = context(model, b=1, frames=2)
+    with pytest.raises(WamError, match="at most 1 frames of context"):
         BeamSearchPlanner(model, 2, 2).plan_context(obs, actions, game_ids, legal)
     with pytest.raises(WamError, match="beam width"):
         BeamSearchPlanner(model, 0, 2)

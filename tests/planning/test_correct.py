@@ -56,7 +56,7 @@ def test_correct_writes_the_planners_answers_with_provenance(ray_session, tmp_pa
     qt = load_q_targets(out)
     assert len(qt) == 8 and qt.games == ["Breakout", "Pong"] and (qt.game_id == 1).all()
     assert qt.step.tolist() == [0, 2, 4, 0, 2, 4, 6, 8] and qt.episode.tolist() == [0] * 3 + [1] * 5
-    assert json.loads(qt.attrs["planner"])["beam_width"] == 2 and qt.attrs["context_frames"] == 3
+    assert json.loads(qt.attrs["planner"])["beam_width"] == 2 and qt.attrs["context_frames"] == 2  # H=3, 1 planned step
     assert qt.attrs["tokenizer_id"] == TOKENIZER_ID and len(qt.attrs["agent_sha256"]) == 64
     assert qt.datasets[0]["game"] == "Pong"
     # every row equals the local planner on the same context window
@@ -65,7 +65,7 @@ def test_correct_writes_the_planners_answers_with_provenance(ray_session, tmp_pa
     for i in range(len(qt)):
         e, t = int(qt.episode[i]), int(qt.step[i])
         ep = store.read_episode(e, tokens=True)
-        lo = max(0, t - 2)
+        lo = max(0, t - 1)
         res = planner.plan_context(torch.as_tensor(ep.obs_tokens[lo:t + 1].astype(np.int64))[None],
                                    torch.as_tensor(ep.actions[lo:t])[None], torch.tensor([1]), legal)
         assert qt.action[i] == res.action.item()

@@ -13,7 +13,7 @@ from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig
 
 
 def pool_model(build) -> WorldActionModel:
-    cfg = WorldActionModelConfig(vocab_size=16, tokens_per_obs=4, d_model=32, n_layers=1, n_heads=2, horizon=3,
+    cfg = WorldActionModelConfig(vocab_size=16, tokens_per_obs=4, d_model=32, n_layers=1, n_heads=2, horizon=4,
                                  games=("A", "B"), core="transformer")
     return build(cfg)
 
