@@ -17,7 +17,11 @@ Objectives (`LossConfig.objective`, `--objective`):
   the segment or the episode ends first (the segment holds H+1 frames, so step t can look at most
   H-t steps ahead). The target is projected onto the support and compared with the online
   distribution of the data action by cross-entropy. Gradients flow through the online logits into
-  the core (never through the target).
+  the core (never through the target). The last frame o_H of a segment has no successor, so its Q
+  gets no gradient; by default (`last_bootstrap="shifted"`) the targets that bootstrap from it read
+  its Q from a second pass without gradient over o_1..o_H, where o_H sits at a trained slot.
+  The target head follows the online head by hard copies every `target_update_every` steps or by
+  Polyak averaging (`target_tau`).
 - **CQL** on the expected C51 Q: logsumexp over the legal actions minus Q of the data action.
 
 - **Behaviour cloning** (`bc_loss`): the logits of the 18 actions are `model.q_values(...)`, the
@@ -71,7 +75,15 @@ class LossConfig:
     double_q: bool = False
     """Double DQN: the online Q head picks the bootstrap action, the target head gives its distribution."""
     target_update_every: int = 1000
-    """Hard-update the target Q head every N optimiser steps."""
+    """Hard-update the target Q head every N optimiser steps (when `target_tau` is 0)."""
+    last_bootstrap: Literal["shifted", "same-pass"] = "shifted"
+    """Where the last step's TD target reads Q of the segment's last frame o_H: `shifted` runs the model
+    (no gradient) over the window o_1..o_H, where o_H sits at slot H-1, a slot whose Q the losses train;
+    `same-pass` reads it at slot H of the training pass, whose Q never gets a gradient (JOWA's way; on the
+    toy MDP of `wam.worldmodel.toy_mdp` its values there drift and the learned Q diverges)."""
+    target_tau: float = 0.0
+    """Polyak averaging of the target Q head: after every optimiser step target <- (1 - tau) target + tau
+    online; 0 = hard updates every `target_update_every` steps instead."""
     reward_transform: Literal["sign", "clip", "raw"] = "sign"
     """Reward used in the TD target: its sign, clipped to [-1, 1], or raw."""
     objective: Objective = "jowa"
@@ -219,9 +231,22 @@ def nstep_returns(rewards: torch.Tensor, terminations: torch.Tensor, truncations
     return ret, discount, end + 1
 
 
-def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: LossConfig
-            ) -> tuple[torch.Tensor, Logs]:
-    """C51 n-step TD with the target head; masked mean over valid steps, mean over the ensemble."""
+def last_frame_q(model: WorldActionModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q logits (online, target) [B, E, 18, A] of each segment's last frame o_H read at a trained slot: the model
+    run without gradient over the window o_1..o_H (actions a_1..a_{H-1}), where o_H sits at slot H-1."""
+    with torch.no_grad():
+        out, _ = model(batch.obs[:, 1:], batch.actions[:, 1:], batch.game_ids, with_target=True, world_model=False)
+    assert out.target_q_logits is not None
+    return out.q_logits[:, -1], out.target_q_logits[:, -1]
+
+
+def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: LossConfig,
+            last: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Logs]:
+    """C51 n-step TD with the target head; masked mean over valid steps, mean over the ensemble.
+
+    `last` = (online, target) Q logits [B, E, 18, A] of the last frame o_H to bootstrap from instead of
+    those of the training pass (see `last_frame_q`); None: the training pass's (slot H).
+    """
     assert out.target_q_logits is not None, "td_loss needs the forward pass run with with_target=True"
     h = batch.actions.shape[1]
     legal = batch.legal_actions[:, None, :]  # [B, 1, 18]
@@ -232,10 +257,14 @@ def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: 
         r = transform_reward(batch.rewards.float(), cfg.reward_transform)  # [B, H]
         ret, disc, boot = nstep_returns(r, batch.terminations, batch.truncations, batch.mask, cfg.gamma, cfg.n_step)
         tl = out.target_q_logits[:, : h + 1]
+        ql = out.q_logits[:, : h + 1].detach()
+        if last is not None:
+            ql = torch.cat([ql[:, :h], last[0][:, None].to(ql.dtype)], 1)
+            tl = torch.cat([tl[:, :h], last[1][:, None].to(tl.dtype)], 1)
         bidx = boot[:, :, None, None, None].expand(-1, -1, *tl.shape[2:])  # [B, H, E, 18, A]
         next_probs = tl.gather(1, bidx).float().softmax(-1)  # [B, H, E, 18, A] at the bootstrap frames
         if cfg.double_q:
-            chooser = out.q_logits[:, : h + 1].detach().gather(1, bidx).float().softmax(-1)
+            chooser = ql.gather(1, bidx).float().softmax(-1)
         else:
             chooser = next_probs
         next_q = (chooser * model.support).sum(-1).mean(2)  # [B, H, 18] ensemble mean
@@ -339,7 +368,8 @@ def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig) ->
         return loss, {"loss": loss.item(), **logs}
     use_wm = objective == "jowa"
     out, _ = model(batch.obs, batch.actions, batch.game_ids, with_target=True, world_model=use_wm)
-    td, td_logs = td_loss(model, out, batch, cfg)
+    last = last_frame_q(model, batch) if cfg.last_bootstrap == "shifted" else None
+    td, td_logs = td_loss(model, out, batch, cfg, last)
     cql, cql_logs = cql_loss(model, out, batch)
     loss = td + cfg.lambda_cql * cql
     logs: Logs = {**td_logs, **cql_logs}
@@ -361,11 +391,18 @@ class WorldActionObjective(torch.nn.Module):
 
     Objectives without the world-model loss (`q-only`, `bc`) freeze the observation, reward and
     termination heads here (they get no gradient, no weight decay and no DDP reduction).
-    `after_step(step)` hard-updates the target Q head every `cfg.target_update_every` optimiser steps.
+    `after_step(step)` updates the target Q head: Polyak averaging after every step when `cfg.target_tau`
+    > 0, else a hard update every `cfg.target_update_every` optimiser steps.
     """
 
     def __init__(self, model: WorldActionModel, cfg: LossConfig) -> None:
         super().__init__()
+        if not 0.0 <= cfg.target_tau <= 1.0:
+            raise WamError(f"--target-tau must lie in [0, 1], got {cfg.target_tau}")
+        if cfg.last_bootstrap not in ("shifted", "same-pass"):
+            raise WamError(f"--last-bootstrap must be shifted or same-pass, got {cfg.last_bootstrap!r}")
+        if cfg.target_tau == 0 and cfg.target_update_every < 1:
+            raise WamError(f"--target-update-every must be at least 1, got {cfg.target_update_every}")
         self.model, self.cfg = model, cfg
         self.objective = objective_name(cfg)
         if self.objective != "jowa":
@@ -383,5 +420,7 @@ class WorldActionObjective(torch.nn.Module):
         return world_action_loss(self.model, batch, self.cfg)
 
     def after_step(self, step: int) -> None:
-        if step % self.cfg.target_update_every == 0:
+        if self.cfg.target_tau > 0:
+            self.model.update_target(self.cfg.target_tau)
+        elif step % self.cfg.target_update_every == 0:
             self.model.update_target()

@@ -15,7 +15,7 @@ registered sequence core (`build_core`). Heads, on the core's output after a fin
 - reward (3 classes: sign -1/0/+1) and termination (2 classes): from each action token;
 - Q: from the last observation token of each frame, C51 logits `[E, 18, n_atoms]` on a fixed support
   (an MLP with LayerNorm + Mish per ensemble member). A target copy of the Q head (`target_q_head`,
-  never trained, hard-updated by `update_target()`) gives TD targets from the same features.
+  never trained, updated by `update_target()`: hard, or Polyak-averaged) gives TD targets from the same features.
 
 Incremental use (acting, planning) runs the same computation token by token with an explicit
 `WamState`: `init_state` -> `observe(frame tokens)` -> Q; `act(action)` -> reward, termination and
@@ -309,9 +309,17 @@ class WorldActionModel(nn.Module):
         return flops
 
     @torch.no_grad()
-    def update_target(self) -> None:
-        """Hard update: target Q head <- Q head."""
-        self.target_q_head.load_state_dict(self.q_head.state_dict())
+    def update_target(self, tau: float = 1.0) -> None:
+        """Target Q head <- (1 - tau) target + tau Q head: a hard copy with tau = 1 (default), Polyak averaging
+        with 0 < tau < 1."""
+        if tau >= 1.0:
+            self.target_q_head.load_state_dict(self.q_head.state_dict())
+            return
+        for t, o in zip(self.target_q_head.state_dict().values(), self.q_head.state_dict().values()):
+            if t.is_floating_point():
+                t.lerp_(o.to(t.dtype), tau)
+            else:
+                t.copy_(o)
 
     def freeze(self, parts: tuple[str, ...]) -> None:
         """Stop training the named parts (see FREEZABLE_PARTS). Task embeddings always stay trainable."""

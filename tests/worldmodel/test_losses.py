@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wam.datasets.batch import Batch
+from wam.datasets.errors import WamError
 from wam.worldmodel.losses import (
     LossConfig,
     c51_project,
@@ -306,3 +307,34 @@ def test_double_q_lets_the_online_head_pick_the_action():
     assert double.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-4)
     plain, _ = td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5))
     assert plain.item() > 10.0  # its target (atoms 14/15) has no online mass
+
+
+def test_target_head_schedules_hard_and_polyak():
+    from wam.worldmodel.losses import WorldActionObjective
+
+    def perturbed():
+        torch.manual_seed(0)
+        model = tiny_model()
+        with torch.no_grad():
+            for p in model.q_head.parameters():
+                p.add_(1.0)  # online head moved away from the target by exactly 1 everywhere
+        return model
+
+    def gap(model):
+        return [(o - t).detach() for o, t in zip(model.q_head.parameters(), model.target_q_head.parameters())]
+
+    model = perturbed()
+    hard = WorldActionObjective(model, LossConfig(target_update_every=3))
+    hard.after_step(1)
+    hard.after_step(2)
+    assert all(torch.allclose(g, torch.ones_like(g)) for g in gap(model)), "no hard update before step 3"
+    hard.after_step(3)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in gap(model))
+    model = perturbed()
+    soft = WorldActionObjective(model, LossConfig(target_tau=0.25, target_update_every=1))
+    soft.after_step(1)  # every step, whatever target_update_every says
+    assert all(torch.allclose(g, torch.full_like(g, 0.75)) for g in gap(model))
+    soft.after_step(2)
+    assert all(torch.allclose(g, torch.full_like(g, 0.75 ** 2)) for g in gap(model))
+    with pytest.raises(WamError, match="target-tau"):
+        WorldActionObjective(tiny_model(), LossConfig(target_tau=1.5))
