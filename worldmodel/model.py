@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -48,6 +49,7 @@ CHECKPOINT_KIND = "world-action-model"
 NUM_ACTIONS = 18
 TOKENS_PER_OBS = 36
 REWARD_CLASSES = 3  # sign of the reward: -1, 0, +1 -> classes 0, 1, 2
+INITS = ("scaled", "gpt2")
 FREEZABLE_PARTS = ("embeddings", "core", "obs_head", "reward_head", "termination_head", "q_head")
 
 
@@ -87,6 +89,13 @@ class WorldActionModelConfig:
     which a uniform distribution would give: 10 on [-10, 30])."""
     dropout: float = 0.0
     """Dropout on the embeddings and inside cores that take `dropout`."""
+    init: str = "scaled"
+    """Weight initialisation. `scaled`: embeddings N(0, 1/sqrt(d_model)), hidden linear layers of the heads
+    and the transformer core's linear layers Xavier-uniform (the core's residual projections / sqrt(2
+    n_layers)), so the scale follows the width; `gpt2`: N(0, 0.02) everywhere (GPT-2/JOWA, sized for
+    d ~ 768; at d = 64-128 the transformer barely learns attention). Either way the heads' output layers
+    start small (N(0, 0.02); the Q head's see `q_init`), so predictions start near uniform; other cores
+    keep their own initialisation."""
     games: tuple[str, ...] = ()
     """Game names, one task-embedding row each (set from the data by the commands)."""
 
@@ -120,10 +129,13 @@ MODEL_PRESETS: dict[str, WorldActionModelConfig] = {
     "debug": WorldActionModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, horizon=4),
     # CPU-sized: ~0.4 s per batch of 32 segments on one core, so a recipe trains in tens of minutes.
     "small": WorldActionModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, horizon=4),
-    "jowa-40m": WorldActionModelConfig(vocab_size=2048, d_model=512, n_layers=4, n_heads=8, horizon=8, dropout=0.1),
-    "jowa-70m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=6, n_heads=12, horizon=8, dropout=0.1),
+    # paper sizes keep JOWA's GPT-2 initialisation (sized for their widths)
+    "jowa-40m": WorldActionModelConfig(vocab_size=2048, d_model=512, n_layers=4, n_heads=8, horizon=8, dropout=0.1,
+                                       init="gpt2"),
+    "jowa-70m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=6, n_heads=12, horizon=8, dropout=0.1,
+                                       init="gpt2"),
     "jowa-150m": WorldActionModelConfig(vocab_size=2048, d_model=768, n_layers=12, n_heads=12, horizon=8,
-                                        dropout=0.1, q_ensemble=3),
+                                        dropout=0.1, q_ensemble=3, init="gpt2"),
 }
 
 
@@ -233,6 +245,8 @@ class WorldActionModel(nn.Module):
         super().__init__()
         if not cfg.games:
             raise WamError("WorldActionModelConfig.games is empty; the model needs one task row per game")
+        if cfg.init not in INITS:
+            raise WamError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
         self.cfg = cfg
         d = cfg.d_model
         self.obs_embedding = nn.Embedding(cfg.vocab_size, d)
@@ -249,7 +263,9 @@ class WorldActionModel(nn.Module):
         self.q_head = QEnsemble(cfg)
         for m in (self.obs_embedding, self.action_embedding, self.pos_embedding, self.task_obs_embedding,
                   self.task_action_embedding, self.obs_head, self.reward_head, self.termination_head, self.q_head):
-            m.apply(_init_weights)
+            m.apply(functools.partial(_init_weights, scheme=cfg.init, d_model=d))
+        for head in (self.obs_head, self.reward_head, self.termination_head):  # outputs start near uniform
+            nn.init.normal_(head[-1].weight, mean=0.0, std=0.02)
         support = torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms)
         self.q_head.calibrate(torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms, device="cpu"), cfg.q_init)
         self.target_q_head = QEnsemble(cfg)
@@ -266,7 +282,7 @@ class WorldActionModel(nn.Module):
         params = inspect.signature(core_class(cfg.core)).parameters
         kwargs: dict[str, Any] = {}
         for key, value in (("n_heads", cfg.n_heads), ("dropout", cfg.dropout), ("max_len", cfg.max_tokens),
-                           ("positions", "none")):
+                           ("positions", "none"), ("init", cfg.init)):
             if key in params:
                 kwargs[key] = value
         kwargs.update(cfg.parsed_core_options())
@@ -489,11 +505,18 @@ class WorldActionModel(nn.Module):
         return config_to_dict(self.cfg)
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+def _init_weights(module: nn.Module, scheme: str = "gpt2", d_model: int = 768) -> None:
+    """`gpt2`: N(0, 0.02) weights; `scaled`: embeddings N(0, 1/sqrt(d_model)), linear layers Xavier-uniform.
+    Linear biases zero."""
+    if isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02 if scheme == "gpt2" else d_model ** -0.5)
+    if isinstance(module, nn.Linear):
+        if scheme == "gpt2":
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 __all__ = ["CHECKPOINT_KIND", "MODEL_PRESETS", "WamState", "WorldActionModel", "WorldActionModelConfig",

@@ -39,7 +39,8 @@ def _save_model(out: Path, tok_dir: Path, tok_id: str, core: str, seed: int) -> 
     """A random-weight world-action model checkpointed exactly as `wam pretrain` does (Trainer.save)."""
     torch.manual_seed(seed)
     cfg = WorldActionModelConfig.from_preset("debug")
-    cfg = dataclasses.replace(cfg, vocab_size=256, d_model=32, n_layers=1, horizon=4, core=core, games=GAMES,
+    vocab = TokenizerConfig.from_preset("debug").codebook_size  # the tokenizer the agents load
+    cfg = dataclasses.replace(cfg, vocab_size=vocab, d_model=32, n_layers=1, horizon=4, core=core, games=GAMES,
                               core_options=("d_state=8",) if core == "mamba" else ())
     model = WorldActionModel(cfg)
     with torch.no_grad():  # spread the Q head's outputs so that actions differ by clear margins

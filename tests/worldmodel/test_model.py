@@ -156,3 +156,22 @@ def test_q_head_starts_at_its_configured_expectation(preset, q_init):
     for logits in (out.q_logits, out.target_q_logits):
         q = model.expected_q(logits)  # [B, H+1, E, 18]
         assert (q - q_init).abs().max() < 0.5, f"initial E[Q] spans {q.min():.2f}..{q.max():.2f}, target {q_init}"
+
+
+def test_initialisation_scales_with_the_width():
+    """`scaled` (debug/small): embeddings N(0, 1/sqrt(d)), the transformer's linear layers Xavier-uniform (its
+    residual projections / sqrt(2 n_layers)); `gpt2` (paper presets): N(0, 0.02) whatever the width."""
+    for d in (64, 256):
+        torch.manual_seed(0)
+        model = WorldActionModel(tiny_cfg(d_model=d, n_heads=4, n_layers=2))
+        assert model.obs_embedding.weight.std().item() == pytest.approx(d ** -0.5, rel=0.1)
+        block = model.core.h[0]
+        assert block.attn.c_attn.weight.std().item() == pytest.approx((2 / (d + 3 * d)) ** 0.5, rel=0.1)
+        assert block.mlp.c_proj.weight.std().item() == pytest.approx((2 / (5 * d)) ** 0.5 / 2, rel=0.1)
+        gpt2 = WorldActionModel(tiny_cfg(d_model=d, n_heads=4, n_layers=2, init="gpt2"))
+        assert gpt2.obs_embedding.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert gpt2.core.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all(WorldActionModelConfig.from_preset(p).init == "gpt2" for p in ("jowa-40m", "jowa-70m", "jowa-150m"))
+    assert all(WorldActionModelConfig.from_preset(p).init == "scaled" for p in ("debug", "small"))
+    with pytest.raises(WamError, match="init must be one of"):
+        WorldActionModel(tiny_cfg(init="xavier"))
