@@ -67,6 +67,13 @@ def _trainer_preset(name: str) -> TrainerConfig:
 
 _BATCH = {"debug": 8, "small": 32, "jowa-40m": 512, "jowa-70m": 512, "jowa-150m": 512}
 _TARGET_EVERY = {"debug": 50, "small": 200, "jowa-40m": 1000, "jowa-70m": 1000, "jowa-150m": 1000}
+# Polyak averaging of the target head for the CPU presets (chosen on the 8-state toy chain of
+# wam.worldmodel.toy_mdp, docs/training.md); the paper presets keep JOWA's hard copy every 1,000 steps.
+_TARGET_TAU = {"debug": 0.02, "small": 0.02}
+
+
+def _loss_preset(name: str) -> LossConfig:
+    return LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000), target_tau=_TARGET_TAU.get(name, 0.0))
 
 
 
@@ -112,7 +119,7 @@ class PretrainConfig(DataOptions):
     def from_preset(cls, name: str) -> PretrainConfig:
         return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
                    model=WorldActionModelConfig.from_preset(name), train=_trainer_preset(name),
-                   loss=LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000)))
+                   loss=_loss_preset(name))
 
 
 @dataclass
@@ -138,7 +145,7 @@ class FinetuneConfig(DataOptions):
         train = dataclasses.replace(train, steps=min(train.steps, 20_000 if name.startswith("jowa") else train.steps))
         return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
                    model=WorldActionModelConfig.from_preset(name), train=train,
-                   loss=LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000)))
+                   loss=_loss_preset(name))
 
 
 # ------------------------------------------------------------------------------------- building

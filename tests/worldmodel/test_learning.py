@@ -37,3 +37,14 @@ def test_q_learning_converges_to_q_star_and_greedy_is_optimal(schedule):
     res = train_toy(LossConfig(lambda_cql=0.0, **schedule), steps=600, eval_every=100)
     assert res.final_error < 0.15, f"max |Q - Q*| = {res.final_error:.3f}\n{res.q}\n{res.q_star}"
     assert res.greedy_optimal
+
+
+def test_presets_use_the_measured_target_schedule():
+    from wam.runs.train_cmds import FinetuneConfig, PretrainConfig
+
+    for make in (PretrainConfig.from_preset, FinetuneConfig.from_preset):
+        for name in ("debug", "small"):
+            assert make(name).loss.target_tau == 0.02
+        for name in ("jowa-40m", "jowa-70m", "jowa-150m"):  # JOWA: a hard copy every 1,000 steps
+            loss = make(name).loss
+            assert loss.target_tau == 0.0 and loss.target_update_every == 1000
