@@ -283,7 +283,15 @@ def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: 
         q_mean = masked_mean(q_data, steps[:, :, None].expand_as(q_data))
         entropy = -(target * target.clamp(min=1e-12).log()).sum(-1)  # [B, H, E]
         kl = masked_mean(ce - entropy, steps[:, :, None].expand_as(ce))  # TD loss above its floor
-    return loss, {"td_loss": loss.item(), "td_kl": kl.item(), "q_data": q_mean.item()}
+        tv = (target * model.support).sum(-1).mean(-1)  # [B, H] expected target value, ensemble mean
+        tv_mean = masked_mean(tv, steps)
+        tv_std = masked_mean((tv - tv_mean) ** 2, steps).sqrt()
+        boot_max = next_q.masked_fill(~legal, float("-inf")).max(-1).values  # [B, H]
+        boots = steps & (disc > 0)  # steps whose target bootstraps
+    return loss, {"td_loss": loss.item(), "td_kl": kl.item(), "q_data": q_mean.item(),
+                  "td_target_mean": tv_mean.item(), "td_target_std": tv_std.item(),
+                  "td_target_max": tv.masked_fill(~steps, float("-inf")).max().item() if steps.any() else 0.0,
+                  "q_next_max": masked_mean(boot_max, boots).item()}
 
 
 def cql_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor, Logs]:
@@ -297,7 +305,30 @@ def cql_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> t
     steps = q_steps(batch)
     loss = masked_mean(gap, steps[:, :, None].expand_as(gap))
     illegal = masked_mean((~steps).float(), batch.mask)
-    return loss, {"cql_loss": loss.item(), "illegal_data_actions": illegal.item()}
+    with torch.no_grad():
+        frequent_gap = frequent_action_gap(q.mean(2), batch, steps)
+    return loss, {"cql_loss": loss.item(), "illegal_data_actions": illegal.item(), "q_gap_frequent": frequent_gap}
+
+
+def frequent_action_gap(q: torch.Tensor, batch: Batch, steps: torch.Tensor) -> float:
+    """Mean over `steps` [B, H] of Q(s, f) - mean of Q(s, a) over the other legal actions a, where f is the most
+    frequent data action of the row's game in this batch (ties: the lowest id). q [B, H, 18].
+
+    A Q-function that copies the behaviour policy keeps this large and positive whatever the returns.
+    """
+    n_games = int(batch.game_ids.max()) + 1 if batch.game_ids.numel() else 1
+    counts = torch.zeros(n_games, q.shape[-1], device=q.device)
+    rows = batch.game_ids[:, None].expand_as(batch.actions)[steps]
+    counts.index_put_((rows, batch.actions[steps]), torch.ones_like(rows, dtype=counts.dtype), accumulate=True)
+    frequent = counts.argmax(-1)[batch.game_ids]  # [B]
+    legal = batch.legal_actions[:, None, :].expand_as(q)  # [B, H, 18]
+    q_f = q.gather(-1, frequent[:, None, None].expand(-1, q.shape[1], 1)).squeeze(-1)  # [B, H]
+    others = legal.clone()
+    others.scatter_(-1, frequent[:, None, None].expand(-1, q.shape[1], 1), False)
+    n_others = others.sum(-1)
+    mean_others = torch.where(others, q, torch.zeros_like(q)).sum(-1) / n_others.clamp(min=1)
+    ok = steps & (n_others > 0)
+    return masked_mean(q_f - mean_others, ok).item()
 
 
 def bc_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor, Logs]:

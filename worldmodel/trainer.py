@@ -187,14 +187,19 @@ class Trainer:
         batch_transform: applied to every batch before the device copy (e.g. frames -> tokens).
         on_log: called with (step, logs) at every log step on every rank (Ray Train's report).
         flops_per_token: model training FLOPs per token, for MFU.
+        evaluate: called on rank 0 with the step every `eval_every` steps (0 = never) and at the end; the flat
+            dict it returns (e.g. `wam.worldmodel.diagnostics.q_calibration` figures) joins that step's
+            metrics.jsonl row.
     """
 
     def __init__(self, objective: nn.Module, source: BatchSource, cfg: TrainerConfig, run_dir: RunDir | None = None,
                  checkpoint_meta: dict[str, Any] | None = None,
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  on_log: Callable[[int, dict[str, float]], None] | None = None,
-                 flops_per_token: float | None = None) -> None:
+                 flops_per_token: float | None = None,
+                 evaluate: Callable[[int], dict[str, float]] | None = None, eval_every: int = 0) -> None:
         self.cfg = cfg
+        self.evaluate, self.eval_every = evaluate, eval_every
         self.device = resolve_device(cfg.device)
         self.objective = objective.to(self.device)
         self.model: nn.Module = objective.model
@@ -337,6 +342,10 @@ class Trainer:
                     window_tok += tokens
                     wait_total += wait
                     self.loss_trace.append(logs["loss"])
+                    evals: dict[str, float] = {}
+                    if (self.evaluate is not None and self.rank == 0 and self.eval_every > 0
+                            and (self.step % self.eval_every == 0 or self.step == end)):
+                        evals = self.evaluate(self.step)
                     if self.step % self.cfg.log_every == 0 or self.step == end:
                         now = time.perf_counter()
                         logs = self._reduce_logs(logs)
@@ -344,6 +353,8 @@ class Trainer:
                         if peak is not None:
                             logs["mfu"] = logs["tokens_per_s"] * self.flops_per_token / peak
                         window_t, window_tok = now, 0
+                        logs.update(evals)
+                        evals = {}
                         if self.run_dir is not None and self.rank == 0:
                             self.run_dir.log_metrics(self.step, logs)
                         if self.on_log is not None:
@@ -353,6 +364,8 @@ class Trainer:
                             if "mfu" in logs:
                                 post["mfu"] = f"{logs['mfu']:.1%}"
                             bar.set_postfix(post)
+                    if evals and self.run_dir is not None:  # an evaluation step that is not a log step
+                        self.run_dir.log_metrics(self.step, evals)
                     if bar is not None:
                         bar.update(1)
                     if self.step % self.cfg.checkpoint_every == 0 or self.step == end:

@@ -338,3 +338,39 @@ def test_target_head_schedules_hard_and_polyak():
     assert all(torch.allclose(g, torch.full_like(g, 0.75 ** 2)) for g in gap(model))
     with pytest.raises(WamError, match="target-tau"):
         WorldActionObjective(tiny_model(), LossConfig(target_tau=1.5))
+
+
+def test_td_target_statistics_hand_checked():
+    model = tiny_model()
+    batch = make_batch(b=2, h=1)
+    batch.actions[:] = 1
+    batch.rewards[:] = torch.tensor([[2.5], [-0.1]])  # sign: +1, -1
+    batch.terminations[:] = torch.tensor([[False], [True]])
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :3] = True
+    target = _delta_logits([12, 13, 17, 12, 12, 50] + [12] * 12, b=2, h=2)  # best legal next Q 3.6
+    _, logs = td_loss(model, _output(torch.zeros(2, 2, 1, 18, 51), target), batch, LossConfig(gamma=0.5))
+    # targets: row 0: 1 + 0.5 * 3.6 = 2.8; row 1 terminal: -1
+    assert logs["td_target_mean"] == pytest.approx(0.9, abs=1e-4)
+    assert logs["td_target_std"] == pytest.approx(1.9, abs=1e-4)
+    assert logs["td_target_max"] == pytest.approx(2.8, abs=1e-4)
+    assert logs["q_next_max"] == pytest.approx(3.6, abs=1e-4), "only the bootstrapping row counts"
+
+
+def test_frequent_action_gap_hand_checked():
+    from wam.worldmodel.losses import frequent_action_gap
+
+    batch = make_batch(b=3, h=2)
+    batch.game_ids[:] = torch.tensor([0, 0, 1])
+    batch.actions[:] = torch.tensor([[3, 3], [3, 1], [2, 0]])  # game 0: action 3 most frequent; game 1: tie -> 0
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :4] = True
+    q = torch.zeros(3, 2, 18)
+    q[:2, :, 3] = 2.0  # game 0: Q(3) = 2, the other legal actions 0 -> gap 2
+    q[:2, :, 0] = 0.9  # ... now the others average 0.3 -> gap 1.7
+    q[2, :, 0] = -1.0  # game 1: Q(0) = -1, others 0 -> gap -1
+    q[:, :, 10] = 99.0  # illegal actions never count
+    steps = torch.ones(3, 2, dtype=torch.bool)
+    assert frequent_action_gap(q, batch, steps) == pytest.approx((4 * 1.7 + 2 * -1.0) / 6, abs=1e-5)
+    steps[2] = False
+    assert frequent_action_gap(q, batch, steps) == pytest.approx(1.7, abs=1e-5)

@@ -104,3 +104,21 @@ def test_schedule_warmup_then_decay_to_min_lr():
     assert lr_factor(99, cfg) == pytest.approx(0.1, abs=1e-3)
     lin = TrainerConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=0, schedule="linear")
     assert lr_factor(50, lin) == pytest.approx(0.55)
+
+
+def test_evaluate_hook_joins_metrics_rows(tmp_path):
+    run = RunDir(tmp_path / "ev")
+    trainer = make_trainer(run, steps=7, log_every=2)
+    calls = []
+
+    def evaluate(step):
+        calls.append(step)
+        return {"q_mc_gap": float(step)}
+
+    trainer.evaluate, trainer.eval_every = evaluate, 3
+    trainer.fit()
+    assert calls == [3, 6, 7]
+    rows = run.read_metrics()
+    with_eval = {r["step"]: r for r in rows if "q_mc_gap" in r}
+    assert sorted(with_eval) == [3, 6, 7] and with_eval[6]["q_mc_gap"] == 6.0
+    assert "loss" in with_eval[6] and "loss" not in with_eval[3], "merged into log rows, else a row of its own"

@@ -1,0 +1,95 @@
+"""Q calibration against Monte-Carlo returns: is the model's Q over- or under-estimating on real episodes?
+
+`q_calibration(model, episodes, gamma)` reads, for every step t of each episode, the expected Q of the
+action the data took, E[Q](s_t, a_t), the way greedy acting reads it (a window of the last min(H, t+1)
+frames ending at o_t, Q at its last frame, ensemble mean), and compares it with the discounted return
+that followed, G_t = sum_k gamma^k r_{t+k} (rewards transformed as in training, summed to the episode's
+end). An episode cut by a cap (truncated) has a G_t that misses the rewards after the cut, so its steps
+are left out unless `include_truncated`. Logged per game in metrics.jsonl at evaluation intervals (see
+docs/training.md): `q_mc_gap` (mean E[Q] - G: > 0 over-estimates), `q_mc_abs_gap`, `q_data_mean`,
+`mc_return_mean`, `q_mc_steps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wam.worldmodel.losses import transform_reward
+from wam.worldmodel.model import WorldActionModel
+
+
+@dataclass
+class EpisodeTokens:
+    """One episode as the model sees it."""
+
+    obs_tokens: np.ndarray  # [T+1, K] int
+    actions: np.ndarray  # [T] int
+    rewards: np.ndarray  # [T] float (raw)
+    game_id: int
+    truncated: bool = False
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = sum_{k >= 0} gamma^k r_{t+k} to the end of the sequence, [T] float64."""
+    out = np.zeros(len(rewards), np.float64)
+    acc = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        acc = float(rewards[t]) + gamma * acc
+        out[t] = acc
+    return out
+
+
+@torch.no_grad()
+def data_action_q(model: WorldActionModel, ep: EpisodeTokens, chunk: int = 256) -> np.ndarray:
+    """E[Q](s_t, a_t) [T] of the data actions, each read from a window of the last min(H, t+1) frames."""
+    h = model.cfg.horizon
+    device = model.ln_f.weight.device
+    obs = torch.as_tensor(np.asarray(ep.obs_tokens, np.int64), device=device)
+    act = torch.as_tensor(np.asarray(ep.actions, np.int64), device=device)
+    n = len(act)
+    q = np.zeros(n, np.float64)
+    for t in range(min(h - 1, n)):  # short windows at the episode's start
+        out, _ = model(obs[None, : t + 1], act[None, :t], torch.tensor([ep.game_id], device=device), world_model=False)
+        q[t] = float(model.expected_q(out.q_logits[0, -1]).mean(0)[act[t]])
+    starts = np.arange(h - 1, n) - (h - 1)  # full windows: frames s..s+H-1 for t = s+H-1
+    for i in range(0, len(starts), chunk):
+        s = torch.as_tensor(starts[i:i + chunk], device=device)
+        frames = obs[s[:, None] + torch.arange(h, device=device)]  # [C, H, K]
+        acts = act[s[:, None] + torch.arange(h - 1, device=device)] if h > 1 else act.new_zeros(len(s), 0)
+        out, _ = model(frames, acts, torch.full((len(s),), ep.game_id, device=device), world_model=False)
+        qt = model.expected_q(out.q_logits[:, -1]).mean(1)  # [C, 18]
+        t = s + h - 1
+        q[t.cpu().numpy()] = qt.gather(1, act[t][:, None])[:, 0].double().cpu().numpy()
+    return q
+
+
+def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma: float,
+                  reward_transform: str = "sign", include_truncated: bool = False) -> dict[int, dict[str, float]]:
+    """Per game id: mean (and mean absolute) gap between E[Q] of the data actions and their discounted
+    Monte-Carlo return, the two means, and the number of steps compared."""
+    was_training = model.training
+    model.eval()
+    per: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    try:
+        for ep in episodes:
+            if ep.truncated and not include_truncated:
+                continue
+            r = transform_reward(torch.as_tensor(np.asarray(ep.rewards, np.float32)), reward_transform).numpy()
+            per.setdefault(ep.game_id, []).append((data_action_q(model, ep), discounted_returns(r, gamma)))
+    finally:
+        model.train(was_training)
+    out = {}
+    for g, rows in per.items():
+        q = np.concatenate([a for a, _ in rows])
+        ret = np.concatenate([b for _, b in rows])
+        if len(q) == 0:
+            continue
+        out[g] = {"q_mc_gap": float((q - ret).mean()), "q_mc_abs_gap": float(np.abs(q - ret).mean()),
+                  "q_data_mean": float(q.mean()), "mc_return_mean": float(ret.mean()), "q_mc_steps": float(len(q))}
+    return out
+
+
+__all__ = ["EpisodeTokens", "data_action_q", "discounted_returns", "q_calibration"]
