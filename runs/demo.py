@@ -81,6 +81,16 @@ class Stage:
     seconds: float = 0.0
 
 
+def tokenizer_summary(extra: dict) -> str:
+    """One line from a loaded tokenizer's recorded evaluation: PSNR, mean-frame baseline, foreground gains."""
+    psnr, base = extra.get("heldout_psnr"), extra.get("baseline_psnr")
+    if psnr is None or base is None:
+        return "trained"
+    gains = {k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith("fg_gain/")}
+    fg = ("; foreground vs median frame " + ", ".join(f"{g} {v:+.1f} dB" for g, v in gains.items())) if gains else ""
+    return f"held-out PSNR {psnr:.1f} dB vs mean-frame {base:.1f} dB{fg}"
+
+
 def run_wam(*args: object) -> None:
     """Run one `wam` command in-process, exactly as typed on the command line."""
     from wam.runs.cli import run_command
@@ -136,15 +146,9 @@ class _Demo:
              "--steps", self.cfg.tokenizer_steps,
              *(["--resume"] if (run / "checkpoints").exists() else []))
         run_wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
-        facts = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
         from wam.worldmodel.tokenizer import load_tokenizer
 
-        extra = load_tokenizer(run).extra
-        psnr = extra.get("heldout_psnr")
-        base = extra.get("baseline_psnr")
-        del facts
-        return (f"held-out PSNR {psnr:.1f} dB vs mean-frame {base:.1f} dB" if psnr is not None and base is not None
-                else "trained")
+        return tokenizer_summary(load_tokenizer(run).extra)
 
     def _train(self, command: list[object], run: Path) -> None:
         resume = ["--resume"] if (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()) else []

@@ -104,11 +104,16 @@ class RecipeConfig:
     """Sequence core of the world-action model."""
     fresh: bool = False
     """Delete a previous recipe directory first (otherwise finished work is reused)."""
+    until: int = 5
+    """Stop after this stage (1 collect, 2 tokenizer, 3 train, 4 evaluate, 5 claims + report); a later run
+    with a higher --until resumes from there."""
 
     def __post_init__(self) -> None:
         # repeated flags replace these defaults rather than appending to them
         self.pretrain_games = list(self.pretrain_games) or ["Freeway", "Boxing"]
         self.seeds = list(self.seeds) or [0, 1, 2]
+        if not 1 <= self.until <= 5:
+            raise WamError(f"--until names a stage from 1 to 5, got {self.until}")
 
 
 # ----------------------------------------------------------------------------------- training jobs
@@ -282,16 +287,14 @@ class _Recipe:
         return f"{len(self.games)} games"
 
     def tokenizer(self) -> str:
-        from wam.runs.demo import run_wam
+        from wam.runs.demo import run_wam, tokenizer_summary
         from wam.worldmodel.tokenizer import load_tokenizer
 
         run = self.p("runs", "tokenizer")
         run_wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
              "--steps", self.cfg.tokenizer_steps, *(["--resume"] if (run / "checkpoints").exists() else []))
         run_wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
-        extra = load_tokenizer(run).extra
-        return f"held-out PSNR {extra.get('heldout_psnr', float('nan')):.1f} dB vs mean frame " \
-               f"{extra.get('baseline_psnr', float('nan')):.1f} dB"
+        return tokenizer_summary(load_tokenizer(run).extra)
 
     def training_jobs(self) -> list[_Job]:
         """Pretraining, then fine-tuning from it and from scratch for every seed (wam command lines)."""
@@ -498,6 +501,9 @@ def recipe(cfg: RecipeConfig) -> int:
         Stage("4 evaluate (Ray rollouts)", r.evaluate),
         Stage("5 claims + report", r.report),
     ]
-    run_stages(stages)
+    run_stages(stages[:cfg.until])
+    if cfg.until < len(stages):
+        print(f"\nstopped after stage {cfg.until} (--until {cfg.until}); rerun with a higher --until to go on")
+        return 0
     print("\n" + (cfg.out / "report" / "claims.md").read_text())
     return 0

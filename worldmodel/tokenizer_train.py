@@ -372,8 +372,11 @@ def lr_at(step: int, cfg: TokenizerConfig) -> float:
 def _make_optimizer(model: VQTokenizer, cfg: TokenizerConfig) -> torch.optim.AdamW:
     """AdamW: weight decay on conv kernels only (not biases, norms, the pixel bias or the codebook)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.dim() == 4]
-    rest = [p for n, p in params if p.dim() != 4]
+    def decays(name: str, p: torch.nn.Parameter) -> bool:
+        return p.dim() == 4 and not name.startswith(("decoder.pixel_bias", "decoder.backgrounds"))
+
+    decay = [p for n, p in params if decays(n, p)]
+    rest = [p for n, p in params if not decays(n, p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
 
