@@ -81,6 +81,10 @@ class LossConfig:
     (no gradient) over the window o_1..o_H, where o_H sits at slot H-1, a slot whose Q the losses train;
     `same-pass` reads it at slot H of the training pass, whose Q never gets a gradient (JOWA's way; on the
     toy MDP of `wam.worldmodel.toy_mdp` its values there drift and the learned Q diverges)."""
+    critic_warmup_steps: int = 0
+    """JOWA's `train_critic_after_n_steps`: for the first N optimiser steps only the world-model loss trains
+    (objective `jowa`; the Q terms enter with weight 0, so every parameter stays in the graph); the
+    target head is copied from the Q head when the critic starts. 0 = the critic trains from step 0."""
     target_tau: float = 0.0
     """Polyak averaging of the target Q head: after every optimiser step target <- (1 - tau) target + tau
     online; 0 = hard updates every `target_update_every` steps instead."""
@@ -382,10 +386,12 @@ def distill_loss(model: WorldActionModel, out: WorldActionOutput, q_target: torc
     return loss, {"distill_loss": loss.item(), "distill_mae": mae.item(), "distill_coverage": coverage.item()}
 
 
-def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig) -> tuple[torch.Tensor, Logs]:
+def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig, critic: bool = True
+                      ) -> tuple[torch.Tensor, Logs]:
     """The objective `cfg.objective` on a token batch (obs [B, H+1, 36] int64); see the module docstring.
 
-    A `QTargetBatch` adds `cfg.lambda_distill` x the distillation term (not with `bc`).
+    A `QTargetBatch` adds `cfg.lambda_distill` x the distillation term (not with `bc`). `critic=False`
+    (the `jowa` objective's warm-up) weighs the Q terms by 0: only the world model learns.
     """
     assert batch.is_tokens, "world_action_loss needs token observations; encode frames with the tokenizer first"
     objective = objective_name(cfg)
@@ -402,7 +408,8 @@ def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig) ->
     last = last_frame_q(model, batch) if cfg.last_bootstrap == "shifted" else None
     td, td_logs = td_loss(model, out, batch, cfg, last)
     cql, cql_logs = cql_loss(model, out, batch)
-    loss = td + cfg.lambda_cql * cql
+    q_weight = 1.0 if critic or not use_wm else 0.0
+    loss = q_weight * (td + cfg.lambda_cql * cql)
     logs: Logs = {**td_logs, **cql_logs}
     if use_wm:
         wm, wm_logs = world_model_loss(out, batch)
@@ -412,7 +419,7 @@ def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig) ->
         h = batch.actions.shape[1]
         mask = batch.q_target_mask & batch.mask[:, :, None] & batch.legal_actions[:, None, :]  # [B, H, 18]
         dl, dl_logs = distill_loss(model, out, batch.q_target[:, :h], mask, valid_steps=batch.mask)
-        loss = loss + cfg.lambda_distill * dl
+        loss = loss + q_weight * cfg.lambda_distill * dl
         logs.update(dl_logs)
     return loss, {"loss": loss.item(), **logs}
 
@@ -423,7 +430,8 @@ class WorldActionObjective(torch.nn.Module):
     Objectives without the world-model loss (`q-only`, `bc`) freeze the observation, reward and
     termination heads here (they get no gradient, no weight decay and no DDP reduction).
     `after_step(step)` updates the target Q head: Polyak averaging after every step when `cfg.target_tau`
-    > 0, else a hard update every `cfg.target_update_every` optimiser steps.
+    > 0, else a hard update every `cfg.target_update_every` optimiser steps (counted from the end of the
+    critic's warm-up, `cfg.critic_warmup_steps`, during which the target is kept equal to the Q head).
     """
 
     def __init__(self, model: WorldActionModel, cfg: LossConfig) -> None:
@@ -434,7 +442,10 @@ class WorldActionObjective(torch.nn.Module):
             raise WamError(f"--last-bootstrap must be shifted or same-pass, got {cfg.last_bootstrap!r}")
         if cfg.target_tau == 0 and cfg.target_update_every < 1:
             raise WamError(f"--target-update-every must be at least 1, got {cfg.target_update_every}")
+        if cfg.critic_warmup_steps < 0:
+            raise WamError(f"--critic-warmup-steps must be >= 0, got {cfg.critic_warmup_steps}")
         self.model, self.cfg = model, cfg
+        self.step = 0  # optimiser steps done (the trainer sets it on resume through `resume_at`)
         self.objective = objective_name(cfg)
         if self.objective != "jowa":
             log.info("objective %s: the world-model heads (%s) are not trained", self.objective,
@@ -447,11 +458,23 @@ class WorldActionObjective(torch.nn.Module):
     def uses_world_model(self) -> bool:
         return self.objective == "jowa"
 
+    @property
+    def critic_trains(self) -> bool:
+        return self.step >= self.cfg.critic_warmup_steps
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        return world_action_loss(self.model, batch, self.cfg)
+        return world_action_loss(self.model, batch, self.cfg, critic=self.critic_trains)
+
+    def resume_at(self, step: int) -> None:
+        """Continue a run at `step` (the target head's state comes with the model's)."""
+        self.step = step
 
     def after_step(self, step: int) -> None:
-        if self.cfg.target_tau > 0:
+        self.step = step
+        warmup = self.cfg.critic_warmup_steps
+        if step <= warmup:  # the critic has not trained yet (or starts now): keep the target equal to it
+            self.model.update_target()
+        elif self.cfg.target_tau > 0:
             self.model.update_target(self.cfg.target_tau)
-        elif step % self.cfg.target_update_every == 0:
+        elif (step - warmup) % self.cfg.target_update_every == 0:
             self.model.update_target()

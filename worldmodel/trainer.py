@@ -259,6 +259,9 @@ class Trainer:
                         "from rank 0's position", len(states), self.world_size)
         self.source.load_state_dict(states[self.rank] if self.rank < len(states) else states[0])
         set_rng_state(ckpt["rng"])
+        resume_at = getattr(self.objective, "resume_at", None)
+        if resume_at is not None:
+            resume_at(self.step)
         if self.run_dir is not None and self.rank == 0:
             self.run_dir.truncate_metrics(self.step)
         log.info("resumed at step %d", self.step)

@@ -374,3 +374,43 @@ def test_frequent_action_gap_hand_checked():
     assert frequent_action_gap(q, batch, steps) == pytest.approx((4 * 1.7 + 2 * -1.0) / 6, abs=1e-5)
     steps[2] = False
     assert frequent_action_gap(q, batch, steps) == pytest.approx(1.7, abs=1e-5)
+
+
+def test_critic_warmup_trains_the_world_model_only_then_the_critic():
+    from wam.worldmodel.losses import WorldActionObjective
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    objective = WorldActionObjective(model, LossConfig(critic_warmup_steps=2, target_update_every=5))
+    batch = make_batch(b=2, h=2)
+
+    def grads():
+        model.zero_grad()
+        loss, _ = objective(batch)
+        loss.backward()
+        q = sum(p.grad.abs().sum().item() for p in model.q_head.parameters() if p.grad is not None)
+        wm = sum(p.grad.abs().sum().item() for p in model.obs_head.parameters() if p.grad is not None)
+        return q, wm
+
+    q, wm = grads()
+    assert q == 0 and wm > 0, "warm-up: the Q head gets no gradient, the world model does"
+    with torch.no_grad():
+        for p in model.q_head.parameters():
+            p.add_(0.5)
+    objective.after_step(1)
+    assert all(torch.equal(a, b) for a, b in zip(model.q_head.parameters(), model.target_q_head.parameters()))
+    objective.after_step(2)  # the critic starts now, from a target equal to the Q head
+    q, _ = grads()
+    assert q > 0
+    with torch.no_grad():
+        for p in model.q_head.parameters():
+            p.add_(0.5)
+    for step in (3, 4, 5, 6):  # hard copies every 5 steps counted from the warm-up's end: at step 7
+        objective.after_step(step)
+    assert not torch.equal(next(model.q_head.parameters()), next(model.target_q_head.parameters()))
+    objective.after_step(7)
+    assert torch.equal(next(model.q_head.parameters()), next(model.target_q_head.parameters()))
+    fresh = WorldActionObjective(model, LossConfig(critic_warmup_steps=2))
+    assert not fresh.critic_trains
+    fresh.resume_at(2)  # what the trainer calls when it resumes a checkpoint
+    assert fresh.critic_trains
