@@ -56,8 +56,9 @@ def test_every_position_acting_reads_gets_gradient(core, objective):
     q_out: list[torch.Tensor] = []
 
     def keep(module, inputs, output):
-        output.retain_grad()
-        q_out.append(output)
+        if output.requires_grad:  # the training pass (the bootstrap's shifted pass runs without gradient)
+            output.retain_grad()
+            q_out.append(output)
 
     model.q_head.register_forward_hook(keep)
     loss, _ = world_action_loss(model, batch, LossConfig(objective=objective))
