@@ -1,9 +1,10 @@
 """Multi-query associative recall (MQAR) with a sequence core: does its initialisation let it learn at small width?
 
-    python -m wam.runs.bench_init [--steps 2000] [--inits scaled gpt2]
+    python -m wam.runs.bench_init [--steps 1500] [--inits scaled gpt2 torch] [--pairs 4 --length 32 --keys 16]
 
-A sequence of T = 64 tokens holds 8 key-value pairs (keys 1..64, values 65..128) followed by 24 queries
-(a key seen before, then its value); the loss and the accuracy are on the values after the queries.
+A sequence of T tokens (32) holds P key-value pairs (4; keys 1..K, values K+1..2K, K = 16) followed by
+queries (a key seen before, then its value) up to T; the loss and the accuracy are on the values after
+the queries.
 Model: token embedding + learned positions + core (`positions="none"`, like the world-action model) +
 LayerNorm + linear head; AdamW lr 3e-3, batch 64, one CPU thread. Prints the recall accuracy of each
 initialisation on fresh sequences after training: the transformer core with `init="scaled"` (embeddings and
@@ -21,7 +22,7 @@ from torch import nn
 
 from wam.worldmodel.cores.base import build_core
 
-PAIRS, T, N_KEYS = 8, 64, 64
+PAIRS, T, N_KEYS = 4, 32, 16
 VOCAB = 1 + 2 * N_KEYS
 
 
@@ -102,13 +103,13 @@ def run(init: str, steps: int, d: int = 64, layers: int = 2, lr: float = 3e-3, s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--inits", nargs="+", default=["scaled", "gpt2"])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--inits", nargs="+", default=["scaled", "gpt2", "torch"])
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--keys", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--length", type=int, default=32)
+    ap.add_argument("--keys", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     configure(args.pairs, args.length, args.keys)
