@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("wam.runs.train_cmds", "pretrain", "Pretrain the world-action model on trajectories of many games."),
     "finetune": ("wam.runs.train_cmds", "finetune", "Fine-tune a world-action model on a new game (or train it from scratch)."),
     "tokenizer train": ("wam.runs.tokenizer_cmds", "train", "Train the VQ-VAE frame tokenizer (84x84 frame -> 36 tokens)."),
+    "tokenizer probe": ("wam.runs.tokenizer_cmds", "probe", "Probe a frozen tokenizer for RAM object coordinates (R² vs pixels)."),
     "tokenize": ("wam.runs.tokenizer_cmds", "tokenize", "Encode every frame of datasets into their token caches."),
     "bench": ("wam.runs.bench", "bench", "Run benchmarks and write JSON figures (data, cores, tokenizer, ...)."),
 }

@@ -1,18 +1,25 @@
-"""`wam tokenizer train` and `wam tokenize`: train the frame tokenizer, then fill the datasets' token caches.
+"""`wam tokenizer train`, `wam tokenize` and `wam tokenizer probe`: train the frame tokenizer, fill the datasets'
+token caches, and probe the frozen tokens for object coordinates.
 
     wam tokenizer train --preset debug --data DIR... --out RUN [--steps N] [--resume]
     wam tokenize --tokenizer RUN --data DIR...
+    wam tokenizer probe RUN --data DIR... --out DIR [--max-frames 20000] [--no-pixels]
 
-Both end with one summary line: held-out PSNR against the mean-frame baseline and codebook usage.
-Details of the model and the training loop: docs/tokenizer.md, `wam.worldmodel.tokenizer(_train)`.
+The first two end with one summary line: held-out PSNR against the mean-frame baseline and codebook usage.
+Details of the model and the training loop: docs/tokenizer.md, `wam.worldmodel.tokenizer(_train)`; of the
+probe: docs/probe.md, `wam.worldmodel.probe`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Annotated
+
+import tyro
 
 from wam.datasets.errors import WamError
+from wam.worldmodel.probe import ProbeConfig
 from wam.worldmodel.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,24 @@ class TokenizeArgs:
     """Show a progress bar."""
 
 
+@dataclass
+class TokenizerProbeArgs:
+    """Probe a frozen tokenizer: held-out R² of RAM object coordinates from its tokens vs the raw pixels (AtariARI)."""
+
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+    """Tokenizer run directory (its newest checkpoint) or checkpoint file."""
+    data: tuple[str, ...] = ()
+    """Dataset directories (or roots holding datasets) with recorded RAM (`wam data collect` records it)."""
+    out: str = ""
+    """Output directory: probe.json, probe.md (table), probe.png (bars)."""
+    device: str = "cpu"
+    """Device of the tokenizer when frames must be encoded (cpu, cuda or auto); the probes run on the CPU."""
+    progress: bool = True
+    """Print a line after each stage."""
+    probe: Annotated[ProbeConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ProbeConfig)
+    """Probe settings."""
+
+
 def train(args: TokenizerTrainArgs) -> int:
     """`wam tokenizer train`."""
     from wam.worldmodel.tokenizer_train import train_tokenizer
@@ -87,4 +112,22 @@ def tokenize(args: TokenizeArgs) -> int:
              f"codebook usage {facts.get('heldout_usage', float('nan')):.0%} on held-out frames")
     print(f"tokenized {len(s.encoded)} of {len(s.datasets)} dataset(s) ({len(s.skipped)} already cached), "
           f"{s.frames} frames in {s.seconds:.1f} s with tokenizer {s.tokenizer_id}: {quality}, {usage}")
+    return 0
+
+
+def probe(args: TokenizerProbeArgs) -> int:
+    """`wam tokenizer probe`."""
+    import sys
+
+    from wam.worldmodel.probe import probe_tokenizer
+
+    if not args.out:
+        raise WamError("give the output directory with --out DIR")
+
+    def say(line: str) -> None:
+        if args.progress:
+            print(line, file=sys.stderr, flush=True)
+
+    report = probe_tokenizer(args.run, args.data, args.out, args.probe, device=args.device, say=say)
+    print(report.summary_line())
     return 0
