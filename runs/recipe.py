@@ -77,7 +77,7 @@ class RecipeConfig:
     finetune_steps: int = 1500
     """Optimiser steps of each fine-tuning and from-scratch run."""
     lambda_cql: float | None = None
-    """Weight of the CQL regulariser in every run (none given: the preset's, JOWA's 0.1)."""
+    """Weight of the CQL regulariser in every run (none given: the preset's, 0.01 for `small`; JOWA used 0.1)."""
     n_step: int | None = None
     """Rewards summed before the TD target bootstraps (none given: the preset's, JOWA's 1)."""
     double_q: bool | None = None

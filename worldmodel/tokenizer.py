@@ -166,6 +166,14 @@ class TokenizerConfig:
         """The named preset: debug, small, jowa-40m, jowa-70m or jowa-150m."""
         return dataclasses.replace(cls(), **preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset"))
 
+    @classmethod
+    def from_stored(cls, data: dict) -> TokenizerConfig:
+        """The config a checkpoint or config.json recorded. Fields added since take the value that reproduces the
+        behaviour of the version that wrote it (`LEGACY_DEFAULTS`), not today's default."""
+        from wam.worldmodel.checkpoint import config_from_dict
+
+        return config_from_dict(cls, {**LEGACY_DEFAULTS, **data})
+
     def architecture_dict(self) -> dict[str, object]:
         """The fields that decide what the weights mean (hashed into the tokenizer id)."""
         keys = ("codebook_size", "codebook_dim", "channels", "res_blocks", "normalize_codes")
@@ -173,6 +181,10 @@ class TokenizerConfig:
             keys += ("background_bank",)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
+
+LEGACY_DEFAULTS: dict[str, object] = {"background_bank": 0, "foreground_weight": 0.0}
+"""Values of fields added after tokenizers were first saved, for configs recorded without them (before the
+background bank and the foreground weighting, every tokenizer had one bias image and an unweighted loss)."""
 
 # Overrides of the defaults (= debug). The paper presets share one tokenizer: JOWA trains it once (stage 1,
 # 2,048 x 512 codebook, 250k steps) and freezes it for every model size.
@@ -687,11 +699,11 @@ def load_tokenizer(run_or_path: str | Path, device: str | torch.device = "cpu") 
 
     The id recomputed from the weights must equal the one recorded at save time (else the file is damaged).
     """
-    from wam.worldmodel.checkpoint import config_from_dict, latest_checkpoint, load_checkpoint
+    from wam.worldmodel.checkpoint import latest_checkpoint, load_checkpoint
 
     path = latest_checkpoint(Path(run_or_path)) if Path(run_or_path).is_dir() else Path(run_or_path)
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
-    cfg = config_from_dict(TokenizerConfig, ckpt["config"])
+    cfg = TokenizerConfig.from_stored(ckpt["config"])
     model = VQTokenizer(cfg)
     model.load_state_dict(ckpt["model"])
     model.requires_grad_(False).eval().to(device)
@@ -705,7 +717,7 @@ def load_tokenizer(run_or_path: str | Path, device: str | torch.device = "cpu") 
 
 
 __all__ = [
-    "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "FRAME_SIZE", "ForegroundFidelity", "GRID_SIZE", "TOKENS_PER_FRAME", "TOKENIZER_PRESETS", "TokenizerConfig",
+    "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "LEGACY_DEFAULTS", "FRAME_SIZE", "ForegroundFidelity", "GRID_SIZE", "TOKENS_PER_FRAME", "TOKENIZER_PRESETS", "TokenizerConfig",
     "TokenizerOutput", "VQTokenizer", "VectorQuantizer", "build_tokenizer", "foreground_fidelity",
     "foreground_mask", "image_gradient_l1",
     "load_tokenizer", "psnr",

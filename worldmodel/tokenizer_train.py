@@ -46,7 +46,6 @@ from wam.datasets.store import TrajectoryStore, find_datasets
 from wam.worldmodel.checkpoint import (
     RunDir,
     atomic_write_bytes,
-    config_from_dict,
     config_to_dict,
     load_checkpoint,
     rng_state,
@@ -330,10 +329,11 @@ def plot_reconstructions(path: Path, frames: np.ndarray, recon: torch.Tensor, st
 
 
 def _plot_selection(owner: np.ndarray, count: int) -> np.ndarray:
-    """Indices of `count` held-out frames, round-robin over datasets, spread over each dataset's frames."""
+    """Indices of `count` held-out frames, round-robin over datasets, spread over each dataset's frames (the
+    centres of equal parts, so no grid shows an episode's identical first frames side by side)."""
     per = [np.flatnonzero(owner == d) for d in np.unique(owner)]
     want = [max(1, count // len(per) + (k < count % len(per))) for k in range(len(per))]
-    picks = [idx[np.linspace(0, len(idx) - 1, num=min(w, len(idx))).round().astype(np.int64)]
+    picks = [idx[((np.arange(min(w, len(idx))) + 0.5) * len(idx) / min(w, len(idx))).astype(np.int64)]
              for idx, w in zip(per, want)]
     return np.concatenate(picks)[:count]
 
@@ -414,7 +414,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         if latest is None:
             raise WamError(f"--resume: {run.path} has no checkpoint to resume from; start without --resume")
         ckpt = load_checkpoint(latest, kind=CHECKPOINT_KIND)
-        cfg = config_from_dict(TokenizerConfig, ckpt["config"])
+        cfg = TokenizerConfig.from_stored(ckpt["config"])
         stored_data = [Path(p) for p in ckpt["data"]]
         paths = _resolve_data(data) if data else stored_data
         if [p.resolve() for p in paths] != [p.resolve() for p in stored_data]:

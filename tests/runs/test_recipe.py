@@ -88,9 +88,10 @@ def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_p
         return {(cfg.loss.lambda_cql, cfg.loss.n_step, cfg.loss.double_q)
                 for cfg in (parse_command(j.argv[0], j.argv[1:])[1] for j in jobs)}
 
-    assert losses([]) == {(0.1, 1, False)}  # the `small` preset: JOWA's objective
+    assert losses([]) == {(0.01, 1, False)}  # the `small` preset: JOWA's objective with CQL 0.01
     assert losses(["--lambda-cql", "1.0", "--n-step", "4", "--double-q", "True"]) == {(1.0, 4, True)}
-    assert losses(["--double-q", "False"]) == {(0.1, 1, False)}
+    assert losses(["--double-q", "False"]) == {(0.01, 1, False)}
+    assert losses(["--lambda-cql", "0.1"]) == {(0.1, 1, False)}  # JOWA's weight
 
 
 def test_recipe_refuses_a_held_out_game_it_pretrains_on(tmp_path, capsys):

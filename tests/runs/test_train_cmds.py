@@ -97,7 +97,7 @@ def test_pretrain_then_finetune_from_checkpoint_and_scratch(workspace):
     assert ckpt["config"]["objective"] == "jowa"
     assert ckpt["config"]["model"]["games"] == ["Breakout", "Pong"]
     assert ckpt["tokenizer"]["id"] == load_tokenizer(workspace["tokenizer"]).tokenizer_id()
-    assert ckpt["config"]["model"]["vocab_size"] == 256
+    assert ckpt["config"]["model"]["vocab_size"] == load_tokenizer(workspace["tokenizer"]).cfg.codebook_size
 
     # fine-tune on the held-out game from the checkpoint: frames only, encoded by the frozen tokenizer
     ft = FinetuneConfig.from_preset("debug")
@@ -121,7 +121,7 @@ def test_pretrain_then_finetune_from_checkpoint_and_scratch(workspace):
     ft.model.d_model, ft.model.n_layers, ft.model.horizon = 32, 1, 2
     assert run_training(ft).step == 4
     scratch, _ = WorldActionModel.from_checkpoint(ft.out)
-    assert scratch.cfg.games == ("Freeway",) and scratch.cfg.vocab_size == 256
+    assert scratch.cfg.games == ("Freeway",) and scratch.cfg.vocab_size == load_tokenizer(workspace["tokenizer"]).cfg.codebook_size
 
 
 def test_cli_pretrain_resume_continues(workspace):

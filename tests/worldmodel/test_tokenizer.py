@@ -332,3 +332,19 @@ def test_background_bank_mixes_learned_screens_and_changes_the_id():
     opt = _make_optimizer(bank, dataclasses.replace(bank.cfg, weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(bank.decoder.backgrounds) not in decayed and id(bank.decoder.net[0].weight) in decayed
+
+
+def test_checkpoint_of_an_older_tokenizer_still_loads(tmp_path):
+    """A config recorded before the background bank and the foreground weighting rebuilds the old model."""
+    from wam.worldmodel.checkpoint import config_to_dict
+
+    old = build_tokenizer(TokenizerConfig(background_bank=0, foreground_weight=0.0))
+    stored = {k: v for k, v in config_to_dict(old.cfg).items() if k not in ("background_bank", "foreground_weight",
+                                                                            "foreground_max_share",
+                                                                            "foreground_threshold")}
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"kind": "tokenizer", "config": stored, "model": old.state_dict(),
+                           "tokenizer_id": old.tokenizer_id(), "step": 1})
+    loaded = load_tokenizer(path)
+    assert loaded.cfg.background_bank == 0 and loaded.cfg.foreground_weight == 0.0
+    assert loaded.tokenizer_id() == old.tokenizer_id()
