@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer train": ("wam.runs.tokenizer_cmds", "train", "Train the VQ-VAE frame tokenizer (84x84 frame -> 36 tokens)."),
     "tokenizer probe": ("wam.runs.tokenizer_cmds", "probe", "Probe a frozen tokenizer for RAM object coordinates (R² vs pixels)."),
     "tokenize": ("wam.runs.tokenizer_cmds", "tokenize", "Encode every frame of datasets into their token caches."),
+    "diagnose": ("wam.runs.diagnose_cmds", "diagnose", "Q of a trained model on real episodes: vs Monte-Carlo returns, action histograms."),
     "bench": ("wam.runs.bench", "bench", "Run benchmarks and write JSON figures (data, cores, tokenizer, ...)."),
 }
 

@@ -5,15 +5,17 @@ the same `wam` commands as a user would, at the `small` preset, with several tra
 
  1. collect scripted-policy data with 30 % random actions (the behaviour data) for two pretraining games
     and one held-out game, plus a little random-policy data (only for the tokenizer);
- 2. train the VQ tokenizer and fill the token caches;
+ 2. train the VQ tokenizer, fill the token caches and probe the tokens for the objects' positions
+    (`wam tokenizer probe`, on the recorded RAM);
  3. train, two processes at a time (one torch thread each): pretraining on the two games, and for every
     seed a fine-tuning run from the pretrained model and a from-scratch run on the held-out game's first
     few thousand transitions;
  4. evaluate with Ray rollouts, capped episodes: random and the behaviour policy on all three games; the
     model agent (pretrained on the pretraining games, fine-tuned on the held-out one) with and without
     beam-search planning; the from-scratch agent on the held-out game;
- 5. check the three claims of issue 9 against the numbers and write `claims.md` / `claims.json`, then
-    `wam report` with its plots.
+ 5. check the three claims of issue 9 against the numbers and write `claims.md` / `claims.json`, run
+    `wam diagnose` (Q against Monte-Carlo returns, action histograms) on the pretrained model and on the
+    first seed's fine-tuned and from-scratch models, then `wam report` with its plots.
 
 The claims, each with a 95 % bootstrap confidence interval (seeds resampled, then episodes within each seed;
 games kept fixed):
@@ -294,6 +296,9 @@ class _Recipe:
         run_wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
              "--steps", self.cfg.tokenizer_steps, *(["--resume"] if (run / "checkpoints").exists() else []))
         run_wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
+        probe = self.p("runs", "tokenizer-probe")
+        if not (probe / "probe.json").is_file():  # the state probe (docs/probe.md), about 7 min on 2 cores
+            run_wam("tokenizer", "probe", run, "--data", self.p("data"), "--out", probe)
         return tokenizer_summary(load_tokenizer(run).extra)
 
     def training_jobs(self) -> list[_Job]:
@@ -437,7 +442,19 @@ class _Recipe:
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "claims.json").write_text(json.dumps(claims, indent=2))
         (rdir / "claims.md").write_text(claims_markdown(claims, self.cfg))
+        c = self.cfg
+        first = c.seeds[0]
+        for name, games in (("pretrain", c.pretrain_games), (f"finetune-seed{first}", [c.finetune_game]),
+                            (f"scratch-seed{first}", [c.finetune_game])):
+            diag = rdir / f"diagnose-{name}"
+            if not (diag / "diagnose.json").is_file():  # Q vs Monte-Carlo returns on the last 2 episodes
+                run_wam("diagnose", self.p("runs", name), *[a for g in games for a in ("--data", self.behaviour_data(g))],
+                        "--out", diag)
         run_wam("report", *sorted(self.p("merged").iterdir()), self.p("runs"), "--out", rdir)
+        probe = self.p("runs", "tokenizer-probe")
+        for name in ("probe.md", "probe.json", "probe.png"):
+            if (probe / name).is_file():
+                shutil.copyfile(probe / name, rdir / name)
         return str(rdir / "claims.md")
 
 

@@ -43,27 +43,32 @@ def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def data_action_q(model: WorldActionModel, ep: EpisodeTokens, chunk: int = 256) -> np.ndarray:
-    """E[Q](s_t, a_t) [T] of the data actions, each read from a window of the last min(H, t+1) frames."""
+def episode_q(model: WorldActionModel, ep: EpisodeTokens, chunk: int = 256) -> np.ndarray:
+    """E[Q](s_t, .) [T, 18] of every action (ensemble mean) at each step, each read the way greedy acting
+    reads it: from a window of the last min(H, t+1) frames, at its last frame."""
     h = model.cfg.horizon
     device = model.ln_f.weight.device
     obs = torch.as_tensor(np.asarray(ep.obs_tokens, np.int64), device=device)
     act = torch.as_tensor(np.asarray(ep.actions, np.int64), device=device)
     n = len(act)
-    q = np.zeros(n, np.float64)
+    q = np.zeros((n, 18), np.float64)
     for t in range(min(h - 1, n)):  # short windows at the episode's start
         out, _ = model(obs[None, : t + 1], act[None, :t], torch.tensor([ep.game_id], device=device), world_model=False)
-        q[t] = float(model.expected_q(out.q_logits[0, -1]).mean(0)[act[t]])
+        q[t] = model.expected_q(out.q_logits[0, -1]).mean(0).double().cpu().numpy()
     starts = np.arange(h - 1, n) - (h - 1)  # full windows: frames s..s+H-1 for t = s+H-1
     for i in range(0, len(starts), chunk):
         s = torch.as_tensor(starts[i:i + chunk], device=device)
         frames = obs[s[:, None] + torch.arange(h, device=device)]  # [C, H, K]
         acts = act[s[:, None] + torch.arange(h - 1, device=device)] if h > 1 else act.new_zeros(len(s), 0)
         out, _ = model(frames, acts, torch.full((len(s),), ep.game_id, device=device), world_model=False)
-        qt = model.expected_q(out.q_logits[:, -1]).mean(1)  # [C, 18]
-        t = s + h - 1
-        q[t.cpu().numpy()] = qt.gather(1, act[t][:, None])[:, 0].double().cpu().numpy()
+        q[(s + h - 1).cpu().numpy()] = model.expected_q(out.q_logits[:, -1]).mean(1).double().cpu().numpy()
     return q
+
+
+def data_action_q(model: WorldActionModel, ep: EpisodeTokens, chunk: int = 256) -> np.ndarray:
+    """E[Q](s_t, a_t) [T] of the data actions, each read from a window of the last min(H, t+1) frames."""
+    q = episode_q(model, ep, chunk)
+    return q[np.arange(len(q)), np.asarray(ep.actions, np.int64)]
 
 
 def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma: float,
@@ -92,4 +97,4 @@ def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma:
     return out
 
 
-__all__ = ["EpisodeTokens", "data_action_q", "discounted_returns", "q_calibration"]
+__all__ = ["EpisodeTokens", "data_action_q", "discounted_returns", "episode_q", "q_calibration"]
