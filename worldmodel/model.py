@@ -42,6 +42,7 @@ from wam.datasets.config import preset_value
 from wam.datasets.errors import WamError
 from wam.worldmodel.checkpoint import config_from_dict, config_to_dict, load_checkpoint
 from wam.worldmodel.cores.base import build_core
+from wam.worldmodel.cores.transformer import init_linear
 
 log = logging.getLogger(__name__)
 
@@ -511,12 +512,7 @@ def _init_weights(module: nn.Module, scheme: str = "gpt2", d_model: int = 768) -
     if isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02 if scheme == "gpt2" else d_model ** -0.5)
     if isinstance(module, nn.Linear):
-        if scheme == "gpt2":
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        else:
-            nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_linear(module, scheme)
 
 
 __all__ = ["CHECKPOINT_KIND", "MODEL_PRESETS", "WamState", "WorldActionModel", "WorldActionModelConfig",
