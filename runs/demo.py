@@ -83,11 +83,13 @@ class Stage:
 
 def tokenizer_summary(extra: dict) -> str:
     """One line from a loaded tokenizer's recorded evaluation: PSNR, mean-frame baseline, foreground gains."""
+    from wam.worldmodel.tokenizer_train import fg_gains, gains_text
+
     psnr, base = extra.get("heldout_psnr"), extra.get("baseline_psnr")
     if psnr is None or base is None:
         return "trained"
-    gains = {k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith("fg_gain/")}
-    fg = ("; foreground vs median frame " + ", ".join(f"{g} {v:+.1f} dB" for g, v in gains.items())) if gains else ""
+    gains = fg_gains(extra)
+    fg = f"; foreground vs median frame {gains_text(gains)}" if gains else ""
     return f"held-out PSNR {psnr:.1f} dB vs mean-frame {base:.1f} dB{fg}"
 
 

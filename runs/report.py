@@ -404,13 +404,15 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
                 md += [f"![training curves of {run.label}]({name})", ""]
         fidelity = _tokenizer_fidelity(runs)
         if fidelity:
+            from wam.worldmodel.tokenizer_train import gains_text
+
             data["tokenizer_fidelity"] = fidelity
             md += ["## Tokenizer fidelity (held-out frames)", "",
                    "Foreground: pixels more than 24 grey levels from the game's median training frame (the objects); "
                    "the gain is the reconstruction's PSNR on them minus the median frame's (docs/tokenizer.md).", ""]
             md += _md_table(["run", "step", "PSNR (dB)", "mean frame (dB)", "foreground gain over the median frame"],
                             [[f["run"], f["step"], f"{f['heldout_psnr']:.2f}", f"{f['baseline_psnr']:.2f}",
-                              ", ".join(f"{g} {v:+.1f} dB" for g, v in f["fg_gain"].items()) or "n/a"]
+                              gains_text(f["fg_gain"]) or "n/a"]
                              for f in fidelity])
         grids = [(run, g) for run in runs for g in run.recon_grids]
         if grids:
@@ -429,6 +431,8 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
 def _tokenizer_fidelity(runs: list[RunInput]) -> list[dict[str, Any]]:
     """The last held-out evaluation of each tokenizer run (rows with `heldout_psnr`): PSNR, mean-frame baseline
     and the per-game foreground gain over the median frame (`fg_gain/<game>`; absent in runs before it existed)."""
+    from wam.worldmodel.tokenizer_train import fg_gains
+
     out = []
     for run in runs:
         evals = [r for r in run.rows if "heldout_psnr" in r]
@@ -437,7 +441,7 @@ def _tokenizer_fidelity(runs: list[RunInput]) -> list[dict[str, Any]]:
         last = evals[-1]
         out.append({"run": run.label, "step": last.get("step"), "heldout_psnr": last["heldout_psnr"],
                     "baseline_psnr": last.get("baseline_psnr", float("nan")),
-                    "fg_gain": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("fg_gain/")}})
+                    "fg_gain": fg_gains(last)})
     return out
 
 

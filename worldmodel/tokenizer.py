@@ -574,18 +574,19 @@ class VQTokenizer(nn.Module):
             bg = torch.as_tensor(background, device=recon.device)
             fg = foreground_mask(torch.as_tensor(frames, device=recon.device), bg,
                                  self.cfg.foreground_threshold).unsqueeze(1)  # [N, 1, 84, 84] bool
+        err = recon - target
         if fg is not None and self.cfg.foreground_weight > 0:
             n_fg = fg.flatten(1).sum(1).float().clamp_min(1.0).view(-1, 1, 1, 1)  # [N, 1, 1, 1]
             share = self.cfg.foreground_max_share
-            cap = share / (1.0 - share) * (fg[0].numel() - n_fg) / n_fg
-            fg_w = torch.minimum(torch.full_like(cap, 1.0 + self.cfg.foreground_weight), cap).clamp_min(1.0)
+            cap = share / (1.0 - share) * (fg[0].numel() - n_fg) / n_fg  # foreground at most `share` of a frame
+            fg_w = cap.clamp(max=1.0 + self.cfg.foreground_weight).clamp_min(1.0)
             w = torch.where(fg, fg_w, torch.ones_like(fg_w))  # [N, 1, 84, 84]
             w = w / w.mean()
-            l1 = ((recon - target).abs() * w).mean()
-            mse_raw = ((recon - target).pow(2) * w).mean()
+            l1 = (err.abs() * w).mean()
+            mse_raw = (err.pow(2) * w).mean()
         else:
-            l1 = (recon - target).abs().mean()
-            mse_raw = (recon - target).pow(2).mean()
+            l1 = err.abs().mean()
+            mse_raw = err.pow(2).mean()
         grad_l1 = image_gradient_l1(recon, target)
         q = out.quantized
         loss = (l1 + self.cfg.mse_weight * mse_raw + self.cfg.gradient_loss_weight * grad_l1
@@ -717,7 +718,8 @@ def load_tokenizer(run_or_path: str | Path, device: str | torch.device = "cpu") 
 
 
 __all__ = [
-    "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "LEGACY_DEFAULTS", "FRAME_SIZE", "ForegroundFidelity", "GRID_SIZE", "TOKENS_PER_FRAME", "TOKENIZER_PRESETS", "TokenizerConfig",
+    "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "FRAME_SIZE", "GRID_SIZE", "LEGACY_DEFAULTS", "TOKENS_PER_FRAME",
+    "TOKENIZER_PRESETS", "ForegroundFidelity", "TokenizerConfig",
     "TokenizerOutput", "VQTokenizer", "VectorQuantizer", "build_tokenizer", "foreground_fidelity",
     "foreground_mask", "image_gradient_l1",
     "load_tokenizer", "psnr",

@@ -70,8 +70,8 @@ LOG_INTERVAL = 10
 PLOT_FRAMES = 8
 """Held-out frames shown in each reconstruction grid."""
 
-__all__ = ["EncodeSummary", "EvalResult", "FramePool", "TrainResult", "encode_datasets", "load_tokenizer",
-           "split_episodes", "train_tokenizer"]
+__all__ = ["EncodeSummary", "EvalResult", "FramePool", "TrainResult", "encode_datasets", "fg_gains", "gains_text",
+           "load_tokenizer", "split_episodes", "train_tokenizer"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -159,7 +159,7 @@ class FramePool:
         idx = rng.integers(0, len(self.frames), size=batch_size)
         return self.frames[idx], self.dataset_of[idx]
 
-    def median_frames(self, games: Sequence[str], max_frames: int = 4096, seed: int = 0) -> np.ndarray:
+    def median_frames(self, games: Sequence[str], max_frames: int = 4096) -> np.ndarray:
         """[n_datasets, 84, 84] uint8: each dataset gets the per-pixel median frame of its *game* (all the
         pool's frames of the datasets of that game, or `max_frames` of them drawn evenly): the background
         that foreground fidelity and the foreground-weighted loss measure objects against."""
@@ -258,8 +258,17 @@ class EvalResult:
         """e.g. "foreground gain over the median frame: Pong +8.1 dB, Boxing +6.3 dB"."""
         if not self.fg_psnr:
             return "no foreground figures"
-        return "foreground gain over the median frame: " + ", ".join(
-            f"{g} {v:+.1f} dB" for g, v in self.fg_gain.items())
+        return "foreground gain over the median frame: " + gains_text(self.fg_gain)
+
+
+def fg_gains(metrics: dict[str, Any]) -> dict[str, float]:
+    """The per-game foreground gains (`fg_gain/<game>` keys) of a metrics row or a checkpoint's summary."""
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("fg_gain/")}
+
+
+def gains_text(gains: dict[str, float]) -> str:
+    """"Boxing +9.3 dB, Pong +10.0 dB"."""
+    return ", ".join(f"{g} {v:+.1f} dB" for g, v in gains.items())
 
 
 @torch.no_grad()

@@ -27,14 +27,18 @@ def _episode(i: int) -> Episode:
                    terminations=term, truncations=np.zeros(t, bool), lives=np.full(t, 5, np.int32), seed=i)
 
 
-@pytest.fixture
-def wam_dataset(tmp_path):
-    store = TrajectoryStore.create(dataset_dir(tmp_path / "wam", "Pong", "test"), game="Pong",
+def _pong_store(tmp_path, name: str, episodes: list[Episode]) -> TrajectoryStore:
+    store = TrajectoryStore.create(dataset_dir(tmp_path / "wam", "Pong", name), game="Pong",
                                    provenance={"protocol": "jowa", "policy": "random"})
     with store.writer() as w:
-        for i in range(3):
-            w.append(_episode(i))
+        for ep in episodes:
+            w.append(ep)
     return store
+
+
+@pytest.fixture
+def wam_dataset(tmp_path):
+    return _pong_store(tmp_path, "test", [_episode(i) for i in range(3)])
 
 
 def test_export_layout_with_h5py_alone(wam_dataset, tmp_path):
@@ -159,12 +163,7 @@ def _episode_with_ram(i: int) -> Episode:
 
 @pytest.fixture
 def wam_dataset_with_ram(tmp_path):
-    store = TrajectoryStore.create(dataset_dir(tmp_path / "wam", "Pong", "ram"), game="Pong",
-                                   provenance={"protocol": "jowa", "policy": "random"})
-    with store.writer() as w:
-        for i in range(2):
-            w.append(_episode_with_ram(i))
-    return store
+    return _pong_store(tmp_path, "ram", [_episode_with_ram(i) for i in range(2)])
 
 
 def test_export_keeps_ram(wam_dataset_with_ram, tmp_path):
