@@ -13,7 +13,8 @@ class Batch:
 
     Step t of a segment holds the observation o_t, the action a_t taken in it, the reward r_t and the
     termination flag that followed. `next_obs` is o_{t+1} only where it is needed: the last step's
-    successor sits at index H of `obs` (obs has H+1 frames) so TD targets can bootstrap from it.
+    successor sits at index H of `obs` (obs has H+1 frames) so TD targets can bootstrap from it, and
+`next_action` is the action the data took there (in-sample targets bootstrap from Q(o_H, a_H)).
     """
 
     obs: torch.Tensor  # [B, H+1, 84, 84] uint8 frames, or [B, H+1, 36] int64 tokens
@@ -24,6 +25,7 @@ class Batch:
     mask: torch.Tensor  # [B, H] bool, True where the step lies inside the episode (False = padding)
     game_ids: torch.Tensor  # [B] int64, index into the sampler's game list
     legal_actions: torch.Tensor  # [B, 18] bool, the game's minimal action set
+    next_action: torch.Tensor  # [B] int64, a_H: the data action taken in the last frame o_H; -1 where o_H has none
 
     @property
     def is_tokens(self) -> bool:

@@ -100,6 +100,7 @@ class _Buffers:
     mask: np.ndarray  # [B, H] bool
     game_ids: np.ndarray  # [B] int64
     legal_actions: np.ndarray  # [B, 18] bool
+    next_action: np.ndarray  # [B] int64, a_H or -1
     tokens_u16: np.ndarray | None  # [B, H+1, 36] uint16 scratch for token gathers from RAM
 
     @classmethod
@@ -114,6 +115,7 @@ class _Buffers:
             mask=np.zeros((b, h), np.bool_),
             game_ids=np.zeros((b,), np.int64),
             legal_actions=np.zeros((b, NUM_ACTIONS), np.bool_),
+            next_action=np.zeros((b,), np.int64),
             tokens_u16=np.zeros((b, h + 1, *obs_shape), np.uint16) if tokens else None,
         )
 
@@ -124,6 +126,7 @@ class _Buffers:
             rewards=torch.from_numpy(self.rewards), terminations=torch.from_numpy(self.terminations),
             truncations=torch.from_numpy(self.truncations), mask=torch.from_numpy(self.mask),
             game_ids=torch.from_numpy(self.game_ids), legal_actions=torch.from_numpy(self.legal_actions),
+            next_action=torch.from_numpy(self.next_action),
         )
 
 
@@ -278,6 +281,11 @@ class _SegmentSource:
         np.take(self.steps["rewards"], step_rows, out=buf.rewards, mode="clip")
         np.take(self.steps["terminations"], step_rows, out=buf.terminations, mode="clip")
         np.take(self.steps["truncations"], step_rows, out=buf.truncations, mode="clip")
+        last = starts + h  # step of frame o_H: it has an action when it lies inside the episode
+        has_next = last < lengths[:, 0]
+        np.take(self.steps["actions"], np.where(has_next, t.step_offset[episodes] + last, self.sentinel),
+                out=buf.next_action, mode="clip")
+        buf.next_action[~has_next] = -1
         np.take(t.game_id, episodes, out=buf.game_ids, mode="clip")
         np.take(self.legal, buf.game_ids, axis=0, out=buf.legal_actions, mode="clip")
         if self.obs is not None:

@@ -12,7 +12,7 @@ Objectives (`LossConfig.objective`, `--objective`):
 - **C51 TD** (n-step, 1 by default): the target distribution at o_{t+k} comes from the target Q head
   (hard-updated copy), at the legal action with the highest expected value (ensemble mean) of the
   target head, or of the online head with `double_q` (double DQN: the online head picks, the target
-  head values); it is shifted by the discounted sum of the transformed rewards r_t .. r_{t+k-1} and
+  head values), or at the action the data took there with `bootstrap="data"` (in-sample targets); it is shifted by the discounted sum of the transformed rewards r_t .. r_{t+k-1} and
   shrunk by gamma^k, cut at terminations (a truncation still bootstraps). k is `n_step`, fewer where
   the segment or the episode ends first (the segment holds H+1 frames, so step t can look at most
   H-t steps ahead). The target is projected onto the support and compared with the online
@@ -74,6 +74,12 @@ class LossConfig:
     """Steps of reward summed before the TD target bootstraps (fewer where the segment or episode ends)."""
     double_q: bool = False
     """Double DQN: the online Q head picks the bootstrap action, the target head gives its distribution."""
+    bootstrap: Literal["max", "data"] = "max"
+    """Which action's value the TD target bootstraps from: `max`, the greedy legal action (Q-learning, JOWA);
+    `data`, the action the data took there (in-sample, SARSA-like: the head learns the behaviour policy's
+    Q, whose greedy policy is one step of policy improvement; no max over actions the data never tried,
+    so no over-estimation compounding through the bootstrap). Where the bootstrap frame has no data
+    action (an episode's truncated last frame) it falls back to `max`."""
     target_update_every: int = 1000
     """Hard-update the target Q head every N optimiser steps (when `target_tau` is 0)."""
     last_bootstrap: Literal["shifted", "same-pass"] = "shifted"
@@ -244,6 +250,15 @@ def last_frame_q(model: WorldActionModel, batch: Batch) -> tuple[torch.Tensor, t
     return out.q_logits[:, -1], out.target_q_logits[:, -1]
 
 
+def data_next_action(batch: Batch, boot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(has, action) [B, H]: the data action taken at each bootstrap frame `boot` [B, H] (indices 1..H), and
+    whether there is a legal one (frame H's is `batch.next_action`; a frame outside the episode has none)."""
+    acts = torch.cat([batch.actions, batch.next_action[:, None].clamp(min=0)], 1)  # [B, H+1]
+    has = torch.cat([batch.mask, (batch.next_action >= 0)[:, None]], 1)  # [B, H+1]
+    has = has & batch.legal_actions.gather(1, acts)
+    return has.gather(1, boot), acts.gather(1, boot)
+
+
 def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: LossConfig,
             last: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Logs]:
     """C51 n-step TD with the target head; masked mean over valid steps, mean over the ensemble.
@@ -273,6 +288,8 @@ def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: 
             chooser = next_probs
         next_q = (chooser * model.support).sum(-1).mean(2)  # [B, H, 18] ensemble mean
         next_a = next_q.masked_fill(~legal, float("-inf")).argmax(-1)  # [B, H] legal actions only
+        if cfg.bootstrap == "data":
+            next_a = torch.where(*data_next_action(batch, boot), next_a)
         nidx = next_a[:, :, None, None, None].expand(-1, -1, next_probs.shape[2], 1, next_probs.shape[-1])
         p_next = next_probs.gather(3, nidx).squeeze(3)  # [B, H, E, A]
         e = p_next.shape[2]
@@ -438,6 +455,8 @@ class WorldActionObjective(torch.nn.Module):
         super().__init__()
         if not 0.0 <= cfg.target_tau <= 1.0:
             raise WamError(f"--target-tau must lie in [0, 1], got {cfg.target_tau}")
+        if cfg.bootstrap not in ("max", "data"):
+            raise WamError(f"--bootstrap must be max or data, got {cfg.bootstrap!r}")
         if cfg.last_bootstrap not in ("shifted", "same-pass"):
             raise WamError(f"--last-bootstrap must be shifted or same-pass, got {cfg.last_bootstrap!r}")
         if cfg.target_tau == 0 and cfg.target_update_every < 1:

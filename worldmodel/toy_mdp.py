@@ -63,6 +63,22 @@ def optimal_q(gamma: float, n_states: int = 3) -> np.ndarray:
     return q
 
 
+def behaviour_q(gamma: float, n_states: int = 3) -> np.ndarray:
+    """Q of the behaviour policy, Q^b[state, action] (n_states x 3): what in-sample targets
+    (`LossConfig.bootstrap="data"`) converge to. Its greedy action is still the optimal one (action 1)."""
+    q = np.zeros((n_states, N_LEGAL))
+    v_next = 0.0
+    for s in reversed(range(n_states)):
+        q[s] = (gamma * v_next, 1.0 + gamma * v_next, 0.0)
+        v_next = float(np.dot(BEHAVIOUR, q[s]))
+    return q
+
+
+def reference_q(loss: LossConfig, n_states: int = 3) -> np.ndarray:
+    """The Q a loss should converge to on the chain: Q* for max bootstraps, Q^b for in-sample ones."""
+    return (behaviour_q if loss.bootstrap == "data" else optimal_q)(loss.gamma, n_states)
+
+
 def toy_model_config(**kw) -> WorldActionModelConfig:
     base = dict(vocab_size=VOCAB, tokens_per_obs=TOKENS, d_model=32, n_layers=1, n_heads=2, horizon=2, games=("Toy",))
     base.update(kw)
@@ -106,19 +122,21 @@ class ToyData:
         n = min(h, len(actions) - start)
         act, rew, ter, mask = np.zeros(h, np.int64), np.zeros(h, np.float32), np.zeros(h, bool), np.zeros(h, bool)
         act[:n], rew[:n], ter[:n], mask[:n] = actions[start:start + n], rewards[start:start + n], term[start:start + n], True
-        return self.patterns[frames], act, rew, ter, mask
+        nxt = int(actions[start + h]) if start + h < len(actions) else -1
+        return self.patterns[frames], act, rew, ter, mask, nxt
 
     def sample(self) -> Batch:
         rng = np.random.default_rng([self.seed, self.next_batch])
         self.next_batch += 1
         idx = rng.integers(0, len(self.starts), self.batch_size)
-        obs, act, rew, ter, mask = (np.stack(x) for x in zip(*(self.segment(*self.starts[i]) for i in idx)))
+        obs, act, rew, ter, mask, nxt = (np.stack(x) for x in zip(*(self.segment(*self.starts[i]) for i in idx)))
         b, h = act.shape
         legal = torch.zeros(b, 18, dtype=torch.bool)
         legal[:, :N_LEGAL] = True
         return Batch(obs=torch.from_numpy(obs), actions=torch.from_numpy(act), rewards=torch.from_numpy(rew),
                      terminations=torch.from_numpy(ter), truncations=torch.zeros(b, h, dtype=torch.bool),
-                     mask=torch.from_numpy(mask), game_ids=torch.zeros(b, dtype=torch.long), legal_actions=legal)
+                     mask=torch.from_numpy(mask), game_ids=torch.zeros(b, dtype=torch.long), legal_actions=legal,
+                     next_action=torch.from_numpy(nxt).long())
 
     def action_share(self) -> np.ndarray:
         """Share of each legal action in the data."""
@@ -155,7 +173,7 @@ def q_table(model: WorldActionModel, n_states: int = 3) -> np.ndarray:
 class ToyResult:
     errors: list[tuple[int, float]]  # (step, max |Q - Q*|) at each evaluation
     q: np.ndarray  # final Q table
-    q_star: np.ndarray
+    q_star: np.ndarray  # the reference: Q* (or Q^b for bootstrap="data"); `greedy_optimal` compares argmaxes
     seconds: float
 
     @property
@@ -179,7 +197,8 @@ class ToyResult:
 
 def train_toy(loss: LossConfig, steps: int = 1500, lr: float = 3e-3, seed: int = 0, eval_every: int = 50,
               batch_size: int = 32, model_cfg: WorldActionModelConfig | None = None, n_states: int = 3) -> ToyResult:
-    """Train the real objective on the toy MDP from a fresh model; the Q error against Q* over training."""
+    """Train the real objective on the toy MDP from a fresh model; the Q error against the Q it should reach
+    (`reference_q`: Q*, or Q^b for in-sample targets) over training."""
     torch.manual_seed(seed)
     model = WorldActionModel(model_cfg or toy_model_config())
     objective = WorldActionObjective(model, loss)
@@ -187,7 +206,7 @@ def train_toy(loss: LossConfig, steps: int = 1500, lr: float = 3e-3, seed: int =
     cfg = TrainerConfig(steps=steps, lr=lr, min_lr=lr, warmup_steps=0, schedule="constant", device="cpu",
                         progress=False, log_every=10**9, checkpoint_every=10**9)
     trainer = Trainer(objective, data, cfg)
-    q_star = optimal_q(loss.gamma, n_states)
+    q_star = reference_q(loss, n_states)
     errors = [(0, float(np.abs(q_table(model, n_states) - q_star).max()))]
     t0 = time.perf_counter()
     while trainer.step < steps:

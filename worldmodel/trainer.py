@@ -431,7 +431,8 @@ class SyntheticTokenSource:
         return Batch(obs=torch.from_numpy(data["obs"][rows]).long(), actions=torch.from_numpy(data["actions"][rows]).long(),
                      rewards=torch.from_numpy(data["rewards"][rows]), terminations=torch.from_numpy(data["terminations"][rows]),
                      truncations=torch.zeros(b, h, dtype=torch.bool), mask=torch.ones(b, h, dtype=torch.bool),
-                     game_ids=torch.from_numpy(data["game_ids"][rows]).long(), legal_actions=legal)
+                     game_ids=torch.from_numpy(data["game_ids"][rows]).long(), legal_actions=legal,
+                     next_action=torch.full((b,), -1, dtype=torch.long))
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "next_batch": self.next_batch}

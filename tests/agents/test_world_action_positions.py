@@ -52,7 +52,8 @@ def test_every_position_acting_reads_gets_gradient(core, objective):
                   actions=torch.randint(0, 6, (b, h), generator=g),
                   rewards=torch.randint(-1, 2, (b, h), generator=g).float(),
                   terminations=torch.zeros(b, h, dtype=torch.bool), truncations=torch.zeros(b, h, dtype=torch.bool),
-                  mask=torch.ones(b, h, dtype=torch.bool), game_ids=torch.arange(b) % 2, legal_actions=legal)
+                  mask=torch.ones(b, h, dtype=torch.bool), game_ids=torch.arange(b) % 2, legal_actions=legal,
+                  next_action=torch.randint(0, 6, (b,), generator=g))
     q_out: list[torch.Tensor] = []
 
     def keep(module, inputs, output):

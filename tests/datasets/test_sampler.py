@@ -87,6 +87,8 @@ def _check_segment(b: dict[str, np.ndarray], i: int, episodes, games: list[str],
     np.testing.assert_array_equal(b["rewards"][i, :n], ep.rewards[start: start + n])
     np.testing.assert_array_equal(b["terminations"][i, :n], ep.terminations[start: start + n])
     np.testing.assert_array_equal(b["truncations"][i, :n], ep.truncations[start: start + n])
+    # a_H, the action of the last frame, where that frame is a usable step; -1 otherwise
+    assert b["next_action"][i] == (ep.actions[start + H] if start + H < t else -1)
     for name in ("actions", "rewards", "terminations", "truncations"):
         assert not b[name][i, n:].any(), f"padding of {name} must be zero"
     game = next(g for g, d in DATASET_ID.items() if d == key[0])

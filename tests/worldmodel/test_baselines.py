@@ -35,7 +35,8 @@ def make_batch(b: int = 4, h: int = 2, n_legal: int = 5, seed: int = 0) -> Batch
                  actions=torch.randint(0, n_legal, (b, h), generator=g), rewards=torch.randn(b, h, generator=g),
                  terminations=torch.zeros(b, h, dtype=torch.bool), truncations=torch.zeros(b, h, dtype=torch.bool),
                  mask=torch.ones(b, h, dtype=torch.bool), game_ids=torch.arange(b) % 2,
-                 legal_actions=torch.arange(18)[None].expand(b, 18) < n_legal)
+                 legal_actions=torch.arange(18)[None].expand(b, 18) < n_legal,
+                 next_action=torch.randint(0, n_legal, (b,), generator=g))
 
 
 def _delta_output(atoms: list[int]) -> WorldActionOutput:

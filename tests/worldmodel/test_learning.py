@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wam.worldmodel.losses import LossConfig
-from wam.worldmodel.toy_mdp import BEHAVIOUR, ToyData, optimal_q, train_toy
+from wam.worldmodel.toy_mdp import BEHAVIOUR, ToyData, behaviour_q, optimal_q, train_toy
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,18 @@ def test_q_learning_converges_to_q_star_and_greedy_is_optimal(schedule):
     steps, and the greedy action is the optimal one, not the data's most frequent one."""
     res = train_toy(LossConfig(lambda_cql=0.0, **schedule), steps=600, eval_every=100)
     assert res.final_error < 0.15, f"max |Q - Q*| = {res.final_error:.3f}\n{res.q}\n{res.q_star}"
+    assert res.greedy_optimal
+
+
+def test_in_sample_targets_converge_to_the_behaviour_q_and_greedy_is_optimal():
+    """bootstrap="data" (SARSA-like targets): Q within 0.15 of Q^b, not Q*; greedy on it still picks action 1."""
+    qb = behaviour_q(0.99)
+    v2 = 0.15  # V^b(s2) = 0.7 * 0 + 0.15 * 1 + 0.15 * 0
+    np.testing.assert_allclose(qb[2], [0, 1, 0])
+    np.testing.assert_allclose(qb[1], [0.99 * v2, 1 + 0.99 * v2, 0])
+    res = train_toy(LossConfig(lambda_cql=0.0, target_tau=0.02, bootstrap="data"), steps=600, eval_every=100)
+    assert res.final_error < 0.15, f"max |Q - Q^b| = {res.final_error:.3f}\n{res.q}\n{res.q_star}"
+    assert np.abs(res.q - optimal_q(0.99)).max() > 0.5, "in-sample targets must not reach Q*"
     assert res.greedy_optimal
 
 

@@ -11,6 +11,7 @@ from wam.datasets.batch import Batch
 from wam.datasets.errors import WamError
 from wam.worldmodel.losses import (
     LossConfig,
+    WorldActionObjective,
     c51_project,
     cql_loss,
     nstep_returns,
@@ -36,7 +37,8 @@ def make_batch(b: int = 2, h: int = 2, vocab: int = 16, seed: int = 0) -> Batch:
                  actions=torch.randint(0, 4, (b, h), generator=g), rewards=torch.randn(b, h, generator=g),
                  terminations=torch.zeros(b, h, dtype=torch.bool), truncations=torch.zeros(b, h, dtype=torch.bool),
                  mask=torch.ones(b, h, dtype=torch.bool), game_ids=torch.arange(b) % 2,
-                 legal_actions=torch.arange(18)[None].expand(b, 18) < 4)
+                 legal_actions=torch.arange(18)[None].expand(b, 18) < 4,
+                 next_action=torch.randint(0, 4, (b,), generator=g))
 
 
 def brute_force_projection(p: torch.Tensor, r: float, disc: float, z: torch.Tensor) -> torch.Tensor:
@@ -307,6 +309,34 @@ def test_double_q_lets_the_online_head_pick_the_action():
     assert double.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-4)
     plain, _ = td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5))
     assert plain.item() > 10.0  # its target (atoms 14/15) has no online mass
+
+
+def test_in_sample_bootstrap_reads_the_data_action_hand_checked():
+    """bootstrap="data": step t bootstraps from Q(o_{t+1}, a_{t+1}) (a_H = batch.next_action); where the frame has
+    no legal data action it falls back to the max."""
+    model = tiny_model()
+    batch = make_batch(b=1, h=2)
+    batch.rewards[:] = 0.0
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :3] = True
+    batch.actions[:] = torch.tensor([[0, 2]])
+    batch.next_action[:] = 1
+    # target head: frame 1 values actions (0, 1, 2) at (-0.4, 3.6, 0.4); frame 2 at (6.0, 2.0, 6.0); gamma 0.5
+    target = torch.cat([_delta_logits([12] * 18), _delta_logits([12, 17, 13] + [12] * 15),
+                        _delta_logits([20, 15, 20] + [12] * 15)], 1)
+    online = _delta_logits([12] * 18, h=3)
+
+    def mean_target(**kw) -> float:
+        return td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5, **kw))[1]["td_target_mean"]
+
+    assert mean_target(bootstrap="data") == pytest.approx((0.5 * 0.4 + 0.5 * 2.0) / 2, abs=1e-3)
+    assert mean_target() == pytest.approx((0.5 * 3.6 + 0.5 * 6.0) / 2, abs=1e-3)
+    batch.next_action[:] = -1  # o_H has no action (the episode's truncated last frame): the max
+    assert mean_target(bootstrap="data") == pytest.approx((0.5 * 0.4 + 0.5 * 6.0) / 2, abs=1e-3)
+    batch.actions[0, 1] = 5  # an illegal data action at frame 1: step 0 takes the max there (step 1 leaves the loss)
+    assert mean_target(bootstrap="data") == pytest.approx(0.5 * 3.6, abs=1e-3)
+    with pytest.raises(WamError, match="--bootstrap"):
+        WorldActionObjective(model, LossConfig(bootstrap="sarsa"))  # type: ignore[arg-type]
 
 
 def test_target_head_schedules_hard_and_polyak():

@@ -29,7 +29,8 @@ def random_batch(b: int, h: int, vocab: int, seed: int = 0) -> Batch:
                  actions=torch.randint(0, 6, (b, h), generator=g), rewards=torch.randn(b, h, generator=g),
                  terminations=torch.zeros(b, h, dtype=torch.bool), truncations=torch.zeros(b, h, dtype=torch.bool),
                  mask=torch.ones(b, h, dtype=torch.bool), game_ids=torch.arange(b) % 2,
-                 legal_actions=torch.arange(18)[None].expand(b, 18) < 6)
+                 legal_actions=torch.arange(18)[None].expand(b, 18) < 6,
+                 next_action=torch.randint(0, 6, (b,), generator=g))
 
 
 @pytest.mark.parametrize("preset,paper", [("jowa-40m", 17.4e6), ("jowa-70m", 50.6e6), ("jowa-150m", 109.1e6)])
