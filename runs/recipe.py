@@ -41,7 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import tyro
@@ -85,6 +85,9 @@ class RecipeConfig:
     double_q: bool | None = None
     """Double-DQN targets (none given: the preset's, off as in JOWA). The ablation run in
     docs/results/small-nstep4-double-cql1 used --lambda-cql 1.0 --n-step 4 --double-q True."""
+    bootstrap: Literal["max", "data"] | None = None
+    """Action the TD target bootstraps from: `max` (Q-learning, JOWA) or `data` (in-sample); none given: the
+    preset's (`data` for `small`)."""
     seeds: Annotated[list[int], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Training seeds of the fine-tuned and from-scratch runs, each also seeding its evaluation episodes (repeat
     the flag; none given: 0, 1 and 2)."""
@@ -312,6 +315,8 @@ class _Recipe:
             common += ["--n-step", str(c.n_step)]
         if c.double_q is not None:
             common.append("--double-q" if c.double_q else "--no-double-q")
+        if c.bootstrap is not None:
+            common += ["--bootstrap", c.bootstrap]
         pre = self.p("runs", "pretrain")
         jobs = [_Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
                                                          for a in ("--data", str(self.behaviour_data(g)))],

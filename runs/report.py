@@ -242,8 +242,22 @@ def _curve_keys(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             if k not in ("step", "time", "epoch", "wall_time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.setdefault(k, None)
-    ordered = sorted(keys, key=lambda k: (0 if "loss" in k or k in ("heldout_psnr", "fg_gain_min") else 1, k))
+    ordered = sorted(keys, key=lambda k: (_curve_rank(k), k))
     return ordered[:MAX_CURVES]
+
+
+_Q_CURVES = ("q_data", "td_target_mean", "q_gap_frequent")
+
+
+def _curve_rank(key: str) -> int:
+    """Which curves a report shows first: losses and held-out figures, then the Q diagnostics, then the rest."""
+    if key in ("loss", "td_loss", "wm_loss", "bc_loss", "heldout_psnr", "fg_gain_min"):
+        return 0
+    if key in _Q_CURVES or key.startswith("q_mc_gap"):
+        return 1
+    if "loss" in key:
+        return 2
+    return 3 if key.endswith("_acc") or key.startswith("fg_") else 4
 
 
 def _curves_plot(path: Path, run: RunInput, keys: list[str]) -> None:

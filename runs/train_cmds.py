@@ -76,9 +76,14 @@ _TARGET_TAU = {"debug": 0.02, "small": 0.02}
 _LAMBDA_CQL = {"debug": 0.01, "small": 0.01}
 
 
+# TD bootstrap of the CPU presets: in-sample (the data's next action), measured on the `small` recipe's data
+# (docs/training.md, "In-sample targets"); the paper presets keep JOWA's max.
+_BOOTSTRAP: dict[str, Literal["max", "data"]] = {"debug": "data", "small": "data"}
+
+
 def _loss_preset(name: str) -> LossConfig:
     return LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000), target_tau=_TARGET_TAU.get(name, 0.0),
-                      lambda_cql=_LAMBDA_CQL.get(name, 0.1))
+                      lambda_cql=_LAMBDA_CQL.get(name, 0.1), bootstrap=_BOOTSTRAP.get(name, "max"))
 
 
 

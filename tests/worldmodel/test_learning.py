@@ -56,7 +56,7 @@ def test_presets_use_the_measured_target_schedule():
 
     for make in (PretrainConfig.from_preset, FinetuneConfig.from_preset):
         for name in ("debug", "small"):
-            assert make(name).loss.target_tau == 0.02
-        for name in ("jowa-40m", "jowa-70m", "jowa-150m"):  # JOWA: a hard copy every 1,000 steps
+            assert make(name).loss.target_tau == 0.02 and make(name).loss.bootstrap == "data"
+        for name in ("jowa-40m", "jowa-70m", "jowa-150m"):  # JOWA: a hard copy every 1,000 steps, max targets
             loss = make(name).loss
-            assert loss.target_tau == 0.0 and loss.target_update_every == 1000
+            assert loss.target_tau == 0.0 and loss.target_update_every == 1000 and loss.bootstrap == "max"
