@@ -388,12 +388,18 @@ class SegmentSampler:
         max_transitions: use only the first N transitions of each dataset (few-shot fine-tuning).
         game_names: the game-id order (must contain every dataset's game); default the datasets'
             games, sorted.
+        hold_out_episodes: never draw the last N episodes of each dataset (held out for evaluation,
+            see `held_out`).
     """
 
     def __init__(self, datasets: Sequence[Path | str] | Path | str, horizon: int = 8, batch_size: int = 32,
                  weights: Sequence[float] | Mapping[str, float] | None = None, source: Source = "auto",
                  seed: int = 0, in_memory: bool | None = None, prefetch: int = 2,
-                 max_transitions: int | None = None, game_names: Sequence[str] | None = None) -> None:
+                 max_transitions: int | None = None, game_names: Sequence[str] | None = None,
+                 hold_out_episodes: int = 0) -> None:
+        if hold_out_episodes < 0:
+            raise ValueError(f"hold_out_episodes must be >= 0, got {hold_out_episodes}")
+        self.hold_out_episodes = hold_out_episodes
         if horizon < 1 or batch_size < 1 or prefetch < 0:
             raise ValueError(f"need horizon >= 1, batch_size >= 1, prefetch >= 0; got {horizon}, {batch_size}, {prefetch}")
         if max_transitions is not None and max_transitions < 1:
@@ -442,7 +448,8 @@ class SegmentSampler:
         self._batches = [buf.batch() for buf in self._buffers]
         self._fingerprint = {
             "horizon": self.horizon, "batch_size": self.batch_size, "source": self.source,
-            "max_transitions": self.max_transitions, "games": list(self.games),
+            "max_transitions": self.max_transitions, "hold_out_episodes": self.hold_out_episodes,
+            "games": list(self.games),
             "datasets": [[g, int(n)] for g, n in zip(dataset_games, self._source.dataset_steps)],
             "probs": [round(float(p), 12) for p in probs],
         }
@@ -479,6 +486,11 @@ class SegmentSampler:
         cols: dict[str, list[int]] = {k: [] for k in ("dataset", "episode", "length", "game_id")}
         for d, (path, store) in enumerate(zip(self.datasets, self._stores)):
             lengths = np.asarray(store.episode_lengths(), np.int64)
+            if self.hold_out_episodes:
+                if self.hold_out_episodes >= len(lengths):
+                    raise DataError(f"dataset {path} has {len(lengths)} episode(s); holding out the last "
+                                    f"{self.hold_out_episodes} leaves none to train on")
+                lengths = lengths[: len(lengths) - self.hold_out_episodes]
             budget = self.max_transitions if self.max_transitions is not None else int(lengths.sum())
             used = 0
             for e, n in enumerate(lengths):
@@ -539,6 +551,14 @@ class SegmentSampler:
         return fits
 
     # --------------------------------------------------------------------------------- sampling
+    def held_out(self) -> list[tuple[Path, int]]:
+        """(dataset path, episode index) of every held-out episode (`hold_out_episodes`), in dataset order."""
+        out = []
+        for path, store in zip(self.datasets, self._stores):
+            n = store.num_episodes
+            out += [(path, e) for e in range(n - self.hold_out_episodes, n)]
+        return out
+
     @property
     def num_transitions(self) -> int:
         """Transitions that segments can start at (after max_transitions)."""

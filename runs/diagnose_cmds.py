@@ -32,11 +32,9 @@ import numpy as np
 import tyro
 
 from wam.datasets.errors import WamError
+from wam.worldmodel.diagnostics import TRUNCATION_MARGIN  # steps before a cap's cut left out of calibration
 
 log = logging.getLogger(__name__)
-
-TRUNCATION_MARGIN = 1000
-"""Steps before a cap's cut left out of the calibration of a truncated episode."""
 
 
 @dataclass

@@ -9,13 +9,14 @@ the same `wam` commands as a user would, at the `small` preset, with several tra
     (`wam tokenizer probe`, on the recorded RAM);
  3. train, two processes at a time (one torch thread each): pretraining on the two games, and for every
     seed a fine-tuning run from the pretrained model and a from-scratch run on the held-out game's first
-    few thousand transitions;
+    few thousand transitions; every run holds the last `--calibration-episodes` episodes of each dataset
+    out and logs its Q against their Monte-Carlo returns at every checkpoint step;
  4. evaluate with Ray rollouts, capped episodes: random and the behaviour policy on all three games; the
     model agent (pretrained on the pretraining games, fine-tuned on the held-out one) with and without
     beam-search planning; the from-scratch agent on the held-out game;
  5. check the three claims of issue 9 against the numbers and write `claims.md` / `claims.json`, run
-    `wam diagnose` (Q against Monte-Carlo returns, action histograms) on the pretrained model and on the
-    first seed's fine-tuned and from-scratch models, then `wam report` with its plots.
+    `wam diagnose` (Q against Monte-Carlo returns, action histograms, on the held-out episodes) on the
+    pretrained model and on the first seed's fine-tuned and from-scratch models, then `wam report` with its plots.
 
 The claims, each with a 95 % bootstrap confidence interval (seeds resampled, then episodes within each seed;
 games kept fixed):
@@ -88,6 +89,9 @@ class RecipeConfig:
     bootstrap: Literal["max", "data"] | None = None
     """Action the TD target bootstraps from: `max` (Q-learning, JOWA) or `data` (in-sample); none given: the
     preset's (`data` for `small`)."""
+    calibration_episodes: int = 2
+    """Last episodes of each dataset held out of every training run: Q calibration on them is logged at every
+    checkpoint step and `wam diagnose` reads them after training."""
     seeds: Annotated[list[int], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Training seeds of the fine-tuned and from-scratch runs, each also seeding its evaluation episodes (repeat
     the flag; none given: 0, 1 and 2)."""
@@ -117,6 +121,8 @@ class RecipeConfig:
         # repeated flags replace these defaults rather than appending to them
         self.pretrain_games = list(self.pretrain_games) or ["Freeway", "Boxing"]
         self.seeds = list(self.seeds) or [0, 1, 2]
+        if self.calibration_episodes < 0:
+            raise WamError(f"--calibration-episodes must be >= 0, got {self.calibration_episodes}")
         if not 1 <= self.until <= 5:
             raise WamError(f"--until names a stage from 1 to 5, got {self.until}")
 
@@ -308,7 +314,7 @@ class _Recipe:
         """Pretraining, then fine-tuning from it and from scratch for every seed (wam command lines)."""
         c = self.cfg
         tok = str(self.p("runs", "tokenizer"))
-        common = ["--preset", c.preset]
+        common = ["--preset", c.preset, "--calibration-episodes", str(c.calibration_episodes)]
         if c.lambda_cql is not None:
             common += ["--lambda-cql", str(c.lambda_cql)]
         if c.n_step is not None:
@@ -452,9 +458,9 @@ class _Recipe:
         for name, games in (("pretrain", c.pretrain_games), (f"finetune-seed{first}", [c.finetune_game]),
                             (f"scratch-seed{first}", [c.finetune_game])):
             diag = rdir / f"diagnose-{name}"
-            if not (diag / "diagnose.json").is_file():  # Q vs Monte-Carlo returns on the last 2 episodes
+            if not (diag / "diagnose.json").is_file():  # Q vs Monte-Carlo returns on the held-out episodes
                 run_wam("diagnose", self.p("runs", name), *[a for g in games for a in ("--data", self.behaviour_data(g))],
-                        "--out", diag)
+                        "--episodes", max(1, c.calibration_episodes), "--out", diag)
         run_wam("report", *sorted(self.p("merged").iterdir()), self.p("runs"), "--out", rdir)
         probe = self.p("runs", "tokenizer-probe")
         for name in ("probe.md", "probe.json", "probe.png"):

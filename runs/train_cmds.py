@@ -115,6 +115,9 @@ class DataOptions:
     """Ray cluster address for --workers (default: a local Ray session)."""
     q_targets: str = ""
     """Corrected-Q file of `wam plan correct`: distil the planner's Q of the sampled steps (weight --lambda-distill)."""
+    calibration_episodes: int = 0
+    """Hold the last N episodes of each dataset out of training and log, at every checkpoint step, the Q of their
+    data actions against their discounted return (`q_mc_gap/<game>`, ...; needs the token cache); 0 = off."""
 
 
 @dataclass
@@ -199,7 +202,7 @@ def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_pa
     # every rank draws its own stream: batch k of rank r is a function of (seed + r, k)
     sampler = SegmentSampler(list(cfg.data), horizon=horizon, batch_size=per_rank, source=cfg.source,
                              seed=cfg.seed + rank, prefetch=cfg.prefetch, max_transitions=max_transitions,
-                             game_names=game_names)
+                             game_names=game_names, hold_out_episodes=cfg.calibration_episodes)
     transform: Callable[[Batch], Batch] | None = None
     if sampler.source == "tokens":
         ids = {TrajectoryStore.open(p).tokenizer_id() for p in sampler.datasets}
@@ -395,8 +398,10 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
                 "config": {"model": model.config_dict(), "loss": config_to_dict(cfg.loss),
                            "run": config_to_dict(cfg), "objective": objective.objective},
                 "q_targets": q_targets_meta}
+        evaluate = _calibration_hook(model, cfg, pieces) if cfg.calibration_episodes and rank == 0 else None
         trainer = Trainer(objective, source, cfg.train, run, checkpoint_meta=meta, batch_transform=transform,
-                          on_log=on_log, flops_per_token=model.flops_per_token(objective.uses_world_model))
+                          on_log=on_log, flops_per_token=model.flops_per_token(objective.uses_world_model),
+                          evaluate=evaluate, eval_every=cfg.train.checkpoint_every if evaluate else 0)
         if ckpt is not None:
             trainer.load_state(ckpt)
         elif rank == 0:
@@ -410,6 +415,41 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
         close = getattr(pieces.source, "close", None)
         if close is not None:
             close()
+
+
+def _calibration_hook(model: WorldActionModel, cfg: PretrainConfig | FinetuneConfig,
+                      pieces: _Pieces) -> Callable[[int], dict[str, float]]:
+    """`evaluate(step)` for the trainer: Q calibration (`wam.worldmodel.diagnostics.q_calibration`) on the
+    sampler's held-out episodes, flat per game: q_mc_gap/<game>, q_mc_abs_gap/<game>, q_heldout/<game>,
+    mc_return/<game>."""
+    from wam.datasets.store import TrajectoryStore
+    from wam.worldmodel.diagnostics import EpisodeTokens, q_calibration
+
+    if tuple(cfg.data) == (SYNTHETIC,):
+        raise WamError("--calibration-episodes needs real datasets, not --data synthetic")
+    sampler = getattr(pieces.source, "sampler", pieces.source)
+    episodes = []
+    for path, i in sampler.held_out():
+        store = TrajectoryStore.open(path)
+        if store.tokenizer_id() != pieces.tokenizer_meta["id"]:
+            raise WamError(f"--calibration-episodes reads the token cache, and {path} has none from tokenizer "
+                           f"{pieces.tokenizer_meta['id']}; run `wam tokenize` on it first")
+        ep = store.read_episode(i, tokens=True)
+        episodes.append(EpisodeTokens(obs_tokens=ep.obs_tokens, actions=ep.actions, rewards=ep.rewards,
+                                      game_id=model.cfg.games.index(store.game),
+                                      truncated=bool(len(ep.truncations) and ep.truncations[-1])))
+    log.info("Q calibration on %d held-out episode(s) (%d steps) at every checkpoint step", len(episodes),
+             sum(len(e.actions) for e in episodes))
+
+    def evaluate(step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for gid, r in q_calibration(model, episodes, cfg.loss.gamma, cfg.loss.reward_transform).items():
+            game = model.cfg.games[gid]
+            out.update({f"q_mc_gap/{game}": r["q_mc_gap"], f"q_mc_abs_gap/{game}": r["q_mc_abs_gap"],
+                        f"q_heldout/{game}": r["q_data_mean"], f"mc_return/{game}": r["mc_return_mean"]})
+        return out
+
+    return evaluate
 
 
 def _q_target_source(sampler: SegmentSampler, path: str) -> tuple[QTargetSource, dict[str, Any]]:

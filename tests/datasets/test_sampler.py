@@ -216,6 +216,21 @@ def test_max_transitions_uses_only_the_first_transitions(root, episodes):
     assert max(st for d, e, st in seen if (d, e) == (1, 2)) <= 4
 
 
+def test_held_out_episodes_are_never_drawn(root, episodes):
+    """hold_out_episodes=1: no segment of a dataset's last episode; held_out() names them; too many is an error."""
+    counts = {d: sum(1 for (dd, _) in episodes if dd == d) for d in DATASET_ID.values()}
+    with SegmentSampler([root], horizon=H, batch_size=128, seed=4, prefetch=0, hold_out_episodes=1) as s:
+        held = s.held_out()
+        batches = _batches(s, 6)
+        assert s.num_transitions == sum(ep.length for (d, e), ep in episodes.items() if e < counts[d] - 1)
+    assert sorted((DATASET_ID[TrajectoryStore.open(p).game], e) for p, e in held) == sorted(
+        (d, n - 1) for d, n in counts.items())
+    seen = {(d, e) for d, e, _ in (_check_segment(b, i, episodes, s.games) for b in batches for i in range(128))}
+    assert seen == {(d, e) for (d, e) in episodes if e < counts[d] - 1}
+    with pytest.raises(DataError, match="leaves none to train on"):
+        SegmentSampler([root], horizon=H, batch_size=8, prefetch=0, hold_out_episodes=max(counts.values()))
+
+
 def test_token_source(tmp_path):
     directory = _write(tmp_path, "Pong", [7, 20, 11], tokens=True)
     store = TrajectoryStore.open(directory)

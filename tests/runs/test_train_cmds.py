@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wam.datasets.atari import legal_action_mask
-from wam.datasets.errors import WamError
+from wam.datasets.errors import DataError, WamError
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 from wam.runs.cli import run_command
 from wam.runs.train_cmds import FinetuneConfig, PretrainConfig, run_training
@@ -122,6 +122,32 @@ def test_pretrain_then_finetune_from_checkpoint_and_scratch(workspace):
     assert run_training(ft).step == 4
     scratch, _ = WorldActionModel.from_checkpoint(ft.out)
     assert scratch.cfg.games == ("Freeway",) and scratch.cfg.vocab_size == load_tokenizer(workspace["tokenizer"]).cfg.codebook_size
+
+
+def test_calibration_on_held_out_episodes_is_logged_at_checkpoint_steps(workspace):
+    """--calibration-episodes 1: the last episode of each dataset is held out and its Q calibration (the same figures
+    q_calibration gives for the final model) joins metrics.jsonl at steps 20 and 40."""
+    from wam.worldmodel.diagnostics import EpisodeTokens, q_calibration
+
+    out = workspace["root"] / "calibrated"
+    run_training(_pretrain_cfg(workspace, out, calibration_episodes=1))
+    rows = [r for r in RunDir(out).read_metrics() if "q_mc_gap/Pong" in r]
+    assert [r["step"] for r in rows] == [20, 40]
+    model, _ = WorldActionModel.from_checkpoint(out)
+    eps = []
+    for game in ("pong", "breakout"):
+        store = TrajectoryStore.open(workspace[game])
+        ep = store.read_episode(store.num_episodes - 1, tokens=True)
+        eps.append(EpisodeTokens(ep.obs_tokens, ep.actions, ep.rewards, model.cfg.games.index(store.game)))
+    want = q_calibration(model, eps, 0.99)
+    for game in ("Pong", "Breakout"):
+        r = want[model.cfg.games.index(game)]
+        assert rows[-1][f"q_mc_gap/{game}"] == pytest.approx(r["q_mc_gap"], abs=1e-5)
+        assert rows[-1][f"mc_return/{game}"] == pytest.approx(r["mc_return_mean"])
+        assert rows[-1][f"q_heldout/{game}"] == pytest.approx(r["q_data_mean"], abs=1e-5)
+    bad = _pretrain_cfg(workspace, workspace["root"] / "calibrated-bad", calibration_episodes=3)
+    with pytest.raises(DataError, match="leaves none to train on"):
+        run_training(bad)
 
 
 def test_cli_pretrain_resume_continues(workspace):

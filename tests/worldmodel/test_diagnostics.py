@@ -46,4 +46,5 @@ def test_q_calibration_reads_q_like_acting_and_compares_with_returns():
     assert cal[0]["q_mc_gap"] == pytest.approx((q0 - g0).mean())
     assert cal[0]["q_mc_abs_gap"] == pytest.approx(np.abs(q0 - g0).mean())
     assert cal[0]["q_mc_gap"] == pytest.approx(2.0 - g0.mean(), abs=0.2)
-    assert q_calibration(model, eps, 0.9, include_truncated=True)[1]["q_mc_steps"] == 11
+    assert q_calibration(model, eps, 0.9, truncation_margin=None)[1]["q_mc_steps"] == 11
+    assert q_calibration(model, eps, 0.9, truncation_margin=2)[1]["q_mc_steps"] == 5 + 4  # its first 6 - 2 steps
