@@ -119,7 +119,7 @@ def test_a_worker_that_always_dies_stops_collection_with_the_episodes_before_it_
         collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False,
                 _die_on=("Pong", 1, ""))
     path = dataset_dir(tmp_path, "Pong", "random")
-    validate(path)
+    assert validate(path) == []
     assert len(_episodes(tmp_path, "Pong", "random")) == 1
     s = collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False)
     assert s.episodes == 2 and len(_episodes(tmp_path, "Pong", "random")) == 3  # the rerun resumes

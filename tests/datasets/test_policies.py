@@ -85,8 +85,16 @@ def test_random_policy_is_uniform_over_legal_actions():
 
 
 def test_policies_satisfy_the_protocol():
-    for policy in (RandomPolicy(), scripted_policy("Pong"), make_policy("random", "Pong", epsilon=0.1)):
-        assert isinstance(policy, BehaviourPolicy) and isinstance(policy.name, str)
+    """Each policy is a BehaviourPolicy with the name datasets record, and acts with legal action ids."""
+    legal = legal_action_mask("Pong")
+    frame, ram = np.zeros((84, 84), np.uint8), np.zeros(128, np.uint8)
+    for policy, name in ((RandomPolicy(), "random"), (scripted_policy("Pong"), "scripted"),
+                         (make_policy("random", "Pong", epsilon=0.1), "random+eps0.1"),
+                         (make_policy("scripted", "Pong", epsilon=0.3), "scripted+eps0.3")):
+        assert isinstance(policy, BehaviourPolicy) and policy.name == name
+        rng = np.random.default_rng(0)
+        acts = [policy.act(frame, ram, legal, rng) for _ in range(50)]
+        assert all(isinstance(a, (int, np.integer)) and legal[a] for a in acts), (name, acts)
 
 
 def test_make_policy_errors():

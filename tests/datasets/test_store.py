@@ -448,7 +448,10 @@ def _check_holds_exactly(root: Path, at_least: int, at_most: int) -> int:
     assert at_least <= store.num_episodes <= at_most, (at_least, store.num_episodes, at_most)
     for i in range(store.num_episodes):
         _assert_same(store.read_episode(i), make_episode(i, noise=True))
-    assert not list((d / "data").glob(".main_data.hdf5.tmp-*")) or True  # removed by the next writer
+    with store.writer():  # a dead writer's temp file is removed by the next writer (which holds the lock)
+        pass
+    assert not list((d / "data").glob(".main_data.hdf5.tmp-*"))
+    assert TrajectoryStore.open(d).num_episodes == store.num_episodes and validate(d) == []
     return store.num_episodes
 
 

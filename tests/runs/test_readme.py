@@ -58,11 +58,16 @@ def test_readme_inspection_commands_run(tmp_path, capsys):
         w.append(Episode(observations=rng.integers(0, 255, (t + 1, 84, 84), dtype=np.uint8),
                          actions=rng.integers(0, 18, t), rewards=np.ones(t, np.float32),
                          terminations=np.eye(1, t, t - 1, dtype=bool)[0], truncations=np.zeros(t, bool)))
+    import json
+
     assert run_command(["data", "info", str(tmp_path / "data")]) == 0
+    table = capsys.readouterr().out
+    assert "atari/pong/random-v0" in table and " 20 " in table.splitlines()[1], table  # its one row: 20 steps
     assert run_command(["data", "info", str(tmp_path / "data"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["datasets"]
+    assert [(d["game"], d["episodes"], d["transitions"], d["return_mean"]) for d in info] == [("Pong", 1, 20, 20.0)]
     assert run_command(["data", "validate", str(tmp_path / "data")]) == 0
-    out = capsys.readouterr().out
-    assert "Pong" in out and "20" in out
+    assert "1 episodes, 20 transitions" in capsys.readouterr().out
 
 
 def test_the_journeys_train_like_the_recipe_whose_output_they_show(tmp_path):
