@@ -54,6 +54,9 @@ MINARI_VERSION = "0.5.4"
 NAMESPACE = "atari"
 FRAME_SHAPE = (84, 84)
 NUM_TOKENS = 36
+"""Tokens per frame of the default tokenizer grid (6x6, JOWA's)."""
+TOKEN_COUNTS = (36, 121)
+"""Tokens per frame a cache may hold: the supported tokenizer grids, 6x6 and 11x11 (one count per store)."""
 NUM_ACTIONS = 18
 RAM_SIZE = 128
 """Bytes of Atari 2600 console RAM stored per frame in `infos/ram`."""
@@ -108,7 +111,7 @@ class Episode:
     truncations: np.ndarray  # [T] bool
     lives: np.ndarray | None = None  # [T] int32
     seed: int | None = None
-    obs_tokens: np.ndarray | None = None  # [T+1, 36] uint16
+    obs_tokens: np.ndarray | None = None  # [T+1, K] uint16, K = 36 (6x6 grid) or 121 (11x11)
     attrs: dict = field(default_factory=dict)
     ram: np.ndarray | None = None  # [T+1, 128] uint8, console RAM aligned with observations
 
@@ -131,8 +134,9 @@ class Episode:
             self.lives = _vector(self.lives, "lives", t, np.int32, "iu")
         if self.obs_tokens is not None:
             tok = np.asarray(self.obs_tokens)
-            if tok.shape != (t + 1, NUM_TOKENS) or tok.dtype.kind not in "iu":
-                raise ValueError(f"Episode.obs_tokens must be integer [{t + 1}, {NUM_TOKENS}], got {tok.dtype} {tok.shape}")
+            if tok.ndim != 2 or tok.shape[0] != t + 1 or tok.shape[1] not in TOKEN_COUNTS or tok.dtype.kind not in "iu":
+                raise ValueError(f"Episode.obs_tokens must be integer [{t + 1}, K] with K in {TOKEN_COUNTS}, got "
+                                 f"{tok.dtype} {tok.shape}")
             if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.uint16).max):
                 raise ValueError("Episode.obs_tokens must fit in uint16")
             self.obs_tokens = tok.astype(np.uint16, copy=False)
@@ -452,6 +456,7 @@ class TrajectoryStore:
             self._num_ram = num_ram
             self._tokenizer_id = _py(f.attrs["tokenizer_id"]) if "tokenizer_id" in f.attrs else None
             self._num_tokenized = int(f.attrs.get("num_tokenized", 0))
+            self._tokens_per_frame = int(_py(f.attrs.get("tokens_per_frame", NUM_TOKENS)))
             self._mtime = os.stat(self.path).st_mtime_ns
         self._repair_metadata()
 
@@ -499,6 +504,11 @@ class TrajectoryStore:
 
     def tokenizer_id(self) -> str | None:
         return self._tokenizer_id
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens per frame of the cache (36 unless `write_tokens` stored another grid's)."""
+        return self._tokens_per_frame
 
     @property
     def has_ram(self) -> bool:
@@ -633,7 +643,7 @@ class TrajectoryStore:
 
     def write_tokens(self, tokens: Iterable[tuple[int, np.ndarray]], tokenizer_id: str,
                      overwrite: bool = False) -> None:
-        """Store `obs_tokens` `[T+1, 36]` for the given episodes, atomically (all or none of them).
+        """Store `obs_tokens` `[T+1, K]` (K tokens a frame, one K for the store) for the given episodes, atomically (all or none of them).
 
         A store holds the tokens of one tokenizer: a different `tokenizer_id` than the one present
         raises DataError unless `overwrite`, which drops every existing token cache first.
@@ -652,15 +662,18 @@ class TrajectoryStore:
                         if "obs_tokens" in g:
                             del g["obs_tokens"]
                             del g.attrs["obs_tokens_crc32"]
+            count = None  # tokens per frame: one for the whole store
             for i, tok in tokens:  # the tokenizer runs here, interruptible; each HDF5 write is not
                 i = int(i)
                 if not 0 <= i < self.num_episodes:
                     raise IndexError(f"episode {i} out of range: {self.directory} holds {self.num_episodes}")
                 tok = np.asarray(tok)
                 t = int(self._lengths[i])
-                if tok.shape != (t + 1, NUM_TOKENS) or tok.dtype.kind not in "iu":
-                    raise ValueError(f"tokens of episode {i} must be integer [{t + 1}, {NUM_TOKENS}], got "
-                                     f"{tok.dtype} {tok.shape}")
+                if (tok.ndim != 2 or tok.shape[0] != t + 1 or tok.shape[1] not in TOKEN_COUNTS
+                        or tok.shape[1] != (count or tok.shape[1]) or tok.dtype.kind not in "iu"):
+                    raise ValueError(f"tokens of episode {i} must be integer [{t + 1}, K], K in {TOKEN_COUNTS} and "
+                                     f"the same for every episode, got {tok.dtype} {tok.shape}")
+                count = int(tok.shape[1])
                 if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.uint16).max):
                     raise ValueError(f"tokens of episode {i} do not fit in uint16")
                 tok = tok.astype(np.uint16, copy=False)
@@ -668,10 +681,12 @@ class TrajectoryStore:
                     g = f[f"episode_{i}"]
                     if "obs_tokens" in g:
                         del g["obs_tokens"]
-                    _create_dataset(g, "obs_tokens", tok, (min(TIME_CHUNK, t + 1), NUM_TOKENS))
+                    _create_dataset(g, "obs_tokens", tok, (min(TIME_CHUNK, t + 1), count))
                     g.attrs["obs_tokens_crc32"] = frames_crc32(tok)
             with _defer_sigint():
                 f.attrs["tokenizer_id"] = tokenizer_id
+                if count is not None:
+                    f.attrs["tokens_per_frame"] = count
                 f.attrs["num_tokenized"] = sum("obs_tokens" in f[f"episode_{i}"] for i in range(self.num_episodes))
         self._load()
 
@@ -753,7 +768,7 @@ def _write_episode(f: h5py.File, index: int, ep: Episode) -> None:
             _create_dataset(g.require_group("infos"), "ram", ep.ram, (min(RAM_CHUNK, t + 1), RAM_SIZE))
             g.attrs["ram_crc32"] = frames_crc32(ep.ram)
         if ep.obs_tokens is not None:
-            _create_dataset(g, "obs_tokens", ep.obs_tokens, (min(TIME_CHUNK, t + 1), NUM_TOKENS))
+            _create_dataset(g, "obs_tokens", ep.obs_tokens, (min(TIME_CHUNK, t + 1), ep.obs_tokens.shape[1]))
             g.attrs["obs_tokens_crc32"] = frames_crc32(ep.obs_tokens)
         g.attrs["id"] = index
         if ep.seed is not None:
@@ -859,6 +874,9 @@ class EpisodeWriter:
             raise ValueError("terminations/truncations may only be set at an episode's last step")
         if ep.obs_tokens is not None and self.store.tokenizer_id() is None:
             raise DataError(f"{self.store.directory} has no tokenizer_id; add token caches with write_tokens")
+        if ep.obs_tokens is not None and ep.obs_tokens.shape[1] != self.store.tokens_per_frame:
+            raise DataError(f"{self.store.directory} caches {self.store.tokens_per_frame} tokens a frame; this "
+                            f"episode has {ep.obs_tokens.shape[1]}")
         if self._f is None:
             t0 = time.perf_counter()
             with _defer_sigint():

@@ -120,7 +120,8 @@ def _check_episode(f: h5py.File, i: int, tokenizer_id: str | None) -> tuple[list
         if not isinstance(ds, h5py.Dataset):
             out.append(f"'{k}' is not a dataset but a {type(ds).__name__}")
             continue
-        want_shape = {"observations": (t + 1, *FRAME_SHAPE), "obs_tokens": (t + 1, NUM_TOKENS),
+        n_tok = int(_py(f.attrs.get("tokens_per_frame", NUM_TOKENS)))
+        want_shape = {"observations": (t + 1, *FRAME_SHAPE), "obs_tokens": (t + 1, n_tok),
                       RAM_FIELD: (t + 1, RAM_SIZE)}.get(k, (t,))
         if k == RAM_FIELD and ds.shape != want_shape:
             kind = "mismatched lengths" if ds.shape[1:] == want_shape[1:] else "wrong shape"

@@ -208,8 +208,6 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
     ckpt_path = latest_checkpoint(Path(agent))
     model, ckpt = WorldActionModel.from_checkpoint(ckpt_path)
     model.eval()
-    if model.cfg.tokens_per_obs != 36:
-        raise WamError(f"{ckpt_path}: the model reads {model.cfg.tokens_per_obs} tokens per frame; datasets hold 36")
     room = max_context_frames(model, settings.horizon)
     if context < 0 or context > room:
         raise WamError(f"--context {context} does not fit: with --horizon {settings.horizon} the model has room for "
@@ -220,6 +218,10 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
     unknown = sorted({s.game for s in stores} - set(games))
     if unknown:
         raise WamError(f"the data holds games {unknown} that the model has no task embedding for (model games: {games})")
+    for s in stores:
+        if s.has_tokens() and s.tokens_per_frame != model.cfg.tokens_per_obs:
+            raise WamError(f"{ckpt_path}: the model reads {model.cfg.tokens_per_obs} tokens per frame; {s.directory} "
+                           f"caches {s.tokens_per_frame}")
     tokens = _TokenSource(stores, ckpt.get("tokenizer", {}) or {})
     game_of = [games.index(s.game) for s in stores]
     legal_of = [np.asarray(legal_action_mask(s.game), dtype=bool) for s in stores]

@@ -168,6 +168,7 @@ class _Pieces:
     batch_transform: Callable[[Batch], Batch] | None
     tokenizer_meta: dict[str, str]
     games: list[str]
+    tokens_per_frame: int | None = None  # the tokenizer's (None: synthetic tokens, the model's own)
 
 
 def _load_tokenizer(path: str, device: str) -> Any:
@@ -179,7 +180,7 @@ def _load_tokenizer(path: str, device: str) -> Any:
 def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_path: str, device: str, rank: int,
                  world: int,
                  max_transitions: int | None = None, game_names: tuple[str, ...] | None = None,
-                 synthetic_games: tuple[str, ...] = ("Synthetic",)) -> tuple[_Pieces, int]:
+                 synthetic_games: tuple[str, ...] = ("Synthetic",), tokens_per_obs: int = 36) -> tuple[_Pieces, int]:
     """The batch source (this rank's share of the batch), the frames->tokens transform and the vocabulary."""
     if cfg.batch_size % world:
         raise WamError(f"--batch-size {cfg.batch_size} does not split over --workers {world}")
@@ -187,7 +188,7 @@ def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_pa
     if tuple(cfg.data) == (SYNTHETIC,):
         assert vocab is not None, "synthetic data needs the model's vocab_size"
         src = SyntheticTokenSource(cfg.batch_size, horizon, vocab, games=synthetic_games, seed=cfg.seed,
-                                   rank=rank, world_size=world)
+                                   rank=rank, world_size=world, tokens_per_obs=tokens_per_obs)
         log.info("data: synthetic random tokens (%d games, vocab %d)", len(synthetic_games), vocab)
         return _Pieces(src, None, {"id": "synthetic", "path": ""}, list(synthetic_games)), vocab
     if not cfg.data:
@@ -220,7 +221,8 @@ def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_pa
             return dataclasses.replace(batch, obs=tokens)
 
     meta = {"id": tid, "path": str(Path(tokenizer_path).resolve())}
-    return _Pieces(sampler, transform, meta, list(sampler.games)), int(tokenizer.cfg.codebook_size)
+    return (_Pieces(sampler, transform, meta, list(sampler.games), int(tokenizer.cfg.tokens_per_frame)),
+            int(tokenizer.cfg.codebook_size))
 
 
 class QTargetSource:
@@ -372,14 +374,20 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
     pieces, vocab = _data_pieces(
         cfg, model_cfg.horizon, model_cfg.vocab_size, tokenizer_path, cfg.train.device, rank, world,
         max_transitions=cfg.transitions if finetune else None,
-        game_names=(cfg.game,) if finetune else None, synthetic_games=synthetic_games)
+        game_names=(cfg.game,) if finetune else None, synthetic_games=synthetic_games,
+        tokens_per_obs=model_cfg.tokens_per_obs)
     try:
         if vocab != model_cfg.vocab_size and (pretrained is not None or ckpt is not None):
             raise WamError(f"the tokenizer has {vocab} codes but the model was trained with a vocabulary of "
                            f"{model_cfg.vocab_size}; use the tokenizer the model was trained with")
+        k = pieces.tokens_per_frame
+        if k is not None and k != model_cfg.tokens_per_obs and (pretrained is not None or ckpt is not None):
+            raise WamError(f"the tokenizer gives {k} tokens a frame but the model was trained on "
+                           f"{model_cfg.tokens_per_obs}; use the tokenizer the model was trained with")
         if ckpt is None and pretrained is None:
             games = tuple(pieces.games) if not finetune else (cfg.game,)
-            model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab, games=games)
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab, games=games,
+                                            tokens_per_obs=k or model_cfg.tokens_per_obs)
         model = pretrained if pretrained is not None else WorldActionModel(model_cfg)
         if finetune and pretrained is not None:
             log.info("fine-tuning %s on new game %s (task row %d)", cfg.from_run, cfg.game, model.add_game(cfg.game))

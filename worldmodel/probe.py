@@ -489,7 +489,7 @@ class Split:
 
     frames: np.ndarray  # uint8 [N, 84, 84]
     ram: np.ndarray  # uint8 [N, 128]
-    tokens: np.ndarray  # int64 [N, 36]
+    tokens: np.ndarray  # int64 [N, K] (K tokens a frame: 36 or 121)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -540,7 +540,7 @@ def _read_rows(store: TrajectoryStore, ep: np.ndarray, t: np.ndarray, tid: str, 
     cached = store.tokenizer_id() == tid and store.has_tokens()
     frames = np.empty((len(ep), 84, 84), dtype=np.uint8)
     ram = np.empty((len(ep), 128), dtype=np.uint8)
-    tokens = np.empty((len(ep), 36), dtype=np.int64)
+    tokens = np.empty((len(ep), store.tokens_per_frame if cached else 0), dtype=np.int64)
     for e in np.unique(ep).tolist():
         at = np.flatnonzero(ep == e)
         lo, hi = int(t[at].min()), int(t[at].max()) + 1
@@ -550,7 +550,7 @@ def _read_rows(store: TrajectoryStore, ep: np.ndarray, t: np.ndarray, tid: str, 
         if cached:
             tokens[at] = store.read_window(e, lo, hi, "obs_tokens")[local]
     if not cached and len(ep):
-        tokens[:] = encode(frames)
+        tokens = np.asarray(encode(frames), dtype=np.int64)
     return Split(frames, ram, tokens), cached
 
 
@@ -742,7 +742,7 @@ def write_markdown(path: Path, result: dict) -> None:
         "# State probe of a frozen tokenizer", "",
         f"Tokenizer `{tok['id']}` (`{tok['checkpoint']}`, step {tok['step']}, codebook {tok['codebook_size']} × "
         f"{tok['codebook_dim']}). Held-out R² of object coordinates read from RAM (AtariARI addresses), regressed "
-        f"from the frame's 36 code vectors (tokens), from the raw 84×84 pixels, and by the training mean "
+        f"from the frame's {tok.get('tokens_per_frame', 36)} code vectors (tokens), from the raw 84×84 pixels, and by the training mean "
         f"(constant). Ratio = best token R² / best pixel R² (blank when the pixel R² is not positive).", "",
         "| game | variable | token ridge R² | token MLP R² | pixel ridge R² | pixel MLP R² | constant R² | "
         "ratio token-best/pixel-best |",
@@ -864,7 +864,7 @@ def probe_tokenizer(run: str | Path, data: Sequence[str | Path], out: str | Path
         "kind": "tokenizer_probe",
         "tokenizer": {"id": tokenizer.tokenizer_id(), "checkpoint": extra.get("checkpoint", str(run)),
                       "step": extra.get("step"), "codebook_size": tokenizer.cfg.codebook_size,
-                      "codebook_dim": tokenizer.cfg.codebook_dim},
+                      "codebook_dim": tokenizer.cfg.codebook_dim, "tokens_per_frame": tokenizer.cfg.tokens_per_frame},
         "config": {**dataclasses.asdict(cfg), "holdout_fraction": holdout, "ridge_alphas": list(RIDGE_ALPHAS)},
         "probes": list(PROBES),
         "games": games,

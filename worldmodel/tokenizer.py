@@ -1,4 +1,5 @@
-"""The frame tokenizer: a VQ-VAE that turns one 84x84 grayscale frame into 6x6 = 36 discrete tokens.
+"""The frame tokenizer: a VQ-VAE that turns one 84x84 grayscale frame into 6x6 = 36 discrete tokens (or 11x11 =
+121 with three channel levels, `TokenizerConfig.grid`).
 
     frames uint8 [N, 84, 84] -> /255 -> conv encoder (84 -> 42 -> 21 -> 11 -> 6) -> z [N, D, 6, 6]
       -> nearest codebook entry (fp32 distances, straight-through gradient) -> z_q [N, D, 6, 6]
@@ -40,12 +41,14 @@ log = logging.getLogger(__name__)
 FRAME_SIZE = 84
 """Side of the square grayscale frames the tokenizer reads."""
 GRID_SIZE = 6
-"""Side of the latent token grid; each frame becomes GRID_SIZE**2 tokens."""
+"""Side of the default latent token grid (JOWA's); each frame becomes GRID_SIZE**2 tokens. An 11x11 grid is a
+config option (`TokenizerConfig.grid`)."""
 TOKENS_PER_FRAME = GRID_SIZE * GRID_SIZE
 FOREGROUND_THRESHOLD = 24
 """Default grey-level distance from the per-game median frame above which a pixel is foreground."""
 # Spatial sizes of the levels: space-to-depth 84 -> 42, then 3x3 stride-2 convs with padding 1: 42 -> 21 -> 11 -> 6.
 _SIZES = (42, 21, 11, 6)
+_LEVELS = {6: 4, 11: 3}  # token grid side -> resolution levels
 CHECKPOINT_KIND = "tokenizer"
 
 
@@ -62,8 +65,12 @@ class TokenizerConfig:
     """Number of codebook entries K (the token vocabulary; at most 65,536 so tokens fit uint16)."""
     codebook_dim: int = 32
     """Dimension D of each codebook entry (and of the encoder's output per grid cell)."""
-    channels: tuple[int, int, int, int] = (16, 32, 64, 64)
-    """Channels of the four resolution levels (42, 21, 11 and 6 pixels wide; 84x84 is folded into 42x42x4)."""
+    grid: int = 6
+    """Side of the token grid: 6 (36 tokens a frame, 14x14-pixel cells, JOWA's) or 11 (121 tokens, 7.6x7.6-pixel
+    cells: the encoder stops a level earlier and the last entry of `channels` is dropped)."""
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    """Channels of the resolution levels (42, 21, 11 and 6 cells wide; 84x84 is folded into 42x42x4); with
+    grid 11 the first three."""
     res_blocks: int = 0
     """Residual blocks per resolution level (in encoder and decoder alike)."""
     background_bank: int = 8
@@ -141,8 +148,13 @@ class TokenizerConfig:
         self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
         if not 2 <= self.codebook_size <= 65_536:
             raise WamError(f"codebook_size must be in [2, 65536] (tokens are stored as uint16), got {self.codebook_size}")
-        if len(self.channels) != 4:
-            raise WamError(f"channels needs one entry per resolution level (42, 21, 11, 6), got {self.channels}")
+        if self.grid not in (6, 11):
+            raise WamError(f"grid must be 6 (36 tokens a frame) or 11 (121 tokens), got {self.grid}")
+        if self.grid == 11 and len(self.channels) == 4:
+            self.channels = self.channels[:3]  # type: ignore[assignment]
+        if len(self.channels) != _LEVELS[self.grid]:
+            raise WamError(f"channels needs one entry per resolution level: {_LEVELS[self.grid]} for grid {self.grid} "
+                           f"({', '.join(map(str, _SIZES[:_LEVELS[self.grid]]))} cells wide), got {self.channels}")
         if self.autocast not in ("none", "bf16"):
             raise WamError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -160,6 +172,10 @@ class TokenizerConfig:
                      "pool_frames", "pool_window", "pool_refresh_interval"):
             if getattr(self, name) <= 0:
                 raise WamError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid
 
     @classmethod
     def from_preset(cls, name: str) -> TokenizerConfig:
@@ -539,7 +555,8 @@ class VQTokenizer(nn.Module):
     def _reconstruct(self, z_q: torch.Tensor) -> torch.Tensor:
         """[N, 36, D] -> [N, 84, 84] unclamped reconstruction."""
         n = z_q.shape[0]
-        grid = z_q.transpose(1, 2).reshape(n, self.cfg.codebook_dim, GRID_SIZE, GRID_SIZE)  # [N, D, 6, 6]
+        g = self.cfg.grid
+        grid = z_q.transpose(1, 2).reshape(n, self.cfg.codebook_dim, g, g)  # [N, D, 6, 6]
         return self.decoder(grid).squeeze(1)  # [N, 84, 84]
 
     def forward(self, frames: torch.Tensor | np.ndarray) -> TokenizerOutput:
@@ -547,11 +564,11 @@ class VQTokenizer(nn.Module):
         x = self._to_input(frames)  # [N, 1, 84, 84]
         z = self._latents(x)  # [N, 36, D]
         n = z.shape[0]
-        q = self.quantizer(z.reshape(n * TOKENS_PER_FRAME, -1))
-        z_q = q.z_q.reshape(n, TOKENS_PER_FRAME, -1)  # [N, 36, D]
+        k = self.cfg.tokens_per_frame
+        q = self.quantizer(z.reshape(n * k, -1))
+        z_q = q.z_q.reshape(n, k, -1)  # [N, 36, D]
         recon = self._reconstruct(z_q)
-        return TokenizerOutput(recon=recon, target=x.squeeze(1), z=z, quantized=q,
-                               tokens=q.indices.reshape(n, TOKENS_PER_FRAME))
+        return TokenizerOutput(recon=recon, target=x.squeeze(1), z=z, quantized=q, tokens=q.indices.reshape(n, k))
 
     # -- public API ----------------------------------------------------------------------------------
     def compute_loss(self, frames: torch.Tensor | np.ndarray, background: torch.Tensor | np.ndarray | None = None
@@ -624,20 +641,20 @@ class VQTokenizer(nn.Module):
             for chunk in x_all.split(batch_size):
                 z = self._latents(self._to_input(chunk))  # [n, 36, D]
                 n = z.shape[0]
-                idx = self.quantizer(z.reshape(n * TOKENS_PER_FRAME, -1)).indices
-                out.append(idx.reshape(n, TOKENS_PER_FRAME))
+                idx = self.quantizer(z.reshape(n * self.cfg.tokens_per_frame, -1)).indices
+                out.append(idx.reshape(n, self.cfg.tokens_per_frame))
         finally:
             self.quantizer.train(was_training)
         if not out:
-            return torch.zeros(0, TOKENS_PER_FRAME, dtype=torch.long, device=self.device)
+            return torch.zeros(0, self.cfg.tokens_per_frame, dtype=torch.long, device=self.device)
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor | np.ndarray, batch_size: int = 1024) -> torch.Tensor:
         """tokens (any integer dtype, e.g. the uint16 cache) [N, 36] -> frames float32 [N, 84, 84] in [0, 1]."""
         t_all = torch.as_tensor(np.asarray(tokens, dtype=np.int64) if isinstance(tokens, np.ndarray) else tokens)
-        if t_all.dim() != 2 or t_all.shape[1] != TOKENS_PER_FRAME:
-            raise ValueError(f"tokens must be [N, {TOKENS_PER_FRAME}], got {tuple(t_all.shape)}")
+        if t_all.dim() != 2 or t_all.shape[1] != self.cfg.tokens_per_frame:
+            raise ValueError(f"tokens must be [N, {self.cfg.tokens_per_frame}], got {tuple(t_all.shape)}")
         out = []
         for chunk in t_all.split(batch_size):
             z_q = self.quantizer.lookup(chunk.to(self.device, torch.long))  # [n, 36, D]
@@ -682,7 +699,7 @@ class VQTokenizer(nn.Module):
         finally:
             for hk in hooks:
                 hk.remove()
-        counts["quantizer"] = 2.0 * TOKENS_PER_FRAME * self.cfg.codebook_size * self.cfg.codebook_dim
+        counts["quantizer"] = 2.0 * self.cfg.tokens_per_frame * self.cfg.codebook_size * self.cfg.codebook_dim
         counts["total"] = counts["encoder"] + counts["decoder"] + counts["quantizer"]
         return counts
 

@@ -396,19 +396,19 @@ class SyntheticTokenSource:
 
     def __init__(self, batch_size: int, horizon: int, vocab_size: int, games: tuple[str, ...] = ("Synthetic",),
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_segments: int = 0,
-                 n_legal: int = 18) -> None:
+                 n_legal: int = 18, tokens_per_obs: int = 36) -> None:
         assert batch_size % world_size == 0, f"batch {batch_size} does not split over {world_size} workers"
         self.batch_size, self.horizon, self.vocab_size = batch_size, horizon, vocab_size
         self.games = list(games)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_segments, self.n_legal = num_segments, n_legal
+        self.num_segments, self.n_legal, self.tokens_per_obs = num_segments, n_legal, tokens_per_obs
         self.next_batch = 0
         self._pool = self._draw(np.random.default_rng([seed, 2**31]), num_segments) if num_segments else None
 
     def _draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
         h = self.horizon
         return {
-            "obs": rng.integers(0, self.vocab_size, (n, h + 1, 36)),
+            "obs": rng.integers(0, self.vocab_size, (n, h + 1, self.tokens_per_obs)),
             "actions": rng.integers(0, self.n_legal, (n, h)),
             "rewards": rng.choice(np.array([-1.0, 0.0, 0.0, 1.0], dtype=np.float32), (n, h)),
             "terminations": rng.random((n, h)) < 0.05,

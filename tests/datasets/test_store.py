@@ -232,6 +232,27 @@ def test_token_cache(tmp_path):
     assert validate(s2.directory) == []
 
 
+def test_token_cache_of_an_11x11_grid(tmp_path):
+    """121 tokens a frame (the 11x11 tokenizer grid): stored, read back, validated; one count per store."""
+    store = _store(tmp_path, 2)
+    assert store.tokens_per_frame == 36  # the default, before any cache
+    rng = np.random.default_rng(1)
+    toks = [rng.integers(0, 1024, (store.episode_lengths()[i] + 1, 121)) for i in range(2)]
+    with pytest.raises(ValueError, match="the same for every episode"):
+        store.write_tokens([(0, toks[0]), (1, toks[1][:, :36])], tokenizer_id="vq-11")
+    with pytest.raises(ValueError, match="K in"):
+        store.write_tokens([(0, toks[0][:, :100])], tokenizer_id="vq-11")
+    store.write_tokens([(i, toks[i]) for i in range(2)], tokenizer_id="vq-11")
+    s = TrajectoryStore.open(store.directory)
+    assert s.has_tokens() and s.tokens_per_frame == 121
+    np.testing.assert_array_equal(s.read_window(1, 2, 6, "obs_tokens"), toks[1][2:6])
+    assert validate(s.directory) == []
+    s.close()
+    with h5py.File(_main(s), "a") as f:  # a cache whose width disagrees with the store's count is caught
+        f.attrs["tokens_per_frame"] = 36
+    assert any("obs_tokens" in str(p) for p in validate(s.directory))
+
+
 # ------------------------------------------------------------------------------------ validation
 
 

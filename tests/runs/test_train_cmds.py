@@ -150,6 +150,38 @@ def test_calibration_on_held_out_episodes_is_logged_at_checkpoint_steps(workspac
         run_training(bad)
 
 
+def test_a_121_token_tokenizer_gives_a_model_that_reads_121_tokens_and_acts(workspace, tmp_path):
+    """An 11x11-grid tokenizer: the cache holds 121 tokens a frame, pretraining builds a model with
+    tokens_per_obs 121 from it, the agent acts on frames through it, and the 36-token tokenizer is refused."""
+    from wam.agents.base import load_agent
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(grid=11)
+    tok = build_tokenizer(cfg).eval()
+    save_checkpoint(tmp_path / "tok11" / "checkpoints" / "step_00000000.pt",
+                    {"kind": TOKENIZER_KIND, "config": config_to_dict(cfg), "model": tok.state_dict(),
+                     "tokenizer_id": tok.tokenizer_id(), "step": 0})
+    tok = load_tokenizer(tmp_path / "tok11")
+    data = _write_dataset(tmp_path / "data", "Pong", 1, episodes=2, length=30, tokenizer=tok)
+    assert TrajectoryStore.open(data).tokens_per_frame == 121
+    pre = _pretrain_cfg(workspace, tmp_path / "pre11", steps=4)
+    pre.data, pre.tokenizer = (str(data),), str(tmp_path / "tok11")
+    run_training(pre)
+    assert WorldActionModel.from_checkpoint(pre.out)[0].cfg.tokens_per_obs == 121
+    agent = load_agent(pre.out, "Pong")
+    state = agent.reset(agent.init_state(2), np.ones(2, bool))
+    legal = np.stack([legal_action_mask("Pong")] * 2)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 84, 84), dtype=np.uint8)
+    for _ in range(3):
+        acts, state, _ = agent.act(state, frames, legal, [np.random.default_rng(i) for i in range(2)])
+        assert legal[np.arange(2), acts].all()
+    ft = FinetuneConfig.from_preset("debug")
+    ft.from_run, ft.data, ft.game, ft.tokenizer = pre.out, (str(workspace["freeway"]),), "Freeway", str(workspace["tokenizer"])
+    ft.out, ft.batch_size, ft.prefetch, ft.train.steps, ft.train.progress = str(tmp_path / "ft"), 4, 0, 2, False
+    with pytest.raises(WamError, match="121"):
+        run_training(ft)
+
+
 def test_cli_pretrain_resume_continues(workspace):
     out = workspace["root"] / "cli"
     args = ["pretrain", "--preset", "debug", "--data", str(workspace["pong"]), "--tokenizer", str(workspace["tokenizer"]),

@@ -95,6 +95,25 @@ def test_shapes_dtypes_and_bf16():
     assert 1.0 <= logs["perplexity"] <= model.cfg.codebook_size and 0 < logs["usage"] <= 1
 
 
+def test_an_11x11_grid_gives_121_tokens_a_frame():
+    """Three channel levels stop at 11x11 cells: 121 tokens a frame that decode back to 84x84; another id."""
+    cfg = TokenizerConfig(grid=11)
+    assert (cfg.channels, cfg.tokens_per_frame) == ((16, 32, 64), 121) and TokenizerConfig().tokens_per_frame == 36
+    model = build_tokenizer(cfg)
+    frames = torch.randint(0, 256, (3, 84, 84), dtype=torch.uint8)
+    tokens = model.encode(frames)
+    assert tokens.shape == (3, 121) and model.decode(tokens).shape == (3, 84, 84)
+    loss, _ = model.train().compute_loss(frames)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"\[N, 121\]"):
+        model.decode(tokens[:, :36])
+    assert model.tokenizer_id() != build_tokenizer(TokenizerConfig()).tokenizer_id()
+    with pytest.raises(WamError, match="channels needs one entry per resolution level"):
+        TokenizerConfig(channels=(16, 32, 64))  # grid 6 needs four levels
+    with pytest.raises(WamError, match="grid must be 6"):
+        TokenizerConfig(grid=7)
+
+
 def test_straight_through_gradients_reach_the_encoder():
     model = build_tokenizer(TokenizerConfig())
     model.train()
