@@ -162,12 +162,15 @@ def time_full(preset: str, core: str, precision: str, steps: int, warmup: int, d
 def run(quick: bool = False) -> dict:
     from wam.runs.bench import machine_info
     from wam.worldmodel.cores import available_cores
-    from wam.worldmodel.trainer import matmul_peak_flops
+    from wam.worldmodel.trainer import bf16_is_fast, matmul_peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps, warmup = (3, 1) if quick else (8, 2)
     load_before = os.getloadavg()
-    peaks = {"fp32": matmul_peak_flops(torch.float32, device), "bf16": matmul_peak_flops(torch.bfloat16, device)}
+    bf16 = bf16_is_fast(device)  # without native bf16 matmuls a bf16 timing (and an MFU over its peak) means nothing
+    peaks = {"fp32": matmul_peak_flops(torch.float32, device)}
+    if bf16:
+        peaks["bf16"] = matmul_peak_flops(torch.bfloat16, device)
     root = Path(tempfile.mkdtemp(prefix="wam-bench-train-"))
     rows: list[dict[str, Any]] = []
     try:
@@ -179,7 +182,7 @@ def run(quick: bool = False) -> dict:
             plan += [("jowa-40m", "transformer"), ("jowa-150m", "transformer")]
         bare: dict[tuple[str, str], dict] = {}
         for preset, core in plan:
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", "bf16") if bf16 else ("fp32",):
                 if preset.startswith("jowa") and precision == "fp32":
                     continue
                 r = time_full(preset, core, precision, steps, warmup, data, device)
@@ -197,7 +200,7 @@ def run(quick: bool = False) -> dict:
                 rows.append(row)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"rows": rows, "peak_flops": peaks, "targets": TARGETS, "quick": quick, "steps": steps,
+    return {"rows": rows, "peak_flops": peaks, "targets": TARGETS, "quick": quick, "steps": steps, "bf16_native": bf16,
             "machine": {**machine_info(), "device": str(device), "load_before": load_before,
                         "load_after": os.getloadavg()}}
 
@@ -208,7 +211,9 @@ def markdown(result: dict) -> str:
         "### Training throughput (`wam bench train`)",
         "",
         f"Matmul peak (2048², measured in the same run): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; device {result['machine'].get('device')}, "
+        + (f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s" if "bf16" in peaks else
+           "bf16 unsupported here (no AVX-512-bf16/AMX: not timed)")
+        + f"; device {result['machine'].get('device')}, "
         f"load average {result['machine'].get('load_before')} before / {result['machine'].get('load_after')} after.",
         "",
         "| preset | core | precision | tokens/s | MFU | data wait | bare GPT tokens/s | bare MFU | full / bare |",

@@ -56,11 +56,11 @@ def _trainer_preset(name: str) -> TrainerConfig:
         "debug": TrainerConfig(steps=200, lr=1e-3, min_lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100),
         "small": TrainerConfig(steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=100, log_every=50,
                                checkpoint_every=500),
-        "jowa-40m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
+        "jowa-40m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
                                   log_every=100, checkpoint_every=10_000),
-        "jowa-70m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
+        "jowa-70m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
                                   log_every=100, checkpoint_every=10_000),
-        "jowa-150m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="bf16",
+        "jowa-150m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
                                    log_every=100, checkpoint_every=10_000),
     }, name, "training preset"))
 

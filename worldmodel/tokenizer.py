@@ -138,7 +138,8 @@ class TokenizerConfig:
     pool_refresh_interval: int = 500
     """Replace a quarter of the pool's windows every this many steps (only when the data do not fit)."""
     autocast: str = "none"
-    """Mixed precision of training: "none" (fp32) or "bf16" (torch.autocast; codebook search stays fp32)."""
+    """Mixed precision of training: "none" (fp32), "bf16" (torch.autocast; codebook search stays fp32) or "auto"
+    (bf16 where the device runs it natively, `wam.worldmodel.trainer.bf16_is_fast`, else fp32)."""
     device: str = "auto"
     """"auto" (cuda when available, else cpu), "cpu" or "cuda"."""
     seed: int = 0
@@ -155,8 +156,8 @@ class TokenizerConfig:
         if len(self.channels) != _LEVELS[self.grid]:
             raise WamError(f"channels needs one entry per resolution level: {_LEVELS[self.grid]} for grid {self.grid} "
                            f"({', '.join(map(str, _SIZES[:_LEVELS[self.grid]]))} cells wide), got {self.channels}")
-        if self.autocast not in ("none", "bf16"):
-            raise WamError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.autocast not in ("none", "bf16", "auto"):
+            raise WamError(f"autocast must be 'none', 'bf16' or 'auto', got {self.autocast!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise WamError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.usage_decay < 1.0:
@@ -209,7 +210,7 @@ _JOWA = dict(
     foreground_weight=0.0,
     ema_decay=0.99, usage_decay=0.99, dead_code_threshold=0.05, lr=1e-4, weight_decay=0.01, warmup_steps=2000,
     batch_size=128, steps=250_000, eval_interval=5000, plot_interval=10_000, checkpoint_interval=10_000,
-    eval_frames=2048, pool_frames=500_000, pool_refresh_interval=5000, autocast="bf16",
+    eval_frames=2048, pool_frames=500_000, pool_refresh_interval=5000, autocast="auto",
 )
 TOKENIZER_PRESETS: dict[str, dict[str, object]] = {
     # Keeps the objects: foreground-weighted loss, a bank of 8 learned screens, 1,024 codes (docs/tokenizer.md,

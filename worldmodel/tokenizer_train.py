@@ -500,7 +500,10 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         return result
 
     eval_step = int(ckpt["summary"].get("eval_step", step)) if ckpt is not None and ckpt.get("summary") else step
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
+    from wam.worldmodel.trainer import resolve_precision
+
+    precision = resolve_precision({"none": "fp32"}.get(cfg.autocast, cfg.autocast), device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     bar = None
     if progress:

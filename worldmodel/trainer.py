@@ -71,8 +71,10 @@ class TrainerConfig:
     """Clip the global gradient norm to this value (0 = off)."""
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 runs the forward pass under torch.autocast (CPU or GPU); parameters stay fp32."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """bf16 runs the forward pass under torch.autocast (CPU or GPU); parameters stay fp32. auto: bf16 where the
+    device runs bf16 matmuls natively (`bf16_is_fast`: a CUDA GPU with bf16, a CPU with AVX-512-bf16 or AMX),
+    else fp32 (on an AVX2-only CPU bf16 matmuls run ~100x slower than fp32)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     log_every: int = 10
@@ -85,6 +87,39 @@ class TrainerConfig:
     """Show a progress bar (tokens/s, loss, MFU)."""
     mfu: bool = False
     """Measure the matmul peak at start and show model-FLOPs utilisation."""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively on `device`: a CUDA GPU that supports bf16, or a CPU with AVX-512-bf16 or
+    AMX-bf16. Elsewhere (an AVX2-only CPU) PyTorch emulates them, ~100x slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`auto` -> bf16 where `bf16_is_fast(device)`, else fp32; an explicit bf16 on a device without it is kept
+    (with a warning: it is slow there)."""
+    fast = bf16_is_fast(device)
+    if precision == "auto":
+        return "bf16" if fast else "fp32"
+    if precision == "bf16" and not fast:
+        log.warning("bf16 on %s without native bf16 matmuls (no AVX-512-bf16/AMX): expect ~100x slower steps than "
+                    "fp32; use --precision fp32 or auto", device)
+    return precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -201,6 +236,7 @@ class Trainer:
         self.cfg = cfg
         self.evaluate, self.eval_every = evaluate, eval_every
         self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.objective = objective.to(self.device)
         self.model: nn.Module = objective.model
         self.source = source
@@ -274,7 +310,7 @@ class Trainer:
         return batch.to(self.device, non_blocking=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -325,7 +361,7 @@ class Trainer:
         end = self.cfg.steps if until_step is None else min(until_step, self.cfg.steps)
         peak = None
         if self.cfg.mfu and self.flops_per_token:
-            dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
             peak = matmul_peak_flops(dtype, self.device)
             log.info("matmul peak (%s, 2048^2): %.1f GFLOP/s", dtype, peak / 1e9)
         bar = None

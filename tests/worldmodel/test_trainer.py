@@ -122,3 +122,24 @@ def test_evaluate_hook_joins_metrics_rows(tmp_path):
     with_eval = {r["step"]: r for r in rows if "q_mc_gap" in r}
     assert sorted(with_eval) == [3, 6, 7] and with_eval[6]["q_mc_gap"] == 6.0
     assert "loss" in with_eval[6] and "loss" not in with_eval[3], "merged into log rows, else a row of its own"
+
+
+def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch, caplog):
+    """auto -> bf16 on a CPU with AVX-512-bf16 or AMX, fp32 on an AVX2-only one; an explicit bf16 there is kept with a
+    warning; the paper presets ask for auto, so no default picks bf16 on an AVX2-only CPU."""
+    import wam.worldmodel.trainer as trainer_mod
+    from wam.runs.train_cmds import PretrainConfig
+
+    monkeypatch.setattr(trainer_mod, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not trainer_mod.bf16_is_fast("cpu")
+    assert trainer_mod.resolve_precision("auto", "cpu") == "fp32"
+    with caplog.at_level("WARNING"):
+        assert trainer_mod.resolve_precision("bf16", "cpu") == "bf16"
+    assert "100x slower" in caplog.text
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(trainer_mod, "cpu_flags", lambda flag=flag: {"avx2", flag})
+        assert trainer_mod.resolve_precision("auto", "cpu") == "bf16"
+    assert trainer_mod.resolve_precision("fp32", "cpu") == "fp32"
+    for name in ("jowa-40m", "jowa-70m", "jowa-150m"):
+        assert PretrainConfig.from_preset(name).train.precision == "auto"
+    assert "avx2" in trainer_mod.cpu_flags() or not trainer_mod.cpu_flags()  # the real reader parses /proc/cpuinfo
