@@ -57,3 +57,14 @@ def test_missing_dataset_path_is_a_user_error(tmp_path):
     r = _wam("data", "validate", str(tmp_path / "nope"))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "nope" in r.stderr
+
+
+def test_ctrl_c_exits_130_after_the_command_returns(monkeypatch, tmp_path, capsys):
+    """A KeyboardInterrupt out of a command (what the trainers raise after saving on Ctrl-C) exits with 130."""
+    import wam.runs.train_cmds as train_cmds
+
+    def interrupted(cfg, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmds, "run_training", interrupted)
+    assert run_command(["pretrain", "--data", "synthetic", "--out", str(tmp_path / "run")]) == 130
