@@ -1,4 +1,4 @@
-"""Preset names shared by every typed config, and the lookup that turns a bad name into a user error."""
+"""The preset lookup that turns a bad name into a user error (shared by every typed config)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import TypeVar
 
 from wam.datasets.errors import WamError
 
-PRESETS: tuple[str, ...] = ("debug", "small", "jowa-40m", "jowa-70m", "jowa-150m")
 T = TypeVar("T")
 
 

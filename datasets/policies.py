@@ -231,7 +231,6 @@ _FACTORIES: dict[str, Callable[[str], BehaviourPolicy]] = {
     "random": lambda game: RandomPolicy(),
     "scripted": scripted_policy,
 }
-POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
 def make_policy(name: str, game: str, epsilon: float = 0.0) -> BehaviourPolicy:

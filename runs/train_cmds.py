@@ -130,7 +130,7 @@ class PretrainConfig(DataOptions):
 
     @classmethod
     def from_preset(cls, name: str) -> PretrainConfig:
-        return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
+        return cls(preset=name, batch_size=preset_value(_BATCH, name, "training preset"),
                    model=WorldActionModelConfig.from_preset(name), train=_trainer_preset(name),
                    loss=_loss_preset(name))
 
@@ -156,7 +156,7 @@ class FinetuneConfig(DataOptions):
     def from_preset(cls, name: str) -> FinetuneConfig:
         train = _trainer_preset(name)
         train = dataclasses.replace(train, steps=min(train.steps, 20_000 if name.startswith("jowa") else train.steps))
-        return cls(preset=name, batch_size=_BATCH[name] if name in _BATCH else 8,
+        return cls(preset=name, batch_size=preset_value(_BATCH, name, "training preset"),
                    model=WorldActionModelConfig.from_preset(name), train=train,
                    loss=_loss_preset(name))
 
