@@ -78,6 +78,7 @@ class EpisodeResult:
     frames: np.ndarray | None = None  # uint8 [T+1, 84, 84] when recorded
     q_values: np.ndarray | None = None  # float32 [T, 18] when recorded and the agent reports them
     actions: np.ndarray | None = None  # int64 [T] when recorded
+    action_counts: tuple[int, ...] | None = None  # times each of the 18 actions was played
 
 
 @dataclass
@@ -107,8 +108,9 @@ def agent_rng(seed: int) -> np.random.Generator:
 
 def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequence[int], epsilon: float,
                   record: Sequence[bool] | None = None, video_max_frames: int = VIDEO_MAX_FRAMES
-                  ) -> list[tuple[float, int, bool, dict[str, np.ndarray] | None]]:
-    """Play one episode in each env (seeded by `seeds`) in lockstep; per env (return, length, truncated, recording).
+                  ) -> list[tuple[float, int, bool, dict[str, np.ndarray] | None, tuple[int, ...]]]:
+    """Play one episode in each env (seeded by `seeds`) in lockstep; per env (return, length, truncated, recording,
+    action counts: how often each of the 18 actions was played, epsilon's included).
 
     legal: bool [18] (the game's mask). `record[i]` keeps env i's frames, actions and Q-values (if the
     agent's info has `q_values`), up to `video_max_frames` frames.
@@ -126,6 +128,7 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
     returns = np.zeros(n, dtype=np.float64)
     lengths = np.zeros(n, dtype=np.int64)
     truncated = np.zeros(n, dtype=bool)
+    counts = np.zeros((n, legal_rows.shape[-1]), dtype=np.int64)
     rec: list[dict[str, list] | None] = [
         {"frames": [obs[i].copy()], "actions": [], "q_values": []} if record[i] else None for i in range(n)
     ]
@@ -138,6 +141,7 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
             if epsilon > 0.0 and rngs[i].random() < epsilon:
                 actions[i] = uniform_legal_action(legal_rows[i], rngs[i])
             o, r, term, trunc, _ = envs[i].step(int(actions[i]))
+            counts[i, actions[i]] += 1
             obs[i] = o
             returns[i] += r
             lengths[i] += 1
@@ -159,7 +163,7 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
             recording = {"frames": np.stack(rec[i]["frames"]).astype(np.uint8),
                          "actions": np.asarray(rec[i]["actions"], dtype=np.int64),
                          "q_values": np.stack(rec[i]["q_values"]) if rec[i]["q_values"] else None}
-        out.append((float(returns[i]), int(lengths[i]), bool(truncated[i]), recording))
+        out.append((float(returns[i]), int(lengths[i]), bool(truncated[i]), recording, tuple(counts[i].tolist())))
     return out
 
 
@@ -215,8 +219,8 @@ class _EvalWorker:
         played = play_episodes(agent, envs, legal_action_mask(game), seeds, self.epsilon, record,
                                self.video_max_frames)
         results = []
-        for idx, s, (score, length, trunc, recording) in zip(indices, seeds, played):
-            r = EpisodeResult(game, idx, int(s), score, length, trunc)
+        for idx, s, (score, length, trunc, recording, counts) in zip(indices, seeds, played):
+            r = EpisodeResult(game, idx, int(s), score, length, trunc, action_counts=counts)
             if recording is not None:
                 r.frames, r.actions, r.q_values = recording["frames"], recording["actions"], recording["q_values"]
             results.append(r)
@@ -372,7 +376,8 @@ def evaluate(
             hns=human_normalized(r.game, r.score), protocol=protocol, epsilon=eps, plan=plan_name,
             beam_width=plan_settings.beam_width if plan_settings else None,
             horizon=plan_settings.horizon if plan_settings else None, max_steps=cap, agent=agents[r.game].name,
-            agent_spec=agent_spec, checkpoint_id=agents[r.game].checkpoint_id, eval_seed=int(seed))
+            agent_spec=agent_spec, checkpoint_id=agents[r.game].checkpoint_id, eval_seed=int(seed),
+            action_counts=r.action_counts)
 
     result = EvalResult(out_dir=out, records=[], summary={}, env_settings={}, complete=False)
     if records and (out / "results.json").is_file():  # resuming: keep what earlier workers read back

@@ -31,7 +31,7 @@ from wam.datasets.errors import DataError
 
 EPISODE_COLUMNS: tuple[str, ...] = (
     "game", "episode", "seed", "return", "length", "truncated", "hns", "protocol", "epsilon", "plan",
-    "beam_width", "horizon", "max_steps", "agent", "agent_spec", "checkpoint_id", "eval_seed",
+    "beam_width", "horizon", "max_steps", "agent", "agent_spec", "checkpoint_id", "eval_seed", "action_counts",
 )
 """Columns of `episodes.csv`, in order."""
 
@@ -57,6 +57,7 @@ class EpisodeRecord:
     agent_spec: str  # what was passed as --agent
     checkpoint_id: str
     eval_seed: int  # the --seed of the evaluation
+    action_counts: tuple[int, ...] | None = None  # times each of the 18 actions was played (None: older files)
 
     def to_row(self) -> dict[str, str]:
         d = asdict(self)
@@ -64,6 +65,7 @@ class EpisodeRecord:
         for k in ("hns", "beam_width", "horizon"):
             d[k] = "" if d[k] is None else repr(d[k])
         d["truncated"] = "1" if self.truncated else "0"
+        d["action_counts"] = "" if self.action_counts is None else " ".join(map(str, self.action_counts))
         return {k: str(d[k]) for k in EPISODE_COLUMNS}
 
     @classmethod
@@ -76,7 +78,8 @@ class EpisodeRecord:
                    hns=opt(row["hns"], float), protocol=row["protocol"], epsilon=float(row["epsilon"]),
                    plan=row["plan"], beam_width=opt(row["beam_width"], int), horizon=opt(row["horizon"], int),
                    max_steps=int(row["max_steps"]), agent=row["agent"], agent_spec=row["agent_spec"],
-                   checkpoint_id=row["checkpoint_id"], eval_seed=int(row["eval_seed"]))
+                   checkpoint_id=row["checkpoint_id"], eval_seed=int(row["eval_seed"]),
+                   action_counts=tuple(int(x) for x in row["action_counts"].split()) if row.get("action_counts") else None)
 
 
 assert [f.name for f in fields(EpisodeRecord)] == [c if c != "return" else "score" for c in EPISODE_COLUMNS], \

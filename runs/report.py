@@ -234,6 +234,42 @@ def _iqm_plot(path: Path, evals: list[EvalInput]) -> None:
     plt.close(fig)
 
 
+def _action_shares(evals: list, games: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """game -> evaluation label -> legal action name -> share of the steps played (only evaluations whose
+    episodes.csv records action counts)."""
+    from wam.datasets.atari import ACTION_NAMES, legal_action_mask
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for g in games:
+        legal = np.flatnonzero(legal_action_mask(g))
+        for e in evals:
+            counts = [r.action_counts for r in e.records if r.game == g and r.action_counts is not None]
+            if not counts:
+                continue
+            total = np.sum(counts, axis=0).astype(np.float64)
+            share = total / max(total.sum(), 1.0)
+            out.setdefault(g, {})[e.label] = {ACTION_NAMES[a]: float(share[a]) for a in legal}
+    return out
+
+
+def _action_plot(path: Path, shares: dict[str, dict[str, dict[str, float]]]) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(len(shares), 1, figsize=(10, 2.8 * len(shares)), squeeze=False)
+    for ax, (g, per) in zip(axes[:, 0], shares.items()):
+        names = list(next(iter(per.values())))
+        x = np.arange(len(names))
+        width = 0.8 / len(per)
+        for i, (label, row) in enumerate(per.items()):
+            ax.bar(x + (i - (len(per) - 1) / 2) * width, list(row.values()), width, label=label)
+        ax.set_xticks(x, names, rotation=60, fontsize=6)
+        ax.set_ylabel("share of steps", fontsize=7)
+        ax.set_title(f"{g}: actions played", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _curve_keys(rows: list[dict[str, Any]]) -> list[str]:
     keys: dict[str, None] = {}
     for r in rows:
@@ -360,6 +396,21 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
             _bar_plot(out / "per_game_hns.png", evals, [g for g in games if any(
                 g in e.summary["games_with_hns"] for e in evals)], "hns", "HNS")
             md += ["![per-game HNS](per_game_hns.png)", ""]
+
+        shares = _action_shares(evals, games)
+        if shares:
+            data["action_shares"] = shares
+            md += ["## Actions played", "",
+                   "Share of each legal action over every step of the evaluation's episodes (ε's random actions "
+                   "included). An agent that copies its data's most frequent action, or sticks to one, shows here.",
+                   ""]
+            for g, per in shares.items():
+                names = list(next(iter(per.values())))
+                md += [f"### {g}", ""]
+                md += _md_table(["evaluation", *names], [[label, *(f"{v:.0%}" for v in row.values())]
+                                                         for label, row in per.items()])
+            _action_plot(out / "actions.png", shares)
+            md += ["![actions played](actions.png)", ""]
 
         pairs = _plan_pairs(evals)
         if pairs:

@@ -83,8 +83,10 @@ def test_bootstrap_interval_of_a_mean_is_close_to_the_normal_interval():
 
 
 def test_csv_round_trip_and_summary(tmp_path):
-    records = [_record("Pong", i, s, (s + 20.7) / 35.3) for i, s in enumerate([-21.0, -20.0, -19.0, -15.0])]
-    records += [_record("Carnival", i, s, None) for i, s in enumerate([500.0, 700.0])]
+    counts = tuple(range(18))
+    records = [_record("Pong", i, s, (s + 20.7) / 35.3, action_counts=counts)
+               for i, s in enumerate([-21.0, -20.0, -19.0, -15.0])]
+    records += [_record("Carnival", i, s, None) for i, s in enumerate([500.0, 700.0])]  # no counts (older files)
     path = tmp_path / "episodes.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(EPISODE_COLUMNS))
@@ -93,6 +95,7 @@ def test_csv_round_trip_and_summary(tmp_path):
             w.writerow(r.to_row())
     back = read_episodes(tmp_path)
     assert back == sorted(records, key=lambda r: (r.game, r.episode))
+    assert [r.action_counts for r in back if r.game == "Pong"] == [counts] * 4
     assert set(scores_by_game(back, "hns")) == {"Pong"}  # Carnival has no HNS
     s = summarize(back, reps=500, seed=0)
     assert s["games"]["Pong"]["return"]["point"] == pytest.approx(-18.75)

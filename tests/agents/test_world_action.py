@@ -271,7 +271,7 @@ def test_wam_eval_end_to_end_is_deterministic(ray_session, runs, tmp_path):
     played = []
     for _ in range(2):
         env = make_env("Pong", seed=3, max_episode_steps=30)
-        (_, _, _, rec), = play_episodes(agent, [env], LEGAL, [11], epsilon=0.2, record=[True])
+        (_, _, _, rec, _), = play_episodes(agent, [env], LEGAL, [11], epsilon=0.2, record=[True])
         played.append(rec)
         env.close()
     np.testing.assert_array_equal(played[0]["actions"], played[1]["actions"])

@@ -55,6 +55,17 @@ def test_report_holds_the_numbers_of_the_csv(inputs, tmp_path):
     assert "## Agent comparisons" in md and len(data["comparisons"]) == 3
     assert "episodes capped at 120 agent steps" in md
     assert "[Pong_ep0.mp4](" in md and "## Training runs" in md
+    # actions played: shares of the counts in episodes.csv, summed over the episodes of a game
+    assert (out / "actions.png").is_file() and "## Actions played" in md
+    from wam.datasets.atari import ACTION_NAMES, legal_action_mask
+
+    for label in ("random", "scripted"):
+        recs = [r for r in read_episodes(inputs / "evals" / label) if r.game == "Pong"]
+        total = np.sum([r.action_counts for r in recs], axis=0)
+        assert total.sum() == sum(r.length for r in recs)  # every step counted once
+        legal = np.flatnonzero(legal_action_mask("Pong"))
+        want = {ACTION_NAMES[a]: total[a] / total.sum() for a in legal}
+        assert data["action_shares"]["Pong"][label] == pytest.approx(want)
     assert data["runs"]["tokenizer"]["records"] == 10  # the torn line is skipped
     assert data["runs"]["tokenizer"]["final"]["loss"] == pytest.approx(2.0 / 91)
 
