@@ -211,15 +211,16 @@ class WorldActionAgent:
         for idx, compute in groups:
             idx_t = torch.as_tensor(idx, device=self.device)
             with self._autocast():
-                model_state, q_logits = compute()
+                model_state, q_logits, prior = compute()
                 if self.planner is not None:
-                    res = self.planner.plan(model_state, q_logits, legal_t[idx_t])
+                    res = self.planner.plan(model_state, q_logits, legal_t[idx_t], prior)
                     chosen, q = res.action, res.raw_q
                     planned_q[idx] = torch.full((len(idx), NUM_ACTIONS), float("-inf")).scatter(
                         1, res.candidates.cpu(), res.candidate_q.cpu().float())
                 else:
                     q = self.model.q_values(q_logits, legal_t[idx_t]).float()  # [G, 18]
-                    chosen = q.argmax(-1)  # ties: the first (lowest) action id
+                    # greedy on Q, plus tau log pi_b(a | s) for a model with a behaviour prior
+                    chosen = self.model.acting_values(q_logits, legal_t[idx_t], prior).argmax(-1)  # ties: lowest id
             raw_q[idx] = q.cpu()
             actions[idx] = chosen.cpu()
         acts = actions.numpy().astype(np.int64)  # [N]
@@ -251,10 +252,12 @@ class WorldActionAgent:
             groups.append((idx, functools.partial(self._window_q, obs_t, act_t)))
         return groups
 
-    def _window_q(self, obs_t: torch.Tensor, act_t: torch.Tensor) -> tuple[WamState, torch.Tensor]:
-        """Encode windows (parallel form, from position 0): the state after them and Q logits [G, E, 18, n_atoms]."""
+    def _window_q(self, obs_t: torch.Tensor, act_t: torch.Tensor
+                  ) -> tuple[WamState, torch.Tensor, torch.Tensor | None]:
+        """Encode windows (parallel form, from position 0): the state after them, Q logits [G, E, 18, n_atoms]
+        and the behaviour prior's logits [G, 18] (None without a prior head) at the last frame."""
         out, model_state = self.model(obs_t, act_t, self._game_ids(obs_t.shape[0]))
-        return model_state, out.q_logits[:, -1]
+        return model_state, out.q_logits[:, -1], None if out.prior_logits is None else out.prior_logits[:, -1]
 
     def _episode_groups(self, state: WorldActionState, tokens: np.ndarray) -> list[tuple[np.ndarray, Any]]:
         """Feed each row's pending action and its new frame into the carried core state, one call per slot."""
@@ -265,9 +268,9 @@ class WorldActionAgent:
         return groups
 
     def _episode_q(self, state: WorldActionState, slot: int, idx: np.ndarray, tokens: np.ndarray
-                   ) -> tuple[WamState, torch.Tensor]:
+                   ) -> tuple[WamState, torch.Tensor, torch.Tensor | None]:
         """Rows `idx` (all at position slot `slot`, -1 = fresh): feed the pending action, then the frame
-        tokens [G, 36]; updates `state.core`/`state.slot`; returns the rows' state and Q logits."""
+        tokens [G, 36]; updates `state.core`/`state.slot`; returns the rows' state, Q logits and prior logits."""
         per_step, k = self.model.cfg.tokens_per_step, self.model.cfg.tokens_per_obs
         idx_t = torch.as_tensor(idx, device=self.device)
         sub = index_state(state.core, idx_t)
@@ -276,11 +279,12 @@ class WorldActionAgent:
             assert (pending >= 0).all(), "episode rows with a frame must have an action to feed"
             *_, sub = self.model.act(pending, WamState(sub.core, slot * per_step + k, sub.game_ids))
         new_slot = min(slot + 1, self.slot_cap)
-        q_logits, sub = self.model.observe(torch.as_tensor(tokens, device=self.device),
-                                           WamState(sub.core, new_slot * per_step, sub.game_ids))
+        frame = torch.as_tensor(tokens, device=self.device)[:, None]  # [G, 1, K]: `observe`, keeping the prior
+        out, sub = self.model(frame, frame.new_zeros(len(idx), 0), sub.game_ids,
+                              WamState(sub.core, new_slot * per_step, sub.game_ids))
         state.core = scatter_state(state.core, idx_t, sub)
         state.slot[idx] = new_slot
-        return sub, q_logits
+        return sub, out.q_logits[:, 0], None if out.prior_logits is None else out.prior_logits[:, 0]
 
 
 # ------------------------------------------------------------------------------------ loading

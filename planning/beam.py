@@ -14,7 +14,9 @@ Algorithm (JOWA's planner, REFERENCE.md "Planning", batched over environments x 
 3. Value of a root candidate a: Q^plan(s, a) = sum_{d<H} gamma^d alive_d r_d + gamma^H alive_H max_a' Q(s_H, a'),
    alive_0 = 1 and alive_{d+1} = alive_d * (1 - done_d): a branch that the model says terminated stops
    accruing (neither later rewards nor the bootstrap count).
-4. The chosen action is the candidate with the highest planned value (ties: the higher raw Q).
+4. The chosen action is the candidate with the highest planned value (ties: the higher raw Q). A model with a
+   behaviour prior (`behaviour_prior` tau > 0) ranks the root candidates by Q + tau log pi_b(a | s) and adds
+   that tau log pi_b term to each candidate's planned value before choosing; `candidate_q` stays pure Q.
 
 H = 0 is greedy acting (the candidates' planned values are their raw Q). Every model call runs the
 whole B*K batch, so one decision of B environments costs H*(1 + tokens_per_obs) model calls and
@@ -166,22 +168,30 @@ class BeamSearchPlanner:
                 f"most {frames - self.settings.horizon} frames of context before planning, or lower the horizon")
 
     @torch.no_grad()
-    def plan(self, state: Any, q_logits: torch.Tensor, legal: torch.Tensor) -> PlanResult:
+    def plan(self, state: Any, q_logits: torch.Tensor, legal: torch.Tensor,
+             prior_logits: torch.Tensor | None = None) -> PlanResult:
         """Plan for B environments whose current frame has been fed.
 
         state: the model state after the current frame's last token (B rows; not modified);
         q_logits: the Q logits there ([B, E, 18, n_atoms] for the world-action model);
-        legal: [B, 18] bool legal-action mask.
+        legal: [B, 18] bool legal-action mask;
+        prior_logits: the behaviour prior's logits there ([B, 18]; models with a prior): the root candidates are
+        the best by acting value (Q + tau log pi_b) and the choice adds the same prior term to each
+        candidate's planned Q (imagined steps continue greedily on Q).
         """
         s = self.settings
         model = self.model
         legal = legal.to(torch.bool)
         raw_q = model.q_values(q_logits, legal).float()  # [B, 18]
+        acting = getattr(model, "acting_values", None)
+        score = acting(q_logits, legal, prior_logits).float() if acting is not None else raw_q  # [B, 18]
         b = raw_q.shape[0]
         k = min(s.beam_width, int(legal.sum(-1).max()))
         if k < s.beam_width:
             log.debug("beam width %d capped to %d (no row has more legal actions)", s.beam_width, k)
-        cand_raw, cand = raw_q.topk(k, dim=-1)  # [B, K] best first
+        cand_score, cand = score.topk(k, dim=-1)  # [B, K] best first
+        cand_raw = raw_q.gather(1, cand)
+        bonus = torch.where(torch.isfinite(cand_score), cand_score - cand_raw, torch.zeros_like(cand_raw))  # prior
         cand_legal = torch.isfinite(cand_raw)
         h = s.horizon
         dev = raw_q.device
@@ -211,8 +221,8 @@ class BeamSearchPlanner:
             ret = (rewards * alive[:, :h] * disc).sum(-1) + s.gamma ** h * alive[:, h] * bootstrap
             value = ret.view(b, k)
         value = value.masked_fill(~cand_legal, float("-inf"))
-        # best planned value; ties go to the earlier (higher raw Q) candidate
-        best = value.argmax(-1)  # argmax returns the first maximum
+        # best planned value (+ the prior's term); ties go to the earlier (higher acting value) candidate
+        best = (value + bonus).argmax(-1)  # argmax returns the first maximum
         chosen = cand.gather(1, best[:, None])[:, 0]
         return PlanResult(action=chosen, raw_q=raw_q, candidates=cand, candidate_raw_q=cand_raw, candidate_q=value,
                           rewards=rewards.view(b, k, h), alive=alive.view(b, k, h + 1), plans=plans.view(b, k, h),
@@ -228,7 +238,8 @@ class BeamSearchPlanner:
         whose Q is trained (at most `max_context_frames(model, H)`).
         """
         out, state = self.model(obs_tokens, actions, game_ids)
-        return self.plan(state, out.q_logits[:, -1], legal)
+        prior = getattr(out, "prior_logits", None)
+        return self.plan(state, out.q_logits[:, -1], legal, None if prior is None else prior[:, -1])
 
 
 def q_frames(model: Any) -> int:

@@ -23,6 +23,9 @@ Objectives (`LossConfig.objective`, `--objective`):
   The target head follows the online head by hard copies every `target_update_every` steps or by
   Polyak averaging (`target_tau`).
 - **CQL** on the expected C51 Q: logsumexp over the legal actions minus Q of the data action.
+- **Behaviour prior** (models with `behaviour_prior` > 0): cross-entropy of the data action under the prior
+  head's legal-masked logits, weight `lambda_prior`; acting adds `behaviour_prior` x its log-probabilities to
+  the expected Q (`WorldActionModel.acting_values`).
 
 - **Behaviour cloning** (`bc_loss`): the logits of the 18 actions are `model.q_values(...)`, the
   legal-masked ensemble mean of the Q head's expected values, so a BC checkpoint acts through the very
@@ -102,6 +105,9 @@ class LossConfig:
     expected Q, which is what an agent acts on)."""
     lambda_distill: float = 1.0
     """Weight of the distillation toward planner-corrected Q-values (used only with --q-targets FILE)."""
+    lambda_prior: float = 1.0
+    """Weight of the behaviour prior's cross-entropy (the data action under the prior head's legal-masked
+    logits); only models built with `--behaviour-prior` > 0 have that head."""
 
 
 def objective_name(cfg: LossConfig) -> str:
@@ -331,6 +337,22 @@ def cql_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> t
     return loss, {"cql_loss": loss.item(), "illegal_data_actions": illegal.item(), "q_gap_frequent": frequent_gap}
 
 
+def prior_loss(out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor, Logs]:
+    """Behaviour prior: cross-entropy of the data action under the prior head's logits over the legal actions,
+    masked mean over the steps that enter the Q losses; logs `prior_ce` and `prior_acc`."""
+    assert out.prior_logits is not None
+    h = batch.actions.shape[1]
+    legal = batch.legal_actions[:, None, :].expand(-1, h, -1)  # [B, H, 18]
+    logits = out.prior_logits[:, :h].float().masked_fill(~legal, float("-inf"))
+    steps = q_steps(batch)
+    logp = logits.log_softmax(-1).gather(-1, batch.actions[:, :, None]).squeeze(-1)  # [B, H]
+    ce = torch.where(steps, -logp, torch.zeros_like(logp))
+    loss = masked_mean(ce, steps)
+    with torch.no_grad():
+        acc = masked_mean((logits.argmax(-1) == batch.actions).float(), steps)
+    return loss, {"prior_ce": loss.item(), "prior_acc": acc.item()}
+
+
 def frequent_action_gap(q: torch.Tensor, batch: Batch, steps: torch.Tensor) -> float:
     """Mean over `steps` [B, H] of Q(s, f) - mean of Q(s, a) over the other legal actions a, where f is the most
     frequent data action of the row's game in this batch (ties: the lowest id). q [B, H, 18].
@@ -428,6 +450,10 @@ def world_action_loss(model: WorldActionModel, batch: Batch, cfg: LossConfig, cr
     q_weight = 1.0 if critic or not use_wm else 0.0
     loss = q_weight * (td + cfg.lambda_cql * cql)
     logs: Logs = {**td_logs, **cql_logs}
+    if out.prior_logits is not None:
+        pl, pl_logs = prior_loss(out, batch)
+        loss = loss + cfg.lambda_prior * pl
+        logs.update(pl_logs)
     if use_wm:
         wm, wm_logs = world_model_loss(out, batch)
         loss = loss + cfg.lambda_wm * wm

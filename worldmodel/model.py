@@ -88,6 +88,11 @@ class WorldActionModelConfig:
     """Expected Q of every action at initialisation: the Q head's last layer starts with small weights and
     the bias of the maximum-entropy distribution on the support with this mean (not the support's midpoint,
     which a uniform distribution would give: 10 on [-10, 30])."""
+    behaviour_prior: float = 0.0
+    """tau > 0 adds a behaviour-cloning head (`prior_head`: logits of the data's action at each frame, trained
+    beside the Q head) and acts on E[Q](s, a) + tau * log pi_b(a | s) over the legal actions: greedy on Q,
+    regularised towards what the data did (KL-regularised policy improvement; docs/training.md). 0: no head,
+    greedy on Q (JOWA)."""
     dropout: float = 0.0
     """Dropout on the embeddings and inside cores that take `dropout`."""
     init: str = "scaled"
@@ -150,6 +155,7 @@ class WorldActionOutput:
     termination_logits: torch.Tensor | None  # [B, A, 2]  (these three are None when world_model=False)
     q_logits: torch.Tensor  # [B, T, E, 18, n_atoms] at the last observation token of each frame
     target_q_logits: torch.Tensor | None  # [B, T, E, 18, n_atoms] from the target head (no grad), or None
+    prior_logits: torch.Tensor | None = None  # [B, T, 18] behaviour-prior logits there (models with a prior head)
 
 
 @dataclass
@@ -262,10 +268,12 @@ class WorldActionModel(nn.Module):
         self.reward_head = mlp_head(d, REWARD_CLASSES)
         self.termination_head = mlp_head(d, 2)
         self.q_head = QEnsemble(cfg)
+        self.prior_head = mlp_head(d, NUM_ACTIONS) if cfg.behaviour_prior > 0 else None
+        heads = [self.obs_head, self.reward_head, self.termination_head] + ([self.prior_head] if self.prior_head else [])
         for m in (self.obs_embedding, self.action_embedding, self.pos_embedding, self.task_obs_embedding,
-                  self.task_action_embedding, self.obs_head, self.reward_head, self.termination_head, self.q_head):
+                  self.task_action_embedding, *heads, self.q_head):
             m.apply(functools.partial(_init_weights, scheme=cfg.init, d_model=d))
-        for head in (self.obs_head, self.reward_head, self.termination_head):  # outputs start near uniform
+        for head in heads:  # outputs start near uniform
             nn.init.normal_(head[-1].weight, mean=0.0, std=0.02)
         support = torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms)
         self.q_head.calibrate(torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms, device="cpu"), cfg.q_init)
@@ -343,7 +351,8 @@ class WorldActionModel(nn.Module):
         groups = {
             "embeddings": (self.obs_embedding, self.action_embedding, self.pos_embedding),
             "core": (self.core, self.ln_f), "obs_head": (self.obs_head,), "reward_head": (self.reward_head,),
-            "termination_head": (self.termination_head,), "q_head": (self.q_head,),
+            "termination_head": (self.termination_head,),
+            "q_head": (self.q_head,) + ((self.prior_head,) if self.prior_head is not None else ()),
         }
         for part in parts:
             if part not in groups:
@@ -423,6 +432,7 @@ class WorldActionModel(nn.Module):
         q_feat = hp[:, :, k - 1]  # [B, T, D] last observation token of each frame
         act_feat = hp[:, :a, k]  # [B, A, D] action tokens
         q_logits = self.q_head(q_feat)
+        prior = self.prior_head(q_feat) if self.prior_head is not None else None
         target = None
         if with_target:
             with torch.no_grad():
@@ -431,7 +441,7 @@ class WorldActionModel(nn.Module):
             obs_logits=self.obs_head(h) if world_model else None,
             reward_logits=self.reward_head(act_feat) if world_model else None,
             termination_logits=self.termination_head(act_feat) if world_model else None,
-            q_logits=q_logits, target_q_logits=target)
+            q_logits=q_logits, target_q_logits=target, prior_logits=prior)
         return out, WamState(core_state, state.pos + length, state.game_ids)
 
     # ----------------------------------------------------------------------------- incremental
@@ -490,6 +500,17 @@ class WorldActionModel(nn.Module):
         """
         q = self.expected_q(q_logits).mean(-2)  # [B, 18]
         return q.masked_fill(~legal_actions, float("-inf"))
+
+    def acting_values(self, q_logits: torch.Tensor, legal_actions: torch.Tensor,
+                      prior_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """What acting maximises [B, 18]: `q_values`, plus `behaviour_prior` * log pi_b(a | s) (the prior head's
+        log-probabilities over the legal actions) when the model has a prior and `prior_logits` [B, 18] are given."""
+        q = self.q_values(q_logits, legal_actions)
+        tau = self.cfg.behaviour_prior
+        if prior_logits is None or tau <= 0:
+            return q
+        logp = prior_logits.float().masked_fill(~legal_actions, float("-inf")).log_softmax(-1)
+        return q + tau * logp.masked_fill(~legal_actions, 0.0)
 
     # ------------------------------------------------------------------------------ checkpoint
     @classmethod

@@ -236,6 +236,32 @@ def test_planning_horizon_zero_is_greedy_and_planner_reports_q(runs, frames, cor
     assert (chosen_planned[..., 0] == np.nanmax(np.stack([i["planned_q"] for i in infos]), -1)).all()
 
 
+@pytest.mark.parametrize("memory", ["window", "episode"])
+def test_a_behaviour_prior_pulls_acting_towards_the_data(runs, frames, memory):
+    """With a behaviour prior (tau log pi_b added to Q), a prior that puts its mass on LEFT makes greedy and planning
+    agents play LEFT; a tiny tau leaves greedy acting on Q."""
+    tok = load_agent(str(runs["transformer"]), "Pong").tokenizer
+    torch.manual_seed(3)
+    cfg = dataclasses.replace(WorldActionModelConfig.from_preset("debug"), vocab_size=tok.cfg.codebook_size, d_model=32,
+                              n_layers=1, horizon=4, games=GAMES, behaviour_prior=10.0,
+                              core="transformer" if memory == "window" else "mamba",
+                              core_options=() if memory == "window" else ("d_state=8",))
+    model = WorldActionModel(cfg).eval()
+    with torch.no_grad():
+        model.q_head.heads[0].net[-1].weight.mul_(50.0)  # Q spread over a few units
+        model.prior_head[-1].bias.zero_()
+        model.prior_head[-1].bias[4] = 30.0  # pi_b(LEFT) ~ 1
+    obs = np.stack([frames[:6], frames[6:12]], axis=1)  # [6, 2, 84, 84]
+    for plan in (None, PlannerSettings(beam_width=2, horizon=1)):
+        agent = WorldActionAgent(model, tok, "Pong", plan=plan, memory=memory, context=3)
+        acts, q, _, _ = _play(agent, obs, n=2)
+        assert (acts == 4).all(), acts
+    model.cfg.behaviour_prior = 1e-9
+    acts, q, _, _ = _play(WorldActionAgent(model, tok, "Pong", memory=memory, context=3), obs, n=2)
+    np.testing.assert_array_equal(acts, q.argmax(-1))  # greedy on Q (ties aside)
+    assert (acts != 4).any()
+
+
 def test_bf16_autocast_is_close_to_fp32(runs, frames):
     obs = np.stack([frames[:4], frames[8:12]], axis=1)  # [4, 2, 84, 84]
     fp32 = load_agent(str(runs["transformer"]), "Pong")

@@ -444,3 +444,31 @@ def test_critic_warmup_trains_the_world_model_only_then_the_critic():
     assert not fresh.critic_trains
     fresh.resume_at(2)  # what the trainer calls when it resumes a checkpoint
     assert fresh.critic_trains
+
+
+def test_behaviour_prior_head_loss_and_acting_values_hand_checked():
+    """behaviour_prior tau: a prior head gives [B, T, 18] logits, its loss is the data action's cross-entropy over the
+    legal actions, and acting values are E[Q] + tau * log pi_b over the legal ones."""
+    from wam.worldmodel.losses import prior_loss
+
+    model = tiny_model(behaviour_prior=0.5)
+    batch = make_batch(b=2, h=2)
+    out, _ = model(batch.obs, batch.actions, batch.game_ids)
+    assert out.prior_logits is not None and out.prior_logits.shape == (2, 3, 18)
+    assert tiny_model()(batch.obs, batch.actions, batch.game_ids)[0].prior_logits is None  # tau 0: no head
+    logits = torch.zeros(2, 3, 18)
+    logits[..., 1] = math.log(3.0)  # legal actions 0..3: pi_b = (1, 3, 1, 1) / 6
+    out.prior_logits = logits.requires_grad_()
+    batch.actions[:] = 1
+    loss, logs = prior_loss(out, batch)
+    assert loss.item() == pytest.approx(-math.log(3 / 6), abs=1e-5) and logs["prior_acc"] == 1.0
+    loss.backward()
+    assert out.prior_logits.grad[..., 4:].abs().max() == 0  # illegal actions get no gradient
+    q = _delta_logits([14, 15, 12, 12] + [12] * 14)[:, 0]  # E[Q] = 1.2, 2.0, -0.4, -0.4 on the legal actions
+    legal = batch.legal_actions[:1]
+    want = torch.tensor([1.2, 2.0, -0.4, -0.4]) + 0.5 * torch.log(torch.tensor([1, 3, 1, 1]) / 6.0)
+    got = model.acting_values(q, legal, logits[:1, 0])
+    torch.testing.assert_close(got[0, :4], want, atol=1e-4, rtol=0)
+    assert torch.isinf(got[0, 4:]).all() and torch.equal(model.acting_values(q, legal), model.q_values(q, legal))
+    total, logs = world_action_loss(model, batch, LossConfig())
+    assert "prior_ce" in logs and torch.isfinite(total)
