@@ -132,9 +132,11 @@ class WorldActionModelConfig:
 
 
 MODEL_PRESETS: dict[str, WorldActionModelConfig] = {
-    "debug": WorldActionModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, horizon=4),
+    # the CPU presets act with a behaviour prior (tau 0.1; docs/training.md "Behaviour prior for acting")
+    "debug": WorldActionModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, horizon=4, behaviour_prior=0.1),
     # CPU-sized: ~0.4 s per batch of 32 segments on one core, so a recipe trains in tens of minutes.
-    "small": WorldActionModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, horizon=4),
+    "small": WorldActionModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, horizon=4,
+                                    behaviour_prior=0.1),
     # paper sizes keep JOWA's GPT-2 initialisation (sized for their widths)
     "jowa-40m": WorldActionModelConfig(vocab_size=2048, d_model=512, n_layers=4, n_heads=8, horizon=8, dropout=0.1,
                                        init="gpt2"),

@@ -41,7 +41,8 @@ def _save_model(out: Path, tok_dir: Path, tok_id: str, core: str, seed: int) -> 
     cfg = WorldActionModelConfig.from_preset("debug")
     vocab = TokenizerConfig.from_preset("debug").codebook_size  # the tokenizer the agents load
     cfg = dataclasses.replace(cfg, vocab_size=vocab, d_model=32, n_layers=1, horizon=4, core=core, games=GAMES,
-                              core_options=("d_state=8",) if core == "mamba" else ())
+                              core_options=("d_state=8",) if core == "mamba" else (),
+                              behaviour_prior=0.0)  # acting on Q alone (the prior has its own test)
     model = WorldActionModel(cfg)
     with torch.no_grad():  # spread the Q head's outputs so that actions differ by clear margins
         model.q_head.heads[0].net[-1].weight.mul_(50.0)
