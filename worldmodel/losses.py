@@ -337,19 +337,26 @@ def cql_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> t
     return loss, {"cql_loss": loss.item(), "illegal_data_actions": illegal.item(), "q_gap_frequent": frequent_gap}
 
 
+def legal_action_ce(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy) of the data actions under action logits [B, H, 18] (illegal actions already -inf):
+    cross-entropy, masked mean over the steps whose data action is legal (`q_steps`), and the share of them
+    where the argmax is the data action."""
+    steps = q_steps(batch).flatten()  # [B*H]
+    logits, actions = logits.flatten(0, 1), batch.actions.flatten()
+    ce = F.cross_entropy(logits, actions, reduction="none")  # inf where the data action is illegal
+    loss = masked_mean(torch.where(steps, ce, torch.zeros_like(ce)), steps)
+    with torch.no_grad():
+        acc = masked_mean((logits.argmax(-1) == actions).float(), steps)
+    return loss, acc
+
+
 def prior_loss(out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor, Logs]:
-    """Behaviour prior: cross-entropy of the data action under the prior head's logits over the legal actions,
-    masked mean over the steps that enter the Q losses; logs `prior_ce` and `prior_acc`."""
+    """Behaviour prior: `legal_action_ce` of the prior head's logits over the legal actions; logs `prior_ce` and
+    `prior_acc`."""
     assert out.prior_logits is not None
     h = batch.actions.shape[1]
     legal = batch.legal_actions[:, None, :].expand(-1, h, -1)  # [B, H, 18]
-    logits = out.prior_logits[:, :h].float().masked_fill(~legal, float("-inf"))
-    steps = q_steps(batch)
-    logp = logits.log_softmax(-1).gather(-1, batch.actions[:, :, None]).squeeze(-1)  # [B, H]
-    ce = torch.where(steps, -logp, torch.zeros_like(logp))
-    loss = masked_mean(ce, steps)
-    with torch.no_grad():
-        acc = masked_mean((logits.argmax(-1) == batch.actions).float(), steps)
+    loss, acc = legal_action_ce(out.prior_logits[:, :h].float().masked_fill(~legal, float("-inf")), batch)
     return loss, {"prior_ce": loss.item(), "prior_acc": acc.item()}
 
 
@@ -383,14 +390,9 @@ def bc_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch) -> tu
     b, h = batch.actions.shape
     legal = batch.legal_actions[:, None, :].expand(-1, h, -1).flatten(0, 1)  # [B*H, 18]
     logits = model.q_values(out.q_logits[:, :h].flatten(0, 1), legal)  # [B*H, 18], illegal -inf
-    actions = batch.actions.flatten()  # [B*H]
-    steps = q_steps(batch).flatten()  # [B*H]
-    ce = F.cross_entropy(logits, actions, reduction="none")  # inf where the data action is illegal
-    ce = torch.where(steps, ce, torch.zeros_like(ce))
-    loss = masked_mean(ce, steps)
+    loss, acc = legal_action_ce(logits.view(b, h, -1), batch)
     with torch.no_grad():
-        acc = masked_mean((logits.argmax(-1) == actions).float(), steps)
-        illegal = masked_mean((~steps).float(), batch.mask.flatten())
+        illegal = masked_mean((~q_steps(batch)).float(), batch.mask)
     return loss, {"bc_loss": loss.item(), "bc_acc": acc.item(), "illegal_data_actions": illegal.item()}
 
 
