@@ -32,7 +32,6 @@ import numpy as np
 import tyro
 
 from wam.datasets.errors import WamError
-from wam.worldmodel.diagnostics import TRUNCATION_MARGIN  # steps before a cap's cut left out of calibration
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +52,11 @@ class DiagnoseArgs:
     """cpu, cuda or auto."""
 
 
-def _episode_tokens(store, i: int, game_id: int):
-    from wam.worldmodel.diagnostics import EpisodeTokens
-
-    ep = store.read_episode(i, tokens=True)
-    return EpisodeTokens(obs_tokens=ep.obs_tokens, actions=ep.actions, rewards=ep.rewards, game_id=game_id,
-                         truncated=bool(ep.truncations[-1]) if len(ep.truncations) else False)
-
-
 def diagnose_model(model, ckpt: dict[str, Any], data: tuple[str, ...], episodes: int) -> dict[str, Any]:
     """The figures of the module docstring, per game (see `diagnose`)."""
-    import torch
-
     from wam.datasets.atari import ACTION_NAMES, legal_action_mask
     from wam.datasets.store import TrajectoryStore, find_datasets
-    from wam.worldmodel.diagnostics import discounted_returns, episode_q
-    from wam.worldmodel.losses import transform_reward
+    from wam.worldmodel.diagnostics import EpisodeTokens, episode_q, mc_returns
 
     loss_cfg = ckpt.get("config", {}).get("loss", {})
     gamma, transform = float(loss_cfg.get("gamma", 0.99)), loss_cfg.get("reward_transform", "sign")
@@ -86,19 +74,16 @@ def diagnose_model(model, ckpt: dict[str, Any], data: tuple[str, ...], episodes:
         acc = per_game.setdefault(store.game, {"q": [], "ret": [], "data": [], "greedy": [], "gap": []})
         legal = legal_action_mask(store.game)
         for i in range(max(0, store.num_episodes - episodes), store.num_episodes):
-            ep = _episode_tokens(store, i, gid)
+            ep = EpisodeTokens.from_store(store, i, gid)
             q = episode_q(model, ep)  # [T, 18]
             acts = np.asarray(ep.actions, np.int64)
             acc["data"].append(acts)
             acc["greedy"].append(np.where(legal, q, -np.inf).argmax(1))
             acc["gap"].append(q)
-            # an episode cut by a cap misses the rewards after the cut: keep only the steps whose return that
-            # tail changes by at most gamma^k / (1 - gamma) (0.004 at gamma 0.99, transformed rewards |r| <= 1)
-            keep = len(acts) if not ep.truncated else max(0, len(acts) - TRUNCATION_MARGIN)
-            if keep:
-                r = transform_reward(torch.as_tensor(np.asarray(ep.rewards, np.float32)), transform).numpy()
-                acc["q"].append(q[np.arange(keep), acts[:keep]])
-                acc["ret"].append(discounted_returns(r, gamma)[:keep])
+            ret = mc_returns(ep, gamma, transform)  # a capped episode loses its last TRUNCATION_MARGIN steps
+            if len(ret):
+                acc["q"].append(q[np.arange(len(ret)), acts[:len(ret)]])
+                acc["ret"].append(ret)
     if not per_game:
         raise WamError(f"no dataset of a game the model knows ({', '.join(model.cfg.games)}) among {list(data)}")
     out: dict[str, Any] = {"gamma": gamma, "reward_transform": transform, "games": {}}

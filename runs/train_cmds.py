@@ -442,10 +442,7 @@ def _calibration_hook(model: WorldActionModel, cfg: PretrainConfig | FinetuneCon
         if store.tokenizer_id() != pieces.tokenizer_meta["id"]:
             raise WamError(f"--calibration-episodes reads the token cache, and {path} has none from tokenizer "
                            f"{pieces.tokenizer_meta['id']}; run `wam tokenize` on it first")
-        ep = store.read_episode(i, tokens=True)
-        episodes.append(EpisodeTokens(obs_tokens=ep.obs_tokens, actions=ep.actions, rewards=ep.rewards,
-                                      game_id=model.cfg.games.index(store.game),
-                                      truncated=bool(len(ep.truncations) and ep.truncations[-1])))
+        episodes.append(EpisodeTokens.from_store(store, i, model.cfg.games.index(store.game)))
     log.info("Q calibration on %d held-out episode(s) (%d steps) at every checkpoint step", len(episodes),
              sum(len(e.actions) for e in episodes))
 

@@ -35,6 +35,13 @@ class EpisodeTokens:
     game_id: int
     truncated: bool = False
 
+    @classmethod
+    def from_store(cls, store, i: int, game_id: int) -> EpisodeTokens:
+        """Episode `i` of a `TrajectoryStore` with its token cache."""
+        ep = store.read_episode(i, tokens=True)
+        return cls(obs_tokens=ep.obs_tokens, actions=ep.actions, rewards=ep.rewards, game_id=game_id,
+                   truncated=bool(len(ep.truncations) and ep.truncations[-1]))
+
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     """G_t = sum_{k >= 0} gamma^k r_{t+k} to the end of the sequence, [T] float64."""
@@ -75,6 +82,16 @@ def data_action_q(model: WorldActionModel, ep: EpisodeTokens, chunk: int = 256) 
     return q[np.arange(len(q)), np.asarray(ep.actions, np.int64)]
 
 
+def mc_returns(ep: EpisodeTokens, gamma: float, reward_transform: str = "sign",
+               truncation_margin: int | None = TRUNCATION_MARGIN) -> np.ndarray:
+    """Discounted returns G_t of the episode's steps whose return the data knows, [T'] float64: every step, or of a
+    truncated episode all but the last `truncation_margin` (None: every step). Rewards transformed as in training."""
+    n = len(ep.actions)
+    keep = n if not ep.truncated or truncation_margin is None else max(0, n - truncation_margin)
+    r = transform_reward(torch.as_tensor(np.asarray(ep.rewards, np.float32)), reward_transform).numpy()
+    return discounted_returns(r, gamma)[:keep]
+
+
 def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma: float,
                   reward_transform: str = "sign", truncation_margin: int | None = TRUNCATION_MARGIN
                   ) -> dict[int, dict[str, float]]:
@@ -86,12 +103,9 @@ def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma:
     per: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     try:
         for ep in episodes:
-            n = len(ep.actions)
-            keep = n if not ep.truncated or truncation_margin is None else max(0, n - truncation_margin)
-            if keep == 0:
-                continue
-            r = transform_reward(torch.as_tensor(np.asarray(ep.rewards, np.float32)), reward_transform).numpy()
-            per.setdefault(ep.game_id, []).append((data_action_q(model, ep)[:keep], discounted_returns(r, gamma)[:keep]))
+            ret = mc_returns(ep, gamma, reward_transform, truncation_margin)
+            if len(ret):
+                per.setdefault(ep.game_id, []).append((data_action_q(model, ep)[:len(ret)], ret))
     finally:
         model.train(was_training)
     out = {}
@@ -105,4 +119,5 @@ def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma:
     return out
 
 
-__all__ = ["TRUNCATION_MARGIN", "EpisodeTokens", "data_action_q", "discounted_returns", "episode_q", "q_calibration"]
+__all__ = ["TRUNCATION_MARGIN", "EpisodeTokens", "data_action_q", "discounted_returns", "episode_q", "mc_returns",
+           "q_calibration"]
