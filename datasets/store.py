@@ -93,6 +93,20 @@ _DATASET_LRU = 128
 # ------------------------------------------------------------------------------------------ episode
 
 
+def _checked_tokens(tokens, t: int, what: str, count: int | None = None) -> np.ndarray:
+    """`tokens` as uint16 [t + 1, K], or a ValueError naming `what`: integer, K in TOKEN_COUNTS (and == `count`
+    when given: one count per store), every value within uint16."""
+    tok = np.asarray(tokens)
+    if (tok.ndim != 2 or tok.shape[0] != t + 1 or tok.shape[1] not in TOKEN_COUNTS
+            or (count is not None and tok.shape[1] != count) or tok.dtype.kind not in "iu"):
+        same = " and the same for every episode" if count is not None else ""
+        raise ValueError(f"{what} must be integer [{t + 1}, K] with K in {TOKEN_COUNTS}{same}, got {tok.dtype} "
+                         f"{tok.shape}")
+    if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"{what} must fit in uint16")
+    return tok.astype(np.uint16, copy=False)
+
+
 @dataclass
 class Episode:
     """One episode: T transitions and the T+1 frames around them.
@@ -133,13 +147,7 @@ class Episode:
         if self.lives is not None:
             self.lives = _vector(self.lives, "lives", t, np.int32, "iu")
         if self.obs_tokens is not None:
-            tok = np.asarray(self.obs_tokens)
-            if tok.ndim != 2 or tok.shape[0] != t + 1 or tok.shape[1] not in TOKEN_COUNTS or tok.dtype.kind not in "iu":
-                raise ValueError(f"Episode.obs_tokens must be integer [{t + 1}, K] with K in {TOKEN_COUNTS}, got "
-                                 f"{tok.dtype} {tok.shape}")
-            if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.uint16).max):
-                raise ValueError("Episode.obs_tokens must fit in uint16")
-            self.obs_tokens = tok.astype(np.uint16, copy=False)
+            self.obs_tokens = _checked_tokens(self.obs_tokens, t, "Episode.obs_tokens")
         if self.ram is not None:
             ram = np.asarray(self.ram)
             if ram.shape != (t + 1, RAM_SIZE) or ram.dtype.kind not in "iu":
@@ -667,16 +675,9 @@ class TrajectoryStore:
                 i = int(i)
                 if not 0 <= i < self.num_episodes:
                     raise IndexError(f"episode {i} out of range: {self.directory} holds {self.num_episodes}")
-                tok = np.asarray(tok)
                 t = int(self._lengths[i])
-                if (tok.ndim != 2 or tok.shape[0] != t + 1 or tok.shape[1] not in TOKEN_COUNTS
-                        or tok.shape[1] != (count or tok.shape[1]) or tok.dtype.kind not in "iu"):
-                    raise ValueError(f"tokens of episode {i} must be integer [{t + 1}, K], K in {TOKEN_COUNTS} and "
-                                     f"the same for every episode, got {tok.dtype} {tok.shape}")
+                tok = _checked_tokens(tok, t, f"tokens of episode {i}", count)
                 count = int(tok.shape[1])
-                if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.uint16).max):
-                    raise ValueError(f"tokens of episode {i} do not fit in uint16")
-                tok = tok.astype(np.uint16, copy=False)
                 with _defer_sigint():
                     g = f[f"episode_{i}"]
                     if "obs_tokens" in g:

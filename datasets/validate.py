@@ -111,6 +111,7 @@ def _check_episode(f: h5py.File, i: int, tokenizer_id: str | None) -> tuple[list
     else:
         t = int(g.attrs["total_steps"])
     present = [k for k in (*FIELDS, "infos/lives", RAM_FIELD, "obs_tokens") if k in g]
+    n_tok = int(_py(f.attrs.get("tokens_per_frame", NUM_TOKENS)))  # the store's tokens per frame
     for k in FIELDS:
         if k not in g:
             out.append(f"missing field '{k}'")
@@ -120,7 +121,6 @@ def _check_episode(f: h5py.File, i: int, tokenizer_id: str | None) -> tuple[list
         if not isinstance(ds, h5py.Dataset):
             out.append(f"'{k}' is not a dataset but a {type(ds).__name__}")
             continue
-        n_tok = int(_py(f.attrs.get("tokens_per_frame", NUM_TOKENS)))
         want_shape = {"observations": (t + 1, *FRAME_SHAPE), "obs_tokens": (t + 1, n_tok),
                       RAM_FIELD: (t + 1, RAM_SIZE)}.get(k, (t,))
         if k == RAM_FIELD and ds.shape != want_shape:
