@@ -279,12 +279,11 @@ class WorldActionAgent:
             assert (pending >= 0).all(), "episode rows with a frame must have an action to feed"
             *_, sub = self.model.act(pending, WamState(sub.core, slot * per_step + k, sub.game_ids))
         new_slot = min(slot + 1, self.slot_cap)
-        frame = torch.as_tensor(tokens, device=self.device)[:, None]  # [G, 1, K]: `observe`, keeping the prior
-        out, sub = self.model(frame, frame.new_zeros(len(idx), 0), sub.game_ids,
-                              WamState(sub.core, new_slot * per_step, sub.game_ids))
+        q_logits, prior, sub = self.model.observe_with_prior(torch.as_tensor(tokens, device=self.device),
+                                                             WamState(sub.core, new_slot * per_step, sub.game_ids))
         state.core = scatter_state(state.core, idx_t, sub)
         state.slot[idx] = new_slot
-        return sub, out.q_logits[:, 0], None if out.prior_logits is None else out.prior_logits[:, 0]
+        return sub, q_logits, prior
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -463,9 +463,15 @@ class WorldActionModel(nn.Module):
 
     def observe(self, tokens: torch.Tensor, state: WamState) -> tuple[torch.Tensor, WamState]:
         """Feed one frame's tokens [B, 36] (parallel form); returns Q logits [B, E, 18, n_atoms] at its last token."""
-        actions = tokens.new_zeros(tokens.shape[0], 0)
-        out, state = self.forward(tokens[:, None], actions, state.game_ids, state)
-        return out.q_logits[:, 0], state
+        q_logits, _, state = self.observe_with_prior(tokens, state)
+        return q_logits, state
+
+    def observe_with_prior(self, tokens: torch.Tensor, state: WamState
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, WamState]:
+        """`observe`, also returning the behaviour prior's logits [B, 18] at the frame (None without a prior head)."""
+        out, state = self.forward(tokens[:, None], tokens.new_zeros(tokens.shape[0], 0), state.game_ids, state,
+                                  world_model=False)
+        return out.q_logits[:, 0], None if out.prior_logits is None else out.prior_logits[:, 0], state
 
     def act(self, action: torch.Tensor, state: WamState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, WamState]:
         """Feed action [B]; returns reward logits [B, 3], termination logits [B, 2], the logits of the next
