@@ -46,14 +46,18 @@ def machine_info() -> dict[str, object]:
 
     info: dict[str, object] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                                "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    from wam.worldmodel.trainer import bf16_is_fast, cpu_flags
+
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-        model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), None)
-        info["cpu_model"] = model
-        info["amx"] = "amx_tile" in flags
-        info["avx512_bf16"] = "avx512_bf16" in flags
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                                  if ln.startswith("model name")), None)
     except OSError:
         pass
+    flags = cpu_flags()
+    info["amx"] = "amx_tile" in flags
+    info["avx512_bf16"] = "avx512_bf16" in flags
+    info["bf16_native_cpu"] = bf16_is_fast("cpu")
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
