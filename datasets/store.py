@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -497,6 +498,14 @@ class TrajectoryStore:
     @property
     def num_steps(self) -> int:
         return int(self._lengths.sum())
+
+    def fingerprint(self) -> str:
+        """A digest of what the store holds, independent of where it lies: game, dataset name, and every
+        episode's length and return. A copied or moved dataset keeps it; one with an episode more does not."""
+        h = hashlib.sha256(f"{self.game}|{self.directory.name}|".encode())
+        h.update(self._lengths.tobytes())
+        h.update(self._returns.tobytes())
+        return h.hexdigest()[:16]
 
     def episode_lengths(self) -> np.ndarray:
         """[E] int64: transitions per episode."""

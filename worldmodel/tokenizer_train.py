@@ -406,6 +406,16 @@ def _resolve_data(data: Sequence[str | Path]) -> list[Path]:
     return find_datasets(list(data))
 
 
+def _same_data(paths: Sequence[Path], fingerprints: list[str] | None) -> bool:
+    """True when the datasets at `paths` hold what the run was trained on (moved or copied since)."""
+    if not fingerprints or len(fingerprints) != len(paths):
+        return False  # checkpoints written before fingerprints: only the same paths resume
+    try:
+        return [TrajectoryStore.open(p).fingerprint() for p in paths] == list(fingerprints)
+    except WamError:
+        return False
+
+
 def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str | Path, resume: bool = False,
                     progress: bool = True, stop_at: int | None = None, steps: int | None = None) -> TrainResult:
     """Train a tokenizer on the datasets `data` into the run directory `out`; see the module docstring.
@@ -426,7 +436,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         cfg = TokenizerConfig.from_stored(ckpt["config"])
         stored_data = [Path(p) for p in ckpt["data"]]
         paths = _resolve_data(data) if data else stored_data
-        if [p.resolve() for p in paths] != [p.resolve() for p in stored_data]:
+        if [p.resolve() for p in paths] != [p.resolve() for p in stored_data] and not _same_data(
+                paths, ckpt.get("data_fingerprints")):
             raise WamError(f"--resume: the run was trained on {[str(p) for p in stored_data]}, not "
                            f"{[str(p) for p in paths]}; resume with the same --data (or none)")
     elif run.latest() is not None:
@@ -483,6 +494,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
             "sampler": {**pool.state_dict(), "rng": _rng_json(rng), "mean_frames": torch.from_numpy(mean_frames),
                         "median_frames": torch.from_numpy(median_frames)},
             "tokenizer_id": model.tokenizer_id(), "data": [str(p) for p in paths],
+            "data_fingerprints": [st.fingerprint() for st in stores],
             "eval": dataclasses.asdict(last_eval) if last_eval else None,
             "summary": {**last_eval.metrics(), "eval_step": eval_step} if last_eval else {},
         }

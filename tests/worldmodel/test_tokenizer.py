@@ -267,6 +267,25 @@ def test_resume_continues_exactly(datasets, tmp_path):
         train_tokenizer(cfg, datasets[:1], tmp_path / "b", resume=True, progress=False)
 
 
+def test_resume_accepts_moved_data_and_refuses_changed_data(datasets, tmp_path):
+    """Datasets moved or copied since (same content: game, name, episode lengths and returns) resume the run;
+    a copy that differs by one episode does not."""
+    cfg = _quick(TokenizerConfig.from_preset("debug"), steps=8, batch_size=8, eval_interval=4, plot_interval=8,
+                 checkpoint_interval=4, eval_frames=16, warmup_steps=2)
+    train_tokenizer(cfg, datasets, tmp_path / "run", progress=False, stop_at=4)
+    moved = [shutil.copytree(d, tmp_path / "moved" / d.parent.name / d.name) for d in datasets]
+    assert [TrajectoryStore.open(d).fingerprint() for d in moved] == [
+        TrajectoryStore.open(d).fingerprint() for d in datasets]
+    changed = [shutil.copytree(d, tmp_path / "changed" / d.parent.name / d.name) for d in datasets]
+    with TrajectoryStore.open(changed[0]).writer() as w:
+        w.append(TrajectoryStore.open(datasets[0]).read_episode(0))
+    assert TrajectoryStore.open(changed[0]).fingerprint() != TrajectoryStore.open(datasets[0]).fingerprint()
+    with pytest.raises(WamError, match="same --data"):
+        train_tokenizer(cfg, changed, tmp_path / "run", resume=True, progress=False)
+    resumed = train_tokenizer(cfg, moved, tmp_path / "run", resume=True, progress=False)
+    assert resumed.step == 8
+
+
 # ------------------------------------------------------------------------------- foreground fidelity
 def _square_frames(n: int = 6, size: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """A textured fixed background and n frames with a bright square moving across it; (frames, background)."""
