@@ -42,11 +42,23 @@ TARGETS = {"mamba2_over_transformer_t296": 1.2, "mamba2_over_transformer_t4096":
 CHILD_TIMEOUT_S = 900
 
 
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"atlas-chunk": ("atlas", {"newton_schulz": "chunk"})}
+"""Measured beside the registered cores: name -> (core, options). `atlas` is the paper's per-token
+Newton-Schulz (the default), `atlas-chunk` NS5 once per chunk (docs/atlas.md)."""
+
+
 def core_kwargs(name: str, d_model: int, max_len: int) -> dict[str, Any]:
     """Benchmark settings per core: defaults, except the transformer's heads (64-dim) and cache limit."""
+    if name in VARIANTS:
+        return dict(VARIANTS[name][1])
     if name == "transformer":
         return {"n_heads": max(1, d_model // 64), "max_len": max(max_len, 1)}
     return {}
+
+
+def core_name(name: str) -> str:
+    """The registered core a benchmark name builds (`atlas-chunk` -> `atlas`)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
 
 
 def _rss_bytes() -> int:
@@ -61,7 +73,7 @@ def _build(kind: str, name: str, d_model: int, n_layers: int, max_len: int):
     if kind == "core":
         from wam.worldmodel.cores import build_core
 
-        core = build_core(name, d_model=d_model, n_layers=n_layers, **core_kwargs(name, d_model, max_len))
+        core = build_core(core_name(name), d_model=d_model, n_layers=n_layers, **core_kwargs(name, d_model, max_len))
         return core, lambda x: core(x)[0]
     if kind == "mambapy":
         from mambapy.mamba import Mamba, MambaConfig  # pure PyTorch Mamba-1 with a parallel (Blelloch) scan
@@ -142,7 +154,7 @@ def _step_costs(name: str, kwargs: dict[str, Any], cfg: dict[str, Any]) -> list[
     from wam.worldmodel.cores import build_core
 
     torch.manual_seed(0)
-    core = build_core(name, d_model=cfg["d_model"], n_layers=cfg["n_layers"], **kwargs).eval()
+    core = build_core(core_name(name), d_model=cfg["d_model"], n_layers=cfg["n_layers"], **kwargs).eval()
     rows = []
     with torch.no_grad():
         for c in cfg["step_contexts"]:
@@ -172,7 +184,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from wam.worldmodel.cores import available_cores
 
     cfg = QUICK if quick else FULL
-    cores = available_cores()
+    cores = [*available_cores(), *(v for v, (base, _) in VARIANTS.items() if base in available_cores())]
     refs = {kind: importlib.util.find_spec(mod) is not None
             for kind, mod in (("mambapy", "mambapy"), ("titans", "titans_pytorch"))}
     load_before = _load()
@@ -227,6 +239,7 @@ def _targets(result: dict[str, Any], max_t: int) -> tuple[dict[str, Any], dict[s
         "mamba2_over_transformer_t4096": _ratio(train, "mamba2", "transformer", 4096),
         f"mambapy_over_mamba_t{ref_t}": _ratio(train, "mambapy", "mamba", ref_t),
         "atlas_over_transformer_t1024": _ratio(train, "atlas", "transformer", 1024),
+        "atlas_chunk_over_transformer_t1024": _ratio(train, "atlas-chunk", "transformer", 1024),
     }
     growth = {}
     for name in ("mamba", "mamba2", "atlas"):
@@ -305,6 +318,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"| {mark('mambapy_over_mamba')} |",
               f"| atlas <= 3x transformer time at T=1024 | {fmt(t['atlas_over_transformer_t1024'])} "
               f"| {mark('atlas_over_transformer_t1024')} |",
+              f"| (no target) atlas-chunk (NS5 once per chunk) time at T=1024 | "
+              f"{fmt(t.get('atlas_chunk_over_transformer_t1024'))} | |",
               "| recurrent step state constant in context (max/min bytes) | "
               + ", ".join(f"{k} {v:.2f}x" for k, v in t["recurrent_state_growth"].items())
               + f" | {mark('recurrent_state_growth')} |"]

@@ -116,10 +116,14 @@ def naive_mixer(mix: AtlasMixer, x: torch.Tensor, chunk: int) -> torch.Tensor:
                 loss = sum(g_i * 0.5 * (memory_apply(ws, k_i) - v_i).pow(2).sum() for k_i, v_i, g_i in window)
                 grads = torch.autograd.grad(loss, ws)
             theta, eta, alpha = inp["theta"][r, i, hd], inp["eta"][r, i, hd], inp["alpha"][r, i, hd]
-            s = [theta * s_w - eta * g_w for s_w, g_w in zip(s, grads)]
-            delta = [alpha * d_w + s_w for d_w, s_w in zip(delta, s)]
+            if mix.newton_schulz == "token":  # Eqs. 32-33: S_t = θ S + ∇ℓ, M_t = α M_{t-1} − η NS5(S_t)
+                s = [theta * s_w + g_w for s_w, g_w in zip(s, grads)]
+                delta = [alpha * d_w - eta * ns5(s_w) for d_w, s_w in zip(delta, s)]
+            else:
+                s = [theta * s_w - eta * g_w for s_w, g_w in zip(s, grads)]
+                delta = [alpha * d_w + s_w for d_w, s_w in zip(delta, s)]
             decay = decay * alpha
-            if (i + 1) % chunk == 0 and mix.newton_schulz:
+            if (i + 1) % chunk == 0 and mix.newton_schulz == "chunk":
                 m_cur = [decay * mb + ns5(d_w) for mb, d_w in zip(m_bar, delta)]
             else:
                 m_cur = [decay * mb + d_w for mb, d_w in zip(m_bar, delta)]
@@ -128,7 +132,8 @@ def naive_mixer(mix: AtlasMixer, x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 OPTIONS = [dict(memory_depth=depth, window=c, momentum=mom, newton_schulz=ns, chunk_size=chunk)
-           for depth, c, mom, ns, chunk in itertools.product((1, 2), (1, 3), (True, False), (True, False), (1, 4, 7))]
+           for depth, c, mom, ns, chunk in itertools.product((1, 2), (1, 3), (True, False), ("token", "chunk", False),
+                                                             (1, 4, 7))]
 
 
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
@@ -186,9 +191,12 @@ def test_delta_rule_special_case():
         close(mix(x, state, core.segments(torch.zeros(B, dtype=torch.long), T, x.device))[0], want)
 
 
-def test_chunk_size_one_is_the_papers_per_token_atlas_step():
-    """chunk 1: S_t = θ_t S_{t-1} − η_t ∇ℓ_t(M_{t-1}), M_t = α_t M_{t-1} + NS5(S_t), every token."""
-    core = make(memory_depth=2, window=3, chunk_size=1)
+@pytest.mark.parametrize("form", ["token", "chunk"])
+def test_chunk_size_one_is_an_online_atlas_step(form):
+    """chunk 1, gradients at M_{t-1}. The paper's Eqs. 32-33 (default, "token"): S_t = θ_t S_{t-1} + ∇ℓ_t,
+    M_t = α_t M_{t-1} − η_t NS5(S_t). The "chunk" variant: S_t = θ_t S_{t-1} − η_t ∇ℓ_t, M_t = α_t M_{t-1} + NS5(S_t)."""
+    core = make(memory_depth=2, window=3, chunk_size=1, newton_schulz=form)
+    assert core.layers[0].mixer.newton_schulz == form
     mix = core.layers[0].mixer
     x = seq(9)
     inp = naive_inputs(mix, x)
@@ -201,8 +209,13 @@ def test_chunk_size_one_is_the_papers_per_token_atlas_step():
             loss = sum(inp["gamma"][r, j, hd] * 0.5 * (memory_apply(ws, inp["k"][r, j, hd]) - inp["v"][r, j, hd])
                        .pow(2).sum() for j in range(max(0, i - 2), i + 1))
             grads = torch.autograd.grad(loss, ws)
-            s = [inp["theta"][r, i, hd] * s_w - inp["eta"][r, i, hd] * g for s_w, g in zip(s, grads)]
-            m = [inp["alpha"][r, i, hd] * w + ns5(s_w) for w, s_w in zip(m, s)]
+            theta, eta, alpha = inp["theta"][r, i, hd], inp["eta"][r, i, hd], inp["alpha"][r, i, hd]
+            if form == "token":
+                s = [theta * s_w + g for s_w, g in zip(s, grads)]
+                m = [alpha * w - eta * ns5(s_w) for w, s_w in zip(m, s)]
+            else:
+                s = [theta * s_w - eta * g for s_w, g in zip(s, grads)]
+                m = [alpha * w + ns5(s_w) for w, s_w in zip(m, s)]
             y[r, i, hd] = memory_apply(m, inp["q"][r, i, hd])
     with torch.no_grad():
         state = mix.init_state(B, "cpu", torch.float64)
@@ -289,7 +302,37 @@ def test_memory_learns_in_context():
     assert err_last < 0.5 * err_init, f"memory recall error {err_last:.3f} vs {err_init:.3f} before writing"
 
 
+def test_default_is_the_papers_per_token_newton_schulz():
+    core = build_core("atlas", d_model=D, n_layers=1)
+    mix = core.layers[0].mixer
+    assert mix.newton_schulz == "token" and mix.eta_max == pytest.approx(0.1)
+    assert build_core("atlas", d_model=D, n_layers=1, newton_schulz=True).layers[0].mixer.newton_schulz == "token"
+    omega = build_core("atlas", d_model=D, n_layers=1, newton_schulz=False, chunk_size=8).layers[0].mixer
+    assert omega.newton_schulz is None and omega.eta_max == pytest.approx(1 / (4 * 8))
+
+
+def test_token_form_training_memory_is_recomputed_not_stored():
+    """Per-token NS5 materialises [B, H, L, |M|] per chunk; the autograd graph must not keep it (recomputed in
+    backward): the saved tensors of a forward stay below one chunk's per-token memories times the chunks."""
+    torch.manual_seed(0)
+    core = build_core("atlas", d_model=32, n_layers=1, chunk_size=8)
+    x = torch.randn(2, 32, 32, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = core(x)
+    per_token_memories = 2 * 1 * 32 * (2 * 2 * 32 * 32)  # B·H·T·|M| (deep memory, E = 2, d = 32)
+    assert sum(saved) < per_token_memories, f"{sum(saved)} saved elements >= {per_token_memories}"
+    y.pow(2).mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_bad_options_are_user_errors():
-    for kw in ({"memory_depth": 3}, {"window": 0}, {"chunk_size": 0}, {"n_heads": 3}, {"poly_degree": 0}):
+    for kw in ({"memory_depth": 3}, {"window": 0}, {"chunk_size": 0}, {"n_heads": 3}, {"poly_degree": 0},
+               {"newton_schulz": "sometimes"}):
         with pytest.raises(WamError, match="atlas"):
             build_core("atlas", d_model=D, n_layers=1, **kw)

@@ -8,19 +8,23 @@ Per layer and head (head dim d, memory input/output dim d):
     M(u)    = W u                      (memory_depth=1)   |   u + W2 SiLU(W1 u)   (memory_depth=2)
     ℓ_t(M)  = Σ_{i=t-c+1..t} γ_i · ½‖M(φ(k_i)) − v_i‖²                     (Omega rule, window c)
     g_t     = ∇ℓ_t(M̄)            M̄ = the memory at the start of t's chunk (chunk-parallel training)
-    S_t     = θ_t S_{t-1} − η_t g_t                                        (momentum; θ = 0 without)
+    newton_schulz="token" (default, the paper's Eqs. 32-33):
+    S_t     = θ_t S_{t-1} + g_t                                            (momentum; θ = 0 without)
+    M_t     = α_t M_{t-1} − η_t NS5(S_t)                                    every token
+    newton_schulz="chunk" (NS5 once per chunk) / False (OmegaNet):
+    S_t     = θ_t S_{t-1} − η_t g_t
     ΔM_t    = α_t ΔM_{t-1} + S_t,  A_t = α_t A_{t-1}   (ΔM = 0, A = 1 at a chunk start)
     M_t     = A_t M̄ + ΔM_t                           inside a chunk
-    M_e     = A_e M̄ + NS5(ΔM_e)                       at the chunk's last token e (newton_schulz=True)
+    M_e     = A_e M̄ + NS5(ΔM_e)                       at the chunk's last token e ("chunk" only)
     y_t     = M_t(φ(q_t))  ->  per-head RMSNorm  ->  out projection
 
-Without Newton–Schulz this is exactly M_t = α_t M_{t-1} + S_t (OmegaNet). With chunk_size=1 it is
-exactly the paper's ATLAS step M_t = α_t M_{t-1} + NS5(S_t) with gradients at M_{t-1}. For larger
-chunks NS5 orthogonalises the chunk's accumulated update once, at the chunk's end (the paper's
-per-token NS5 needs every token's momentum materialised: O(T·|M|) memory, out of memory at the
-benchmark size; see docs/atlas.md). Gates (per head, from the block input): α = sigmoid,
-η = η_max·sigmoid (η_max = 1/(c·chunk_size) by default), θ = sigmoid, γ = sigmoid (γ ≡ 1 when c = 1,
-where it would only rescale η). φ's constant term is a_0/√d so that it counts once in φ(u)·φ(w).
+Without Newton–Schulz this is exactly M_t = α_t M_{t-1} + S_t (OmegaNet). The per-token form
+materialises one chunk's momenta [B, H, L, |M|] at a time, orthogonalises them in one batched NS5 call
+and is recomputed in the backward pass (torch.utils.checkpoint), so training stores no per-token
+memory; it costs chunk_size x more NS5 than the "chunk" form (docs/atlas.md). Gates (per head, from the
+block input): α = sigmoid, η = η_max·sigmoid (η_max = 0.1 with per-token NS5, else 1/(c·chunk_size)),
+θ = sigmoid, γ = sigmoid (γ ≡ 1 when c = 1, where it would only rescale η). φ's constant term is a_0/√d
+so that it counts once in φ(u)·φ(w).
 
 Chunk-parallel form: inside a chunk every gradient is taken at M̄, so each window token i
 contributes one rank-1 term γ_i δ_i x_iᵀ per weight matrix; the momentum and memory recurrences are
@@ -50,6 +54,12 @@ from wam.worldmodel.cores.transformer import MLP
 log = logging.getLogger(__name__)
 
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton–Schulz coefficients (a, b, c)
+NS_FORMS: dict[bool | str, str | None] = {True: "token", "token": "token", "chunk": "chunk", False: None,
+                                          "off": None}
+"""`newton_schulz` values: "token" (True) Eqs. 32-33, NS5 of every token's momentum; "chunk" NS5 of each
+chunk's accumulated update; "off" (False) OmegaNet."""
+TOKEN_NS_ETA_MAX = 0.1
+"""Default ceiling of η with per-token NS5 (docs/atlas.md)."""
 
 
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -164,11 +174,12 @@ class AtlasMixer(nn.Module):
     """The ATLAS token mixer (see the module docstring). Input/output [B, T, D]."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, window: int, poly_degree: int,
-                 memory_depth: int, memory_expansion: int, momentum: bool, newton_schulz: bool,
+                 memory_depth: int, memory_expansion: int, momentum: bool, newton_schulz: str | None,
                  conv_kernel: int, eta_max: float) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.window = n_heads, head_dim, window
-        self.memory_depth, self.momentum, self.newton_schulz = memory_depth, momentum, newton_schulz
+        self.memory_depth, self.momentum = memory_depth, momentum
+        self.newton_schulz = newton_schulz  # "token" (Eqs. 32-33), "chunk" (once per chunk) or None (OmegaNet)
         self.eta_max = eta_max
         h, d = n_heads, head_dim
         inner = 3 * h * d
@@ -269,9 +280,14 @@ class AtlasMixer(nn.Module):
         ys = []
         wd = work_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):  # the memory recurrence runs in >= float32
+            recompute = self.newton_schulz == "token" and torch.is_grad_enabled()
             for start, end, closes, chunk_start in segments:
                 piece = {key: val[:, :, start:end].to(wd) for key, val in inp.items()}
-                y, st = self._segment(piece, st, closes, chunk_start)
+                if recompute:  # the per-token memories are recomputed in backward, not stored (docs/atlas.md)
+                    y, st = torch.utils.checkpoint.checkpoint(self._segment, piece, st, closes, chunk_start,
+                                                              use_reentrant=False)
+                else:
+                    y, st = self._segment(piece, st, closes, chunk_start)
                 ys.append(y)
         y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]  # [B, H, T, d]
         y = self.out_norm(y).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
@@ -309,6 +325,11 @@ class AtlasMixer(nn.Module):
         d_mat = r_mat @ q_mat  # [B, H, L, n]
         a_start = st.decay.to(wd)[..., None] * a_seg  # [B, H, L]
         factors = self._grad_factors(st.mem_start, xw, vw, gw)
+        keep = c - 1
+        win_k, win_v, win_g = (z[:, :, n - keep:].to(state_dtype) for z in (xw, vw, gw))
+        if self.newton_schulz == "token":
+            return self._segment_token_ns(qf, eta, p_mat @ band, theta_cum, r_mat, a_seg, a_start, factors, st,
+                                          closes, chunk_start, (win_k, win_v, win_g))
 
         # the materialised pieces of M_τ: a_τ M̄ (+ Aseg_τ ΔM_in unless every row starts a chunk here)
         # (+ b_τ S_in with momentum), applied as one matmul over the stacked pieces
@@ -343,13 +364,12 @@ class AtlasMixer(nn.Module):
             delta.append((al[..., None, None] * dm_in + bl[..., None, None] * s_in - ld).to(state_dtype))
         decay = (st.decay * al).to(state_dtype)
         mem_start = st.mem_start
-        keep = c - 1
-        win_k, win_v, win_g = (z[:, :, n - keep:].to(state_dtype) for z in (xw, vw, gw))
         if closes is not None:  # rows whose chunk ends here: fold ΔM into M̄ (through NS5 if on)
-            full = tuple(decay[..., None, None] * m + (self._orthogonalise(dm) if self.newton_schulz else dm)
+            ns = self.newton_schulz == "chunk"
+            full = tuple(decay[..., None, None] * m + (self._orthogonalise(dm) if ns else dm)
                          for m, dm in zip(mem_start, delta))
             every = bool(closes.all())  # the usual case in training: no per-row selection needed
-            if self.newton_schulz:  # the chunk's last token reads the orthogonalised memory
+            if ns:  # the chunk's last token reads the orthogonalised memory
                 y_last = self._apply_memory(full, qf[:, :, -1:].to(full[0].dtype)).to(y.dtype)
                 if not every:
                     y_last = torch.where(closes.view(-1, 1, 1, 1), y_last, y[:, :, -1:])
@@ -363,6 +383,50 @@ class AtlasMixer(nn.Module):
                 decay = where_rows(closes, torch.ones_like(decay), decay)
         new = AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, win_k, win_v, win_g)
         return y, new
+
+    def _segment_token_ns(self, qf: torch.Tensor, eta: torch.Tensor, s_coef: torch.Tensor, theta_cum: torch.Tensor,
+                          r_mat: torch.Tensor, a_seg: torch.Tensor, a_start: torch.Tensor,
+                          factors: list[tuple[torch.Tensor, torch.Tensor]], st: AtlasLayerState,
+                          closes: torch.Tensor | None, chunk_start: bool,
+                          window: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                          ) -> tuple[torch.Tensor, AtlasLayerState]:
+        """The paper's Eqs. 32-33 over one segment: every token's momentum S_τ = θ_τ S_{τ-1} + ∇ℓ_τ(M̄) is
+        materialised ([B, H, L, out, in] per weight matrix), orthogonalised in one batched NS5 call, and
+        M_τ = α_τ M_{τ-1} − η_τ NS5(S_τ) is read token by token. s_coef [B, H, L, n]: S_τ's weight of window
+        gradient i (decayed momentum times the Omega band, without η)."""
+        state_dtype = st.decay.dtype
+        momentum, delta, mems = [], [], []
+        for w, (left, right) in enumerate(factors):
+            # S_τ = Θ_τ S_in + Σ_i s_coef[τ, i] left_i right_iᵀ
+            s_all = (s_coef[..., None].to(left.dtype) * left[:, :, None]).mT @ right[:, :, None]  # [B,H,L,o,i]
+            if self.momentum:
+                s_all = s_all + theta_cum[..., None, None] * st.momentum[w][:, :, None].to(s_all.dtype)
+            upd = -eta[..., None, None] * newton_schulz5(s_all)  # U_τ = −η_τ NS5(S_τ)
+            # ΔM_τ = Aseg_τ ΔM_in + Σ_{j<=τ} R[τ, j] U_j;  M_τ = A_in Aseg_τ M̄ + ΔM_τ
+            dm = (r_mat @ upd.flatten(-2)).view_as(upd)
+            if not chunk_start:
+                dm = dm + a_seg[..., None, None] * st.mem_delta[w][:, :, None].to(dm.dtype)
+            mems.append(a_start[..., None, None] * st.mem_start[w][:, :, None].to(dm.dtype) + dm)
+            momentum.append(s_all[:, :, -1].to(state_dtype))
+            delta.append(dm[:, :, -1].to(state_dtype))
+        y = self._apply_memory_per_token(mems, qf)
+        decay = (st.decay * a_seg[..., -1]).to(state_dtype)
+        mem_start = st.mem_start
+        if closes is not None:  # rows whose chunk ends here: M̄ <- M_e (already orthogonalised per token)
+            full = tuple(decay[..., None, None] * m + dm for m, dm in zip(mem_start, delta))
+            mem_start = tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start))
+            delta = [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta]
+            decay = where_rows(closes, torch.ones_like(decay), decay)
+        return y, AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, *window)
+
+    def _apply_memory_per_token(self, weights: list[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
+        """M_τ(u_τ) for per-token weights ([B, H, L, out, in] each) and inputs u [B, H, L, d]."""
+        def mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return (w @ x[..., None]).squeeze(-1)
+
+        if self.memory_depth == 1:
+            return mv(weights[0], u)
+        return u + mv(weights[1], F.silu(mv(weights[0], u)))
 
 
 class AtlasBlock(nn.Module):
@@ -382,13 +446,13 @@ class AtlasCore(SequenceCore):
 
     Options (docs/atlas.md): n_heads (default: heads of 32 channels) / head_dim; window c (Omega rule, 1 = delta rule); poly_degree p;
     memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d); momentum; newton_schulz
-    (False gives OmegaNet); chunk_size (part of the model's definition: gradients are taken at the
-    chunk-start memory, and NS5 acts once per chunk); conv_kernel; dropout (of the MLP).
+    ("token", the paper's, default; "chunk"; False gives OmegaNet); chunk_size (part of the model's
+    definition: gradients are taken at the chunk-start memory); conv_kernel; dropout (of the MLP).
     """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int | None = None, head_dim: int | None = None,
                  window: int = 4, poly_degree: int = 2, memory_depth: int = 2, memory_expansion: int = 2,
-                 momentum: bool = True, newton_schulz: bool = True, chunk_size: int = 64,
+                 momentum: bool = True, newton_schulz: bool | str = "token", chunk_size: int = 64,
                  conv_kernel: int = 4, eta_max: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         if n_heads is None:  # heads of 32 channels (cost grows with head_dim², see docs/atlas.md)
@@ -403,19 +467,26 @@ class AtlasCore(SequenceCore):
                 raise WamError(f"atlas: {name}={value} must be an integer >= {lowest}")
         if memory_depth not in (1, 2):
             raise WamError(f"atlas: memory_depth={memory_depth} must be 1 (linear) or 2 (residual MLP)")
+        ns_form = NS_FORMS.get(newton_schulz if isinstance(newton_schulz, (bool, str)) else "?", "?")
+        if ns_form == "?":
+            raise WamError(f"atlas: newton_schulz={newton_schulz!r} must be 'token' (the paper's, default), "
+                           "'chunk' (once per chunk) or False (OmegaNet)")
         self.d_model, self.n_layers, self.chunk_size = d_model, n_layers, chunk_size
         head_dim = head_dim or d_model // n_heads
         # η's ceiling: a chunk sums up to c·chunk_size gradients taken at one memory, without feedback
-        eta_max = eta_max if eta_max is not None else 1.0 / (window * chunk_size)
+        # (per-token NS5 gives every update unit singular values whatever the gradients' size, so its
+        # ceiling bounds the memory's norm instead: ‖M‖ <= η_max / (1 − α))
+        if eta_max is None:
+            eta_max = TOKEN_NS_ETA_MAX if ns_form == "token" else 1.0 / (window * chunk_size)
         self.layers = nn.ModuleList(
             AtlasBlock(d_model, AtlasMixer(d_model, n_heads, head_dim, window, poly_degree, memory_depth,
-                                           memory_expansion, momentum, newton_schulz, conv_kernel, eta_max),
+                                           memory_expansion, momentum, ns_form, conv_kernel, eta_max),
                        dropout)
             for _ in range(n_layers))
         self.norm_f = RMSNorm(d_model)
         log.info("atlas core: %d layers, %d heads x %d, window c=%d, p=%d, memory depth %d, momentum %s, "
-                 "Newton-Schulz %s (per chunk of %d)", n_layers, n_heads, head_dim, window, poly_degree,
-                 memory_depth, momentum, newton_schulz, chunk_size)
+                 "Newton-Schulz %s (chunks of %d)", n_layers, n_heads, head_dim, window, poly_degree,
+                 memory_depth, momentum, ns_form or "off", chunk_size)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> AtlasState:
