@@ -19,14 +19,14 @@ import tyro
 
 from wam.datasets.errors import WamError
 
-BENCHMARKS = ("data", "cores", "tokenizer", "train", "planner", "eval")
+BENCHMARKS = ("data", "cores", "recall", "tokenizer", "train", "planner", "eval")
 
 
 @dataclass
 class BenchConfig:
     """Run benchmarks; figures go to OUT/<name>.json and docs/BENCHMARKS.md is rebuilt from all JSON files."""
 
-    name: Annotated[Literal["all", "data", "cores", "tokenizer", "train", "planner", "eval", "report"],
+    name: Annotated[Literal["all", "data", "cores", "recall", "tokenizer", "train", "planner", "eval", "report"],
                     tyro.conf.Positional] = "all"
     """Which benchmark to run; `all` runs every available one; `report` only rebuilds BENCHMARKS.md."""
     json: bool = False
