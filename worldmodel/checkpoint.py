@@ -10,6 +10,7 @@ A run directory holds `config.json`, `metrics.jsonl`, `checkpoints/step_XXXXXXXX
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
@@ -26,6 +27,8 @@ import torch
 from wam.datasets.errors import WamError
 
 FORMAT_VERSION = 1
+TENSORBOARD_DIR = "tensorboard"
+"""Sub-directory of a run holding its TensorBoard event files (`tensorboard --logdir RUN`)."""
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -157,6 +160,41 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
+        self._tb: Any = None  # the TensorBoard writer, opened on first use (False: unavailable or switched off)
+
+    def __getstate__(self) -> dict[str, Any]:  # a run directory may travel to a Ray worker; its writer does not
+        return {**self.__dict__, "_tb": None}
+
+    def tensorboard(self) -> Any:
+        """The run's TensorBoard writer (`tensorboardX.SummaryWriter` on RUN/tensorboard), or None when
+        `WAM_TENSORBOARD=0` or tensorboardX is missing. metrics.jsonl stays the source of truth."""
+        if self._tb is None:
+            self._tb = False
+            if os.environ.get("WAM_TENSORBOARD", "1") != "0":
+                try:
+                    from tensorboardX import SummaryWriter
+                except ImportError:
+                    return None
+                self._tb = SummaryWriter(str(self.path / TENSORBOARD_DIR), flush_secs=10)
+                atexit.register(self._tb.close)  # its queue is written by a thread: drain it when the run ends
+        return self._tb or None
+
+    def log_image(self, step: int, tag: str, png: str | Path) -> None:
+        """Put a PNG the run wrote (a reconstruction grid, a plot) into TensorBoard under `tag`."""
+        writer = self.tensorboard()
+        if writer is None:
+            return
+        import matplotlib.image
+
+        img = matplotlib.image.imread(str(png))
+        img = (img * 255).astype(np.uint8) if img.dtype != np.uint8 else img
+        writer.add_image(tag, img[..., :3] if img.ndim == 3 else img, step, dataformats="HWC" if img.ndim == 3 else "HW")
+        writer.flush()
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        self._tb = None
 
     @property
     def metrics_path(self) -> Path:
@@ -169,6 +207,12 @@ class RunDir:
         row = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        writer = self.tensorboard()
+        if writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "time"):
+                    writer.add_scalar(key, value, step, walltime=row["time"])
+            writer.flush()
 
     def read_metrics(self) -> list[dict[str, float]]:
         if not self.metrics_path.exists():
@@ -196,3 +240,25 @@ class RunDir:
             return latest_checkpoint(self.path)
         except WamError:
             return None
+
+
+def read_tensorboard_scalars(directory: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `directory`: tag -> [(step, value), ...] in file
+    order. Reads the TFRecord framing (length, CRC, event proto, CRC) with tensorboardX's protobufs, so it
+    needs no TensorFlow or tensorboard package."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(directory).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+    return out

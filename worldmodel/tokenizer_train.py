@@ -507,8 +507,10 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         eval_step = step
         run.log_metrics(step, result.metrics())
         if step % cfg.plot_interval == 0 or step == cfg.steps:
-            plot_reconstructions(run.path / "plots" / f"recon_step_{step:08d}.png", eval_frames[plot_idx],
-                                 recon[plot_idx], step, result, [titles[d] for d in eval_owner[plot_idx]])
+            grid = run.path / "plots" / f"recon_step_{step:08d}.png"
+            plot_reconstructions(grid, eval_frames[plot_idx], recon[plot_idx], step, result,
+                                 [titles[d] for d in eval_owner[plot_idx]])
+            run.log_image(step, "reconstructions", grid)
         return result
 
     eval_step = int(ckpt["summary"].get("eval_step", step)) if ckpt is not None and ckpt.get("summary") else step
