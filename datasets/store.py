@@ -44,7 +44,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from wam.datasets.errors import DataError
+from wam.datasets.errors import DataError, WamError
 
 log = logging.getLogger(__name__)
 
@@ -741,7 +741,22 @@ def _write_metadata(directory: Path, prov: dict, episodes: int, steps: int) -> N
         "wam_schema_version": SCHEMA_VERSION,
         "wam_provenance": prov,
     }
+    legal = legal_actions(game)
+    if legal is not None:  # so other tools need not know ALE's minimal action sets (docs/data-format.md)
+        meta["wam_legal_actions"] = legal
     _write_json_atomic(directory / "data" / METADATA_FILE, meta)
+
+
+def legal_actions(game: str) -> dict[str, list] | None:
+    """The game's legal actions in the full 18-action space: {"ids": [...], "names": [...]}, or None for a
+    name ale-py does not know."""
+    from wam.datasets.atari import ACTION_NAMES, legal_action_mask
+
+    try:
+        ids = [int(i) for i in np.flatnonzero(legal_action_mask(game))]
+    except (WamError, ValueError, KeyError):
+        return None
+    return {"ids": ids, "names": [ACTION_NAMES[i] for i in ids]}
 
 
 def _write_namespaces(directory: Path) -> None:

@@ -209,7 +209,7 @@ def dataset_info(directory: str | os.PathLike) -> dict:
 
     Raises DataError when `directory` is missing or not a wam dataset.
     """
-    from wam.datasets.store import TrajectoryStore
+    from wam.datasets.store import TrajectoryStore, legal_actions
 
     store = TrajectoryStore.open(_resolve(directory))
     returns = store.episode_returns()
@@ -242,6 +242,7 @@ def dataset_info(directory: str | os.PathLike) -> dict:
         "protocol": prov.get("protocol"),
         "policy": prov.get("policy"),
         "epsilon": prov.get("epsilon"),
+        "legal_actions": (legal_actions(store.game) or {}).get("names"),
         "episodes": store.num_episodes,
         "transitions": store.num_steps,
         "frames": frames,

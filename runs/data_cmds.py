@@ -103,15 +103,20 @@ def format_info(infos: list[dict], total: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     head = (f"{'dataset':<44} {'game':<14} {'policy':<16} {'episodes':>8} {'steps':>10} "
-            f"{'return mean±std [min, max]':>30} {'RAM':>7} {'MB':>8} {'B/frame':>8} {'ratio':>6}")
+            f"{'return mean±std [min, max]':>30} {'actions':>7} {'RAM':>7} {'MB':>8} {'B/frame':>8} {'ratio':>6}")
     lines = [head]
     for i in infos:
         ret = f"{num(i['return_mean'], '.1f')}±{num(i['return_std'], '.1f')} " \
               f"[{num(i['return_min'], '.0f')}, {num(i['return_max'], '.0f')}]"
         name = "/".join(Path(i["path"]).parts[-3:])
         lines.append(f"{name:<44} {i['game']:<14} {str(i['policy'])[:16]:<16} {i['episodes']:>8} "
-                     f"{i['transitions']:>10} {ret:>30} {_ram_cell(i):>7} {i['bytes_on_disk'] / 1e6:>8.1f} "
+                     f"{i['transitions']:>10} {ret:>30} {len(i.get('legal_actions') or []) or '-':>7} "
+                     f"{_ram_cell(i):>7} {i['bytes_on_disk'] / 1e6:>8.1f} "
                      f"{num(i['frame_bytes_on_disk_per_frame'], '.0f'):>8} {num(i['compression_ratio'], '.1f'):>6}")
+    for game, names in sorted({i["game"]: tuple(i.get("legal_actions") or ()) for i in infos}.items()):
+        if names:
+            lines.append(f"legal actions of {game} (their ids in the full 18-action space: metadata.json): "
+                         + ", ".join(names))
     lines.append(f"total: {total['datasets']} dataset(s), {len(total['games'])} game(s), {total['episodes']} "
                  f"episodes, {total['transitions']} transitions, {total['bytes_on_disk'] / 1e6:.1f} MB on disk "
                  f"({num(total['compression_ratio'], '.1f')}x smaller than raw)")

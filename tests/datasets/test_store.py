@@ -113,6 +113,9 @@ def test_round_trip_layout_and_windows(tmp_path):
     assert meta["data_format"] == "hdf5" and meta["total_episodes"] == 4 and meta["total_steps"] == sum(lengths)
     assert json.loads(meta["observation_space"])["shape"] == [84, 84]
     assert json.loads(meta["action_space"]) == {"type": "Discrete", "dtype": "int64", "start": 0, "n": 18}
+    # Pong's minimal action set, in full-space ids, for tools that do not know ALE's sets
+    assert meta["wam_legal_actions"] == {"ids": [0, 1, 3, 4, 11, 12],
+                                         "names": ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]}
     assert (tmp_path / "atari" / "namespace_metadata.json").is_file()
     assert (tmp_path / "atari" / "pong" / "namespace_metadata.json").is_file()
     # picklable without its handle, and readable after unpickling
