@@ -57,8 +57,10 @@ class RecipeConfig:
     out: Path = Path("small_out")
     """Directory for every artefact (datasets, runs, evaluations, report)."""
     preset: str = "small"
-    """Preset of the world-action model and its training (the tokenizer always uses `debug`: 36 tokens of a
-    512-code book, minutes on 2 cores)."""
+    """Preset of the world-action model and its training."""
+    tokenizer_preset: str = "small"
+    """Tokenizer preset: `small` (36 tokens of a 1,024-code book, one residual block per level, minutes on
+    2 cores) or `debug` (no residual blocks, about half the time; the recipe's tokenizer before 2026-12-07)."""
     pretrain_games: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """Games the model is pretrained on (repeat the flag; none given: Freeway and Boxing)."""
     finetune_game: str = "Pong"
@@ -74,7 +76,7 @@ class RecipeConfig:
     transitions: int = 5000
     """Transitions of the held-out game used for fine-tuning and for the from-scratch baseline."""
     tokenizer_steps: int = 3000
-    """Optimiser steps of the tokenizer (debug tokenizer preset)."""
+    """Optimiser steps of the tokenizer."""
     pretrain_steps: int = 4000
     """Optimiser steps of pretraining."""
     finetune_steps: int = 1500
@@ -302,7 +304,7 @@ class _Recipe:
         from wam.worldmodel.tokenizer import load_tokenizer
 
         run = self.p("runs", "tokenizer")
-        run_wam("tokenizer", "train", "--preset", "debug", "--data", self.p("data"), "--out", run,
+        run_wam("tokenizer", "train", "--preset", self.cfg.tokenizer_preset, "--data", self.p("data"), "--out", run,
              "--steps", self.cfg.tokenizer_steps, *(["--resume"] if (run / "checkpoints").exists() else []))
         run_wam("tokenize", "--tokenizer", run, "--data", self.p("data"))
         probe = self.p("runs", "tokenizer-probe")
