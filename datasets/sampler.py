@@ -244,10 +244,13 @@ class _SegmentSource:
     def _load_steps(self) -> dict[str, np.ndarray]:
         t = self.table
         out = {name: np.zeros(t.num_steps + 1, dtype) for name, dtype in _STEP_FIELDS}
+        stored = [s.episode_lengths() for s in self.stores]
         for d, e, n, off in zip(t.dataset, t.episode, t.length, t.step_offset):
             store = self.stores[d]
             for name, _ in _STEP_FIELDS:
                 out[name][off:off + n] = _read(store, int(e), 0, int(n), name)
+            if n < stored[d][e]:  # cut by max_transitions: the episode goes on in the data, so it ends truncated
+                out["truncations"][off + n - 1] = True
         return out
 
     def _load_obs(self) -> np.ndarray:

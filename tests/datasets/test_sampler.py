@@ -86,7 +86,10 @@ def _check_segment(b: dict[str, np.ndarray], i: int, episodes, games: list[str],
     np.testing.assert_array_equal(b["actions"][i, :n], ep.actions[start: start + n])
     np.testing.assert_array_equal(b["rewards"][i, :n], ep.rewards[start: start + n])
     np.testing.assert_array_equal(b["terminations"][i, :n], ep.terminations[start: start + n])
-    np.testing.assert_array_equal(b["truncations"][i, :n], ep.truncations[start: start + n])
+    truncs = ep.truncations[start: start + n].copy()
+    if t < ep.length and start + n == t:  # an episode cut by max_transitions ends truncated where it was cut
+        truncs[-1] = True
+    np.testing.assert_array_equal(b["truncations"][i, :n], truncs)
     # a_H, the action of the last frame, where that frame is a usable step; -1 otherwise
     assert b["next_action"][i] == (ep.actions[start + H] if start + H < t else -1)
     for name in ("actions", "rewards", "terminations", "truncations"):
@@ -214,6 +217,10 @@ def test_max_transitions_uses_only_the_first_transitions(root, episodes):
     allowed = {(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)}
     assert {(d, e) for d, e, _ in seen} == allowed
     assert max(st for d, e, st in seen if (d, e) == (1, 2)) <= 4
+    # the cut is marked: segments reaching the cut's last step carry a truncation there, and nothing else
+    cut_ends = [(b["truncations"][i] & b["mask"][i]).any() for b in batches for i in range(128)
+                if tuple(b["obs"][i, 0][0, :2]) in cut]
+    assert any(cut_ends) and not all(cut_ends)
 
 
 def test_held_out_episodes_are_never_drawn(root, episodes):
