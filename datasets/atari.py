@@ -298,6 +298,23 @@ def make_env(
     return env
 
 
+ENV_NAMESPACE = "wam"
+
+
+def register_envs() -> None:
+    """Register every game with gymnasium as `wam/<Game>-v0` (entry point `make_env`), so outside tools play on
+    wam's exact protocol: `gym.make("wam/Pong-v0", protocol="jowa", seed=0)` after importing wam, or
+    `gym.make("wam.datasets.atari:wam/Pong-v0")` without. Runs when this module is imported."""
+    for game in all_games():
+        env_id = f"{ENV_NAMESPACE}/{game}-v0"
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point="wam.datasets.atari:make_env", kwargs={"game": game},
+                         disable_env_checker=True)
+
+
 def get_ram(env: gym.Env) -> np.ndarray:
     """The Atari RAM, uint8 `[128]` (a fresh copy), of an env built by `make_env` (possibly wrapped)."""
     return env.unwrapped.ale.getRAM()
+
+
+register_envs()

@@ -65,8 +65,8 @@ def export_minari(directory: str | os.PathLike, minari_root: str | os.PathLike, 
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
-    for name in (MAIN_FILE, METADATA_FILE):
-        shutil.copyfile(store.data / name, tmp / "data" / name)
+    shutil.copyfile(store.data / MAIN_FILE, tmp / "data" / MAIN_FILE)
+    _write_json_atomic(tmp / "data" / METADATA_FILE, {**meta, "env_spec": env_spec_json(store.game, store.provenance)})
     os.replace(tmp, target)
     parts = dataset_id.split("/")[:-1]  # namespaces: atari, atari/<game>
     for k in range(1, len(parts) + 1):
@@ -75,6 +75,19 @@ def export_minari(directory: str | os.PathLike, minari_root: str | os.PathLike, 
             _write_json_atomic(ns, {} if k < len(parts) else {"description": f"Atari {parts[-1]} (wam)"})
     log.info("exported %s to %s (%s)", store.directory, target, dataset_id)
     return target
+
+
+def env_spec_json(game: str, provenance: dict) -> str:
+    """Minari's `env_spec`: gymnasium's JSON of the registered `wam/<Game>-v0` with the dataset's protocol, so
+    `minari.load_dataset(id).recover_environment()` builds wam's environment exactly (docs/data-format.md)."""
+    import gymnasium as gym
+
+    from wam.datasets.atari import ENV_NAMESPACE
+
+    spec = gym.spec(f"{ENV_NAMESPACE}/{game}-v0")
+    kwargs = {**spec.kwargs, "protocol": str(provenance.get("protocol") or "jowa")}
+    return gym.envs.registration.EnvSpec(id=spec.id, entry_point=spec.entry_point, kwargs=kwargs,
+                                         disable_env_checker=True).to_json()
 
 
 def _minari():

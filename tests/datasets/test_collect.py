@@ -89,6 +89,19 @@ def test_recorded_ram_is_the_emulators_ram_at_each_frame(ray_session, tmp_path):
             np.testing.assert_array_equal(obs, ep.observations[k + 1])
         assert term
         env.close()
+    # the registered gymnasium id replays it too: outside tools play on wam's exact protocol
+    import gymnasium as gym
+
+    ep = store.read_episode(0)
+    env = gym.make("wam.datasets.atari:wam/Breakout-v0", protocol="jowa", seed=ep.seed)
+    assert env.unwrapped.game == "Breakout" and env.unwrapped.max_episode_steps == 108_000  # jowa: 30 min
+    obs, _ = env.reset(seed=ep.seed)
+    np.testing.assert_array_equal(obs, ep.observations[0])
+    for k, a in enumerate(ep.actions):
+        obs, _, term, _, _ = env.step(int(a))
+        np.testing.assert_array_equal(obs, ep.observations[k + 1], err_msg=f"gym.make env, step {k}")
+    assert term
+    env.close()
 
 
 def test_truncating_to_a_step_budget_keeps_one_ram_row_per_frame():

@@ -84,6 +84,13 @@ def test_minari_loads_the_export(wam_dataset, tmp_path, monkeypatch):
         np.testing.assert_array_equal(ep.truncations, ref.truncations)
     # the dataset directory itself is readable by Minari too, without exporting
     assert minari.MinariDataset(wam_dataset.directory / "data").total_episodes == 3
+    # and the environment is recoverable: wam's own, with the dataset's game and protocol
+    env = ds.recover_environment()
+    assert type(env.unwrapped).__name__ == "AtariEnv"
+    assert env.unwrapped.game == "Pong" and env.unwrapped.protocol.name == "jowa"
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (84, 84) and obs.dtype == np.uint8
+    env.close()
 
 
 def _minari_atari_dataset(root, monkeypatch):
