@@ -260,7 +260,7 @@ def _drop_torn_tail(path: Path) -> None:
 def _write_sorted_csv(path: Path, records: Sequence[EpisodeRecord]) -> None:
     import io
 
-    from wam.worldmodel.checkpoint import atomic_write_bytes
+    from wam.datasets.files import atomic_write_bytes
 
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=list(EPISODE_COLUMNS), lineterminator="\n")
@@ -322,8 +322,8 @@ def evaluate(
     from wam.datasets.atari import PROTOCOLS, canonical_game
     from wam.datasets.collect import episode_seed
     from wam.datasets.distributed import ray_session
+    from wam.datasets.files import atomic_write_json
     from wam.datasets.scores import human_normalized
-    from wam.worldmodel.checkpoint import atomic_write_json
 
     if protocol not in PROTOCOLS:
         raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 
 from wam.datasets.errors import DataError, WamError
+from wam.datasets.files import atomic_write_json, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +235,6 @@ def find_datasets(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
 # ------------------------------------------------------------------------------------ file helpers
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _COPY_PATH_LOGGED = False
 
 
@@ -269,14 +262,8 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent, directory=True)
+    """metadata.json and namespace files: crash-safe, indented by 1 as Minari writes them."""
+    atomic_write_json(path, obj, indent=1, sort_keys=False)
 
 
 def _box_space_json(shape: tuple[int, ...], low: int, high: int, dtype: str) -> str:
@@ -416,9 +403,9 @@ class TrajectoryStore:
                 for k, v in prov.items():
                     if v is not None:
                         f.attrs[k] = _attr_value(v)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, data / MAIN_FILE)
-            _fsync_path(data, directory=True)
+            fsync_path(data, directory=True)
             _write_metadata(directory, prov, 0, 0)
             _write_namespaces(directory)
         log.info("created dataset %s (%s)", directory, game)
@@ -836,9 +823,9 @@ class _Transaction:
 
 
 def _publish(tmp: Path, path: Path) -> None:
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync_path(path.parent, directory=True)
+    fsync_path(path.parent, directory=True)
 
 
 class EpisodeWriter:

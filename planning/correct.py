@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 
 from wam.datasets.errors import DataError, WamError
+from wam.datasets.files import sha256_file
 from wam.planning.beam import PlannerSettings, max_context_frames
 from wam.planning.pool import PlanAnswer, PlannerPool, PlanRequest
 
@@ -106,14 +107,6 @@ class QTargets:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _content_digest(arrays: dict[str, np.ndarray]) -> str:
     """SHA-256 over the row arrays in ROW_FIELDS order (dtype-normalised, C order)."""
     digest = hashlib.sha256()
@@ -275,7 +268,7 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
         attrs = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wam_version": version("wam"),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "agent": str(ckpt_path.resolve()), "agent_sha256": _sha256_file(ckpt_path),
+            "agent": str(ckpt_path.resolve()), "agent_sha256": sha256_file(ckpt_path),
             "tokenizer_id": tokens.tokenizer_id, "model_config": json.dumps(model.config_dict()),
             "games": json.dumps(games), "planner": json.dumps(dataclasses.asdict(settings)),
             "context_frames": frames, "stride": stride, "max_states": -1 if max_states is None else max_states,

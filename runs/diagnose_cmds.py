@@ -137,7 +137,7 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from wam.worldmodel.checkpoint import atomic_write_bytes
+    from wam.datasets.files import atomic_write_bytes
 
     games = list(result["games"])
     fig = Figure(figsize=(11, 3.0 * len(games)), dpi=90)
@@ -169,7 +169,7 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
 
 def diagnose(args: DiagnoseArgs) -> int:
     """`wam diagnose`."""
-    from wam.worldmodel.checkpoint import atomic_write_json
+    from wam.datasets.files import atomic_write_json
     from wam.worldmodel.model import WorldActionModel
     from wam.worldmodel.trainer import resolve_device
 

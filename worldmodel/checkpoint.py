@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 import time
 import typing
 from pathlib import Path
@@ -25,40 +24,11 @@ import numpy as np
 import torch
 
 from wam.datasets.errors import WamError
+from wam.datasets.files import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 TENSORBOARD_DIR = "tensorboard"
 """Sub-directory of a run holding its TensorBoard event files (`tensorboard --logdir RUN`)."""
-
-
-# ----------------------------------------------------------------------------------------- files
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

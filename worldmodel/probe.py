@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from wam.datasets.errors import DataError, WamError
+from wam.datasets.files import atomic_write_bytes
 from wam.datasets.store import TrajectoryStore, find_datasets
-from wam.worldmodel.checkpoint import atomic_write_bytes
 from wam.worldmodel.tokenizer import VQTokenizer
 from wam.worldmodel.tokenizer_train import split_episodes
 

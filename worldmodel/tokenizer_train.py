@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from wam.datasets.errors import DataError, WamError
+from wam.datasets.files import atomic_write_bytes
 from wam.datasets.store import TrajectoryStore, find_datasets
 from wam.worldmodel.checkpoint import (
     RunDir,
-    atomic_write_bytes,
     config_to_dict,
     load_checkpoint,
     rng_state,
