@@ -321,7 +321,7 @@ def evaluate(
 
     from wam.datasets.atari import PROTOCOLS, canonical_game
     from wam.datasets.collect import episode_seed
-    from wam.datasets.distributed import ray_session
+    from wam.datasets.distributed import ActorGroup, ray_session
     from wam.datasets.files import atomic_write_json
     from wam.datasets.scores import human_normalized
 
@@ -387,7 +387,6 @@ def evaluate(
     appender = _CsvAppender(csv_path)
     bar = tqdm(total=sum(len(v) for v in todo.values()), unit="ep", disable=not progress,
                desc=f"eval {agent_spec} on {'+'.join(games)}", dynamic_ncols=True)
-    actors: list = []
     try:
         if batches:
             with ray_session(num_cpus=workers, address=ray_address):
@@ -399,41 +398,25 @@ def evaluate(
                     return Worker.remote(agent_spec, protocol, eps, plan_settings.as_dict() if plan_settings else None,
                                          max_steps, agent_kwargs, video_max_frames, max(1, int(cpus_per)), _die_on)
 
-                actors = [new_actor() for _ in range(min(workers, len(batches)))]
+                group = ActorGroup(
+                    new_actor, min(workers, len(batches)), MAX_BATCH_RETRIES,
+                    describe=lambda key: f"{key[0]} episodes {list(key[1])}",
+                    give_up=lambda key: (f"workers died {MAX_BATCH_RETRIES + 1} times on {key[0]} episodes "
+                                         f"{list(key[1])}; "
+                                         "see the Ray logs (out of memory?) and resume with the same command"))
                 queue = list(batches)
-                inflight: dict[Any, tuple[int, str, list[int]]] = {}
 
                 def submit(ai: int, game: str, idxs: list[int]) -> None:
                     seeds = [episode_seed(seed, game, j) for j in idxs]
                     rec = [video and j == 0 for j in idxs]
-                    inflight[actors[ai].run.remote(game, idxs, seeds, rec)] = (ai, game, idxs)
+                    group.submit(ai, (game, tuple(idxs)), lambda actor: actor.run.remote(game, idxs, seeds, rec))
 
                 try:
-                    for ai in range(len(actors)):
+                    for ai in range(len(group.actors)):
                         submit(ai, *queue.pop(0))
                     finished_batches = 0
-                    retries: dict[tuple[str, int], int] = {}  # (game, first episode) -> restarts
-                    while inflight:
-                        ready, _ = ray.wait(list(inflight), num_returns=1)
-                        ai, game, idxs = inflight.pop(ready[0])
-                        try:
-                            results, env_settings = ray.get(ready[0])
-                        except ray.exceptions.RayActorError:
-                            log.warning("worker %d died on %s episodes %s; restarting it and re-running them",
-                                        ai, game, idxs)
-                            result.restarted_workers += 1
-                            retries[(game, idxs[0])] = retries.get((game, idxs[0]), 0) + 1
-                            if retries[(game, idxs[0])] > MAX_BATCH_RETRIES:
-                                raise WamError(f"workers died {MAX_BATCH_RETRIES + 1} times on {game} episodes "
-                                               f"{idxs}; see the Ray logs (out of memory?) and resume with the same "
-                                               "command") from None
-                            actors[ai] = new_actor()
-                            submit(ai, game, idxs)
-                            continue
-                        except ray.exceptions.RayTaskError as e:  # the agent or env raised: show the cause
-                            if isinstance(e.cause, WamError):
-                                raise e.cause from None
-                            raise
+                    while group:
+                        ai, (game, _), (results, env_settings) = group.next()
                         result.env_settings.setdefault(game, env_settings)
                         new = [to_record(r) for r in results]
                         appender.write(new)
@@ -453,8 +436,8 @@ def evaluate(
                         if queue:
                             submit(ai, *queue.pop(0))
                 finally:  # also on Ctrl-C: stop the workers' remaining batches
-                    for a in actors:
-                        ray.kill(a)
+                    result.restarted_workers += group.restarts
+                    group.kill()
         result.complete = all((g, j) in records for g in games for j in range(episodes))
     finally:
         bar.close()

@@ -170,7 +170,7 @@ def collect(
     from tqdm import tqdm
 
     from wam.datasets.atari import PROTOCOLS, canonical_game
-    from wam.datasets.distributed import ray_session
+    from wam.datasets.distributed import ActorGroup, ray_session
     from wam.datasets.policies import make_policy
     from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 
@@ -227,13 +227,14 @@ def collect(
             n_cpu = ray.available_resources().get("CPU", 1)
             cpus_per = min(1.0, max(0.01, n_cpu / workers))
             Runner = ray.remote(num_cpus=cpus_per)(_EpisodeRunner)
-            actors = [Runner.remote(protocol, policy, epsilon, _die_on) for _ in range(workers)]
-            inflight: dict[object, tuple[int, str, int]] = {}  # ref -> (actor idx, game, episode index)
-            retries: dict[tuple[str, int], int] = {}  # (game, episode index) -> restarts
-            rr = 0
+            group = ActorGroup(
+                lambda: Runner.remote(protocol, policy, epsilon, _die_on), workers, MAX_EPISODE_RETRIES,
+                describe=lambda key: f"{key[0]} episode {key[1]}",
+                give_up=lambda key: (f"workers died {MAX_EPISODE_RETRIES + 1} times on {key[0]} episode {key[1]} "
+                                     f"(seed {episode_seed(seed, *key)}); the episodes before it are saved in "
+                                     f"{out}, see the Ray worker logs for the crash"))
 
             def submit(ai: int) -> bool:
-                nonlocal rr
                 live = [j for j in todo if j.wants_more()]
                 if not live:
                     return False
@@ -244,50 +245,35 @@ def collect(
                     return False
                 idx = j.next_submit
                 j.next_submit += 1
-                ref = actors[ai].run.remote(j.game, idx, episode_seed(seed, j.game, idx))
-                inflight[ref] = (ai, j.game, idx)
+                game, ep_seed = j.game, episode_seed(seed, j.game, idx)
+                group.submit(ai, (game, idx), lambda actor: actor.run.remote(game, idx, ep_seed))
                 return True
 
             def feed_idle() -> None:
                 """Give work to every actor that has none (one may have been left idle by the look-ahead cap)."""
-                busy = {a for a, _, _ in inflight.values()}
+                busy = group.busy()
                 for ai in range(workers):
                     if ai not in busy:
                         submit(ai)
 
             feed_idle()
             by_game = {j.game: j for j in todo}
-            while inflight:
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                ref = ready[0]
-                ai, game, idx = inflight.pop(ref)
-                try:
-                    _, _, arrays = ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    log.warning("worker %d died on %s episode %d; restarting it and re-running the episode",
-                                ai, game, idx)
-                    summary.restarted_workers += 1
-                    retries[(game, idx)] = retries.get((game, idx), 0) + 1
-                    if retries[(game, idx)] > MAX_EPISODE_RETRIES:
-                        raise WamError(f"workers died {MAX_EPISODE_RETRIES + 1} times on {game} episode {idx} "
-                                       f"(seed {episode_seed(seed, game, idx)}); the episodes before it are saved "
-                                       f"in {out}, see the Ray worker logs for the crash") from None
-                    actors[ai] = Runner.remote(protocol, policy, epsilon, _die_on)
-                    ref = actors[ai].run.remote(game, idx, episode_seed(seed, game, idx))
-                    inflight[ref] = (ai, game, idx)
-                    continue
-                job = by_game[game]
-                if not job.finished:
-                    job.pending[idx] = arrays
-                    _write_ready(job, Episode, episode_seed, seed, summary, bar, steps is not None)
-                if job.finished:  # drop surplus episodes of a finished game
-                    job.pending.clear()
-                feed_idle()
-                bar.set_postfix(eps=summary.episodes,
-                                ret=f"{np.mean(summary.returns):.1f}" if summary.returns else "-",
-                                sps=f"{summary.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
-            for a in actors:
-                ray.kill(a)
+            try:
+                while group:
+                    _, (game, idx), (_, _, arrays) = group.next()
+                    job = by_game[game]
+                    if not job.finished:
+                        job.pending[idx] = arrays
+                        _write_ready(job, Episode, episode_seed, seed, summary, bar, steps is not None)
+                    if job.finished:  # drop surplus episodes of a finished game
+                        job.pending.clear()
+                    feed_idle()
+                    bar.set_postfix(eps=summary.episodes,
+                                    ret=f"{np.mean(summary.returns):.1f}" if summary.returns else "-",
+                                    sps=f"{summary.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
+            finally:
+                summary.restarted_workers += group.restarts
+                group.kill()
         bar.close()
     finally:
         for j in jobs:

@@ -141,13 +141,13 @@ class PlannerPool:
         self.max_retries, self.ray_address, self._die_on = max_retries, ray_address, _die_on
         self.stats = PoolStats()
         self._session: Any = None
-        self._actors: list[Any] = []
+        self._group: Any = None  # the actors (ActorGroup), while started
 
     # ------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> PlannerPool:
         import ray
 
-        from wam.datasets.distributed import ray_session
+        from wam.datasets.distributed import ActorGroup, ray_session
 
         self._session = ray_session(num_cpus=self.workers * self.threads, address=self.ray_address)
         self._session.__enter__()
@@ -155,17 +155,18 @@ class PlannerPool:
         self._cpus_per = min(float(self.threads), max(0.01, n_cpu / self.workers))
         self._Worker = ray.remote(num_cpus=self._cpus_per)(_PlannerWorker)
         self._model_ref = ray.put(self.model)
-        self._actors = [self._new_actor() for _ in range(self.workers)]
+        self._group = ActorGroup(
+            self._new_actor, self.workers, self.max_retries, describe=lambda c: f"planner chunk {c}",
+            give_up=lambda c: (f"planner chunk {c} killed its worker {self.max_retries + 1} times; giving up "
+                               "(check the workers' memory and logs)"))
         log.info("planner pool: %d actors (%.2f CPU each), K=%d H=%d, chunks of %d requests", self.workers,
                  self._cpus_per, self.settings.beam_width, self.settings.horizon, self.batch_size)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        for a in self._actors:
-            ray.kill(a)
-        self._actors = []
+        if self._group is not None:
+            self._group.kill()
+            self._group = None
         if self._session is not None:
             self._session.__exit__(*exc)
             self._session = None
@@ -177,53 +178,43 @@ class PlannerPool:
         """Wait until every actor has built its model (so timings exclude start-up)."""
         import ray
 
-        ray.get([a.ping.remote() for a in self._actors])
+        ray.get([a.ping.remote() for a in self._group.actors])
 
     # ----------------------------------------------------------------------------------- plan
     def plan(self, requests: Sequence[PlanRequest], progress: bool = False) -> list[PlanAnswer]:
         """Plan every request; answers in request order."""
-        import ray
         from tqdm import tqdm
 
-        if not self._actors:
+        if self._group is None:
             raise WamError("PlannerPool is not started; use it as `with PlannerPool(...) as pool:`")
         t0 = time.perf_counter()
         chunks = [list(requests[i:i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
         results: list[list[PlanAnswer] | None] = [None] * len(chunks)
-        retries = [0] * len(chunks)
-        inflight: dict[Any, tuple[int, int]] = {}  # ref -> (actor index, chunk index)
         todo = list(range(len(chunks)))[::-1]  # a stack, chunk 0 on top
         bar = tqdm(total=len(requests), unit="state", disable=not progress, desc="plan", dynamic_ncols=True)
+        group = self._group
 
         def submit(ai: int) -> None:
             if todo:
                 c = todo.pop()
-                inflight[self._actors[ai].plan.remote(c, chunks[c])] = (ai, c)
+                group.submit(ai, c, lambda actor: actor.plan.remote(c, chunks[c]))
 
-        for ai in range(len(self._actors)):
-            submit(ai)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            ai, c = inflight.pop(ready[0])
-            try:
-                _, answers, calls, tokens, secs = ray.get(ready[0])
-            except ray.exceptions.RayActorError:
-                retries[c] += 1
-                self.stats.restarted_workers += 1
-                if retries[c] > self.max_retries:
-                    raise WamError(f"planner chunk {c} killed its worker {retries[c]} times; giving up "
-                                   "(check the workers' memory and logs)") from None
-                log.warning("planner worker %d died on chunk %d; restarting it and re-running the chunk", ai, c)
-                self._actors[ai] = self._new_actor()
-                todo.append(c)
+        restarts = group.restarts
+        group.retries.clear()  # chunk numbers restart at 0 in every call
+        group.inflight.clear()  # (units of an earlier call that raised are not waited for)
+        try:
+            for ai in range(len(group.actors)):
                 submit(ai)
-                continue
-            results[c] = answers
-            self.stats.model_calls += calls
-            self.stats.tokens += tokens
-            self.stats.per_chunk_seconds.append(secs)
-            bar.update(len(answers))
-            submit(ai)
+            while group:
+                ai, c, (_, answers, calls, tokens, secs) = group.next()
+                results[c] = answers
+                self.stats.model_calls += calls
+                self.stats.tokens += tokens
+                self.stats.per_chunk_seconds.append(secs)
+                bar.update(len(answers))
+                submit(ai)
+        finally:
+            self.stats.restarted_workers += group.restarts - restarts
         bar.close()
         self.stats.requests += len(requests)
         self.stats.chunks += len(chunks)
