@@ -147,6 +147,10 @@ class FinetuneConfig(DataOptions):
     """Use only the first N transitions of each dataset."""
     freeze: tuple[str, ...] = ()
     """Parts not trained: embeddings, core, obs_head, reward_head, termination_head, q_head."""
+    recalibrate_q: bool = True
+    """On a new game, restart the Q head's output layer (and its target) at the calibrated start E[Q] =
+    q_init, keeping the trunk and the head's hidden layers: the pretrained head reads an unseen game's frames
+    at E[Q] ~ 28 and in-sample TD decays that by about 1 a 100 steps (docs/training.md, "Fine-tuning")."""
     model: Annotated[WorldActionModelConfig, Flat] = field(default_factory=WorldActionModelConfig)
     """(Only for --from scratch: the architecture; a pretrained model keeps its own.)"""
     loss: Annotated[LossConfig, Flat] = field(default_factory=LossConfig)
@@ -390,7 +394,12 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
                                             tokens_per_obs=k or model_cfg.tokens_per_obs)
         model = pretrained if pretrained is not None else WorldActionModel(model_cfg)
         if finetune and pretrained is not None:
+            new_game = cfg.game not in model.cfg.games
             log.info("fine-tuning %s on new game %s (task row %d)", cfg.from_run, cfg.game, model.add_game(cfg.game))
+            if new_game and cfg.recalibrate_q:
+                model.recalibrate_q()
+                log.info("Q head output restarted at E[Q] = %g for the new game (--no-recalibrate-q keeps it)",
+                         model.cfg.q_init)
         if finetune:
             bad = [p for p in cfg.freeze if p not in FREEZABLE_PARTS]
             if bad:

@@ -363,6 +363,14 @@ class WorldActionModel(nn.Module):
                 m.requires_grad_(False)
         log.info("frozen: %s", ", ".join(parts) if parts else "nothing")
 
+    @torch.no_grad()
+    def recalibrate_q(self) -> None:
+        """Restart the Q head's output layer at E[Q] = cfg.q_init for every action (as at construction) and copy
+        it to the target head; the trunk and the head's hidden layers keep what they learned."""
+        support = torch.linspace(self.cfg.v_min, self.cfg.v_max, self.cfg.n_atoms, device="cpu")
+        self.q_head.calibrate(support, self.cfg.q_init)
+        self.target_q_head.load_state_dict(self.q_head.state_dict())
+
     def add_game(self, name: str) -> int:
         """Give a new game a task-embedding row (initialised to the mean of the existing rows); its index."""
         if name in self.cfg.games:

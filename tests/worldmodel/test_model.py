@@ -159,6 +159,29 @@ def test_q_head_starts_at_its_configured_expectation(preset, q_init):
         assert (q - q_init).abs().max() < 0.5, f"initial E[Q] spans {q.min():.2f}..{q.max():.2f}, target {q_init}"
 
 
+def test_recalibrate_q_restarts_the_output_layer_only():
+    """A model whose Q head drifted (here: output bias pushed to E[Q] ~ 25) reads E[Q] within 0.5 of q_init again
+    after recalibrate_q, online and target alike; the trunk and the head's hidden layers are untouched."""
+    cfg = dataclasses.replace(WorldActionModelConfig.from_preset("debug"), games=("A", "B"), vocab_size=64)
+    torch.manual_seed(0)
+    model = WorldActionModel(cfg)
+    support = torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms)
+    model.q_head.calibrate(support, 25.0)
+    model.update_target(1.0)
+    batch = random_batch(4, cfg.horizon, cfg.vocab_size, seed=1)
+    out, _ = model(batch.obs, batch.actions, batch.game_ids, with_target=True)
+    assert (model.expected_q(out.q_logits) - 25.0).abs().max() < 0.5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.recalibrate_q()
+    out, _ = model(batch.obs, batch.actions, batch.game_ids, with_target=True)
+    for logits in (out.q_logits, out.target_q_logits):
+        assert (model.expected_q(logits) - cfg.q_init).abs().max() < 0.5
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("q_head.", "target_q_head.")) for k in changed)
+    last = len(model.q_head.heads[0].net) - 1
+    assert all(f".net.{last}." in k for k in changed), f"only the output layers change: {sorted(changed)}"
+
+
 def test_initialisation_scales_with_the_width():
     """`scaled` (debug/small): embeddings N(0, 1/sqrt(d)), the transformer's linear layers Xavier-uniform (its
     residual projections / sqrt(2 n_layers)); `gpt2` (paper presets): N(0, 0.02) whatever the width."""
