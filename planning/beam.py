@@ -17,6 +17,10 @@ Algorithm (JOWA's planner, REFERENCE.md "Planning", batched over environments x 
 4. The chosen action is the candidate with the highest planned value (ties: the higher raw Q). A model with a
    behaviour prior (`behaviour_prior` tau > 0) ranks the root candidates by Q + tau log pi_b(a | s) and adds
    that tau log pi_b term to each candidate's planned value before choosing; `candidate_q` stays pure Q.
+   Inside the imagination such a model also continues, and bootstraps, with the action acting would take
+   (argmax of Q + tau log pi_b at the imagined frame, `model.imagine_next_obs` giving the prior there):
+   Q^plan = ... + gamma^H Q(s_H, a_acting) instead of the max over Q, which with in-sample Q picks actions
+   the data rarely took (the `small` recipe's Boxing lost 48 points with the max; docs/planning.md).
 
 H = 0 is greedy acting (the candidates' planned values are their raw Q). Every model call runs the
 whole B*K batch, so one decision of B environments costs H*(1 + tokens_per_obs) model calls and
@@ -184,6 +188,7 @@ class BeamSearchPlanner:
         legal = legal.to(torch.bool)
         raw_q = model.q_values(q_logits, legal).float()  # [B, 18]
         acting = getattr(model, "acting_values", None)
+        imagine = getattr(model, "imagine_next_obs", None)
         score = acting(q_logits, legal, prior_logits).float() if acting is not None else raw_q  # [B, 18]
         b = raw_q.shape[0]
         k = min(s.beam_width, int(legal.sum(-1).max()))
@@ -209,14 +214,21 @@ class BeamSearchPlanner:
             for d in range(h):
                 plans[:, d] = action
                 reward_logits, term_logits, first_logits, st = model.act(action, st)
-                _, q_next, st = model.decode_next_obs(first_logits, st)
+                if imagine is not None:
+                    _, q_next, prior_next, st = imagine(first_logits, st)
+                else:
+                    (_, q_next, st), prior_next = model.decode_next_obs(first_logits, st), None
                 calls += self.tokens_per_step
                 tokens += b * k * self.tokens_per_step
                 rewards[:, d] = self._reward_values(reward_logits)
                 done = term_logits.float().softmax(-1)[:, 1] > 0.5
                 alive[:, d + 1] = alive[:, d] & ~done
                 q_next_vals = model.q_values(q_next, legal_bk).float()  # [B*K, 18]
-                bootstrap, action = q_next_vals.max(-1)  # greedy continuation of each beam
+                if prior_next is not None and acting is not None:  # continue, and bootstrap, as acting would
+                    action = acting(q_next, legal_bk, prior_next).float().argmax(-1)
+                    bootstrap = q_next_vals.gather(1, action[:, None])[:, 0]
+                else:
+                    bootstrap, action = q_next_vals.max(-1)  # greedy continuation of each beam
             disc = s.gamma ** torch.arange(h, dtype=torch.float32, device=dev)  # [H]
             ret = (rewards * alive[:, :h] * disc).sum(-1) + s.gamma ** h * alive[:, h] * bootstrap
             value = ret.view(b, k)

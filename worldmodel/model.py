@@ -494,6 +494,13 @@ class WorldActionModel(nn.Module):
         first_logits [B, V] (from `act`). Returns tokens [B, 36], the Q logits [B, E, 18, n_atoms] at
         the imagined frame's last token, and the state after all 36 tokens.
         """
+        tokens, q_logits, _, state = self.imagine_next_obs(first_logits, state)
+        return tokens, q_logits, state
+
+    def imagine_next_obs(self, first_logits: torch.Tensor, state: WamState
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, WamState]:
+        """`decode_next_obs` plus the behaviour prior's logits [B, 18] at the imagined frame's last token (None
+        for a model without a prior head): (tokens, Q logits, prior logits, state)."""
         logits, tokens = first_logits, []
         h = torch.empty(0)
         for i in range(self.cfg.tokens_per_obs):
@@ -502,7 +509,8 @@ class WorldActionModel(nn.Module):
             h, state = self._step(self._embed_obs(tok, state.game_ids), state)
             if i + 1 < self.cfg.tokens_per_obs:
                 logits = self.obs_head(h)
-        return torch.stack(tokens, 1), self.q_head(h), state
+        prior = self.prior_head(h) if self.prior_head is not None else None
+        return torch.stack(tokens, 1), self.q_head(h), prior, state
 
     # -------------------------------------------------------------------------------- Q values
     def expected_q(self, q_logits: torch.Tensor) -> torch.Tensor:

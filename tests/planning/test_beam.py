@@ -145,10 +145,11 @@ def test_state_helpers_repeat_and_index_every_field():
 
 
 # ------------------------------------------------------------------------ the real model, tiny
-def tiny_model(build, core: str, tokens_per_obs: int = 4, horizon: int = 4) -> WorldActionModel:
+def tiny_model(build, core: str, tokens_per_obs: int = 4, horizon: int = 4, prior: float = 0.0) -> WorldActionModel:
     opts = {"mamba2": ("headdim=16", "chunk_size=16"), "atlas": ("chunk_size=16",)}.get(core, ())
     cfg = WorldActionModelConfig(vocab_size=16, tokens_per_obs=tokens_per_obs, d_model=32, n_layers=1, n_heads=2,
-                                 horizon=horizon, games=("A", "B"), core=core, core_options=opts)
+                                 horizon=horizon, games=("A", "B"), core=core, core_options=opts,
+                                 behaviour_prior=prior)
     return build(cfg, double=True)
 
 
@@ -220,28 +221,40 @@ def test_horizon_zero_is_greedy_argmax(build_sharp_model):
     assert res.model_calls == 0 and res.tokens == 0
 
 
-def test_all_legal_one_step_equals_brute_force_lookahead(build_sharp_model):
-    model = tiny_model(build_sharp_model, "mamba")
+@pytest.mark.parametrize("prior", [0.0, 5.0])
+def test_all_legal_one_step_equals_brute_force_lookahead(build_sharp_model, prior):
+    """Every candidate's planned value by hand: expected reward + gamma * Q at the leaf, where the leaf action is
+    the max of Q (no prior) or what acting takes there, argmax Q + tau log pi_b (a prior; here a strong one)."""
+    model = tiny_model(build_sharp_model, "mamba", prior=prior)
     obs, actions, game_ids, legal = context(model, b=2, frames=3)
     gamma = 0.97
     res = BeamSearchPlanner(model, beam_width=18, horizon=1, gamma=gamma).plan_context(obs, actions, game_ids, legal)
     assert res.candidates.shape[1] == 6, "K is capped at the most legal actions of any row"
+    differs = 0
     with torch.no_grad():
         for b in range(2):
             out, st = model(obs[b:b + 1], actions[b:b + 1], game_ids[b:b + 1])
+            root_q = model.q_values(out.q_logits[:, -1], legal[b:b + 1])
+            root_prior = out.prior_logits[:, -1] if out.prior_logits is not None else None
+            bonus = model.acting_values(out.q_logits[:, -1], legal[b:b + 1], root_prior) - root_q  # tau log pi_b
             best_a, best_v = None, -float("inf")
             for a in torch.nonzero(legal[b])[:, 0].tolist():
                 rl, tl, first, st1 = model.act(torch.tensor([a]), st)
-                _, q1, _ = model.decode_next_obs(first, st1)
+                _, q1, prior1, _ = model.imagine_next_obs(first, st1)
                 p = rl.softmax(-1)[0]
                 done = tl.softmax(-1)[0, 1] > 0.5
-                v = (p[2] - p[0]) + gamma * (0.0 if done else model.q_values(q1, legal[b:b + 1]).max().item())
+                q1v = model.q_values(q1, legal[b:b + 1])
+                # the leaf action is the one acting would take there (Q + tau log pi_b with a prior, else max Q)
+                leaf = model.acting_values(q1, legal[b:b + 1], prior1).argmax(-1)
+                differs += int(leaf.item() != q1v.argmax(-1).item())
+                v = (p[2] - p[0]) + gamma * (0.0 if done else q1v[0, leaf].item())
                 j = res.candidates[b].tolist().index(a)
                 assert res.candidate_q[b, j].item() == pytest.approx(float(v), abs=1e-5)
-                if v > best_v:
-                    best_a, best_v = a, v
+                if v + bonus[0, a].item() > best_v:  # the choice adds the root's prior term
+                    best_a, best_v = a, v + bonus[0, a].item()
             assert res.action[b].item() == best_a
         assert res.candidate_q[0].isinf().sum() == 1, "row 0 has 5 legal actions: its 6th candidate is -inf"
+    assert (differs > 0) == (prior > 0), "with a strong prior some leaves take another action than max Q"
 
 
 @pytest.mark.parametrize("core", ["transformer", "mamba2"])
