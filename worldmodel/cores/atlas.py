@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +122,19 @@ def chunk_segments(phases: list[int], t: int, chunk: int) -> list[tuple[int, int
         out.append((start, end, [(p + end) % chunk == 0 for p in phases]))
         start = end
     return out
+
+
+def _close_chunks(closes: torch.Tensor, full: tuple[torch.Tensor, ...], mem_start: tuple[torch.Tensor, ...],
+                  delta: list[torch.Tensor], decay: torch.Tensor
+                  ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor], torch.Tensor]:
+    """Rows where `closes` [B] is True start a new chunk: M̄ <- `full` (their memory at the chunk's end), ΔM <- 0,
+    A <- 1; other rows keep (mem_start, delta, decay). Every row closing (the usual case in training) needs no
+    per-row selection."""
+    if bool(closes.all()):
+        return full, [torch.zeros_like(dm) for dm in delta], torch.ones_like(decay)
+    return (tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start)),
+            [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta],
+            where_rows(closes, torch.ones_like(decay), decay))
 
 
 @dataclass(frozen=True)
@@ -243,11 +256,19 @@ class AtlasMixer(nn.Module):
 
     # ---- memory -----------------------------------------------------------------------------
 
-    def _apply_memory(self, weights: tuple[torch.Tensor, ...], u: torch.Tensor) -> torch.Tensor:
-        """M(u) for materialised weights ([B, H, out, in] each) and inputs u [B, H, L, d]."""
+    def _apply_memory(self, weights: Sequence[torch.Tensor], u: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """M(u) for inputs u [B, H, L, d] and materialised weights: one set for every token ([B, H, out, in]
+        each) or, with `per_token`, token τ's own ([B, H, L, out, in] each)."""
+        if per_token:
+            def mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                return (w @ x[..., None]).squeeze(-1)
+        else:
+            def mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                return x @ w.mT
+
         if self.memory_depth == 1:
-            return u @ weights[0].mT
-        return u + F.silu(u @ weights[0].mT) @ weights[1].mT
+            return mv(weights[0], u)
+        return u + mv(weights[1], F.silu(mv(weights[0], u)))
 
     @staticmethod
     def _orthogonalise(update: torch.Tensor) -> torch.Tensor:
@@ -368,19 +389,12 @@ class AtlasMixer(nn.Module):
             ns = self.newton_schulz == "chunk"
             full = tuple(decay[..., None, None] * m + (self._orthogonalise(dm) if ns else dm)
                          for m, dm in zip(mem_start, delta))
-            every = bool(closes.all())  # the usual case in training: no per-row selection needed
             if ns:  # the chunk's last token reads the orthogonalised memory
                 y_last = self._apply_memory(full, qf[:, :, -1:].to(full[0].dtype)).to(y.dtype)
-                if not every:
+                if not bool(closes.all()):
                     y_last = torch.where(closes.view(-1, 1, 1, 1), y_last, y[:, :, -1:])
                 y = torch.cat([y[:, :, :-1], y_last], dim=2)
-            if every:
-                mem_start, decay = full, torch.ones_like(decay)
-                delta = [torch.zeros_like(dm) for dm in delta]
-            else:
-                mem_start = tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start))
-                delta = [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta]
-                decay = where_rows(closes, torch.ones_like(decay), decay)
+            mem_start, delta, decay = _close_chunks(closes, full, mem_start, delta, decay)
         new = AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, win_k, win_v, win_g)
         return y, new
 
@@ -409,24 +423,14 @@ class AtlasMixer(nn.Module):
             mems.append(a_start[..., None, None] * st.mem_start[w][:, :, None].to(dm.dtype) + dm)
             momentum.append(s_all[:, :, -1].to(state_dtype))
             delta.append(dm[:, :, -1].to(state_dtype))
-        y = self._apply_memory_per_token(mems, qf)
+        y = self._apply_memory(mems, qf, per_token=True)
         decay = (st.decay * a_seg[..., -1]).to(state_dtype)
         mem_start = st.mem_start
         if closes is not None:  # rows whose chunk ends here: M̄ <- M_e (already orthogonalised per token)
             full = tuple(decay[..., None, None] * m + dm for m, dm in zip(mem_start, delta))
-            mem_start = tuple(where_rows(closes, f, m) for f, m in zip(full, mem_start))
-            delta = [where_rows(closes, torch.zeros_like(dm), dm) for dm in delta]
-            decay = where_rows(closes, torch.ones_like(decay), decay)
+            mem_start, delta, decay = _close_chunks(closes, full, mem_start, delta, decay)
         return y, AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, *window)
 
-    def _apply_memory_per_token(self, weights: list[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
-        """M_τ(u_τ) for per-token weights ([B, H, L, out, in] each) and inputs u [B, H, L, d]."""
-        def mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return (w @ x[..., None]).squeeze(-1)
-
-        if self.memory_depth == 1:
-            return mv(weights[0], u)
-        return u + mv(weights[1], F.silu(mv(weights[0], u)))
 
 
 class AtlasBlock(nn.Module):
