@@ -6,9 +6,12 @@ Ray is imported inside functions only, so importing this module (or any model co
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 WORKER_NICENESS = 0
 """Niceness of the worker processes of a local Ray session (Ray's default is 15)."""
@@ -76,8 +79,6 @@ class ActorGroup:
 
     def next(self):
         """(actor index, key, value) of the next finished unit; restarts dead actors on the way."""
-        import logging
-
         import ray
 
         from wam.datasets.errors import WamError
@@ -92,14 +93,19 @@ class ActorGroup:
                 self.retries[key] = self.retries.get(key, 0) + 1
                 if self.retries[key] > self.max_retries:
                     raise WamError(self.give_up(key)) from None
-                logging.getLogger(__name__).warning("worker %d died on %s; restarting it and re-running it", ai,
-                                                    self.describe(key))
+                log.warning("worker %d died on %s; restarting it and re-running it", ai, self.describe(key))
                 self.actors[ai] = self.new_actor()
                 self.submit(ai, key, call)
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e.cause, WamError):
                     raise e.cause from None
                 raise
+
+    def forget(self) -> None:
+        """Start a new round of units on the same actors: drop the retry counts and any unit still in flight (left
+        by a round that raised; it is not waited for)."""
+        self.retries.clear()
+        self.inflight.clear()
 
     def kill(self) -> None:
         """Stop every actor (their units in flight are dropped)."""

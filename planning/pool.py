@@ -200,8 +200,7 @@ class PlannerPool:
                 group.submit(ai, c, lambda actor: actor.plan.remote(c, chunks[c]))
 
         restarts = group.restarts
-        group.retries.clear()  # chunk numbers restart at 0 in every call
-        group.inflight.clear()  # (units of an earlier call that raised are not waited for)
+        group.forget()  # chunk numbers restart at 0 in every call
         try:
             for ai in range(len(group.actors)):
                 submit(ai)

@@ -482,6 +482,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
         log.info("resumed tokenizer run %s at step %d", run.path, step)
 
+    fingerprints = [st.fingerprint() for st in stores]  # saved with every checkpoint (moved-data resume)
     eval_frames, eval_owner = heldout_frames(stores, [h for _, h in splits], cfg.eval_frames)
     plot_idx = _plot_selection(eval_owner, PLOT_FRAMES)
     log.info("tokenizer: %d datasets, %d training frames, %d held-out evaluation frames, device %s, autocast %s",
@@ -494,7 +495,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
             "sampler": {**pool.state_dict(), "rng": _rng_json(rng), "mean_frames": torch.from_numpy(mean_frames),
                         "median_frames": torch.from_numpy(median_frames)},
             "tokenizer_id": model.tokenizer_id(), "data": [str(p) for p in paths],
-            "data_fingerprints": [st.fingerprint() for st in stores],
+            "data_fingerprints": fingerprints,
             "eval": dataclasses.asdict(last_eval) if last_eval else None,
             "summary": {**last_eval.metrics(), "eval_step": eval_step} if last_eval else {},
         }
