@@ -19,7 +19,6 @@ step <= 2x the transformer's. Long: atlas and mamba2 at least as accurate as the
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -114,6 +113,8 @@ def train_recall(name: str, setting: dict[str, Any], cfg: dict[str, Any], seed: 
     """Train one core on one setting; accuracy, steps run, time per step."""
     import torch
 
+    from wam.worldmodel.trainer import TrainerConfig, lr_factor
+
     core_name, options = CORES.get(name, (name, {}))
     options = dict(options)
     if setting.get("window") and name == "transformer-window":
@@ -121,14 +122,10 @@ def train_recall(name: str, setting: dict[str, Any], cfg: dict[str, Any], seed: 
     torch.manual_seed(seed)
     model = build_model(core_name, options, cfg["d_model"], cfg["n_layers"], cfg["vocab"], setting["T"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps, warm = setting["steps"], max(1, setting["steps"] // 10)
-
-    def lr_at(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    steps = setting["steps"]
+    schedule = TrainerConfig(lr=cfg["lr"], min_lr=0.0, warmup_steps=max(1, steps // 10), steps=steps,
+                             schedule="cosine")  # one-cycle: 10 % linear warm-up, cosine to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule))
     gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(10_000 + seed)
     eval_x, eval_y = mqar_batch(eval_gen, cfg["eval_sequences"], setting["T"], setting["pairs"], cfg["vocab"])
