@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 BASELINE_SPECS: tuple[str, ...] = ("random", "scripted")
 """Agent specs that need no checkpoint (`wam.agents.baselines`)."""
 
-AGENT_MODULES: tuple[str, ...] = ("wam.agents.world_action",)
+AGENT_MODULES: tuple[str, ...] = ("wam.agents.world_action", "wam.agents.d3rlpy_agent")
 """Modules imported by `load_agent` (when they exist) so that they register their checkpoint kinds."""
 
 
@@ -54,15 +54,18 @@ class PlanSettings:
     method: str = "beam"
     beam_width: int = 2
     horizon: int = 2
+    backup: str = "mean"
 
     def __post_init__(self) -> None:
         if self.method != "beam":
             raise WamError(f"unknown planning method {self.method!r}; the only one is 'beam'")
         if self.beam_width < 1 or self.horizon < 1:
             raise WamError(f"--beam-width and --horizon must be >= 1, got {self.beam_width} and {self.horizon}")
+        if self.backup not in ("mean", "leaf"):
+            raise WamError(f"--plan-backup must be 'mean' or 'leaf', got {self.backup!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "beam_width": self.beam_width, "horizon": self.horizon}
+        return {"method": self.method, "beam_width": self.beam_width, "horizon": self.horizon, "backup": self.backup}
 
 
 @dataclass

@@ -11,9 +11,11 @@ Two kinds of context (`memory`):
   same tokens one by one gives the same Q, tested) and Q is read at the last observation token. Like a
   training segment, a window always starts at position 0. A window holds at most H frames, not the H+1
   of a training sequence: Q is read only at frame slots the Q losses train (0..H-1; the last frame of a
-  training sequence only serves as the TD bootstrap and its Q gets no gradient). With planning the window
-  holds at most `max_context_frames(model, horizon)` = H - horizon frames, so the imagined leaves too are
-  read at trained slots.
+  training sequence only serves as the TD bootstrap and its Q gets no gradient). With planning the root's
+  Q and prior still come from the whole window, and the planner imagines from a second encoding of its
+  last `max_context_frames(model, horizon)` = H - horizon frames (`plan_context`), so the imagined leaves
+  too are read at trained slots. (Shortening the whole window instead cost the `small` recipe's Boxing
+  agent two thirds of its score, greedy or planned: docs/planning.md.)
 - `"episode"` (recurrent cores `mamba`, `mamba2`, `atlas`): the core state is carried through the whole
   episode (`model.observe(frame)`, then `model.act(action)` before the next frame) and reset at episode
   starts. The model's learned position table covers one training segment only, so frame t of an
@@ -32,6 +34,7 @@ batch, others in separate calls, and a row's result depends only on its own fram
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -126,22 +129,25 @@ class WorldActionAgent:
         if plan is not None:
             horizon = int(plan.horizon)
             self.planner = BeamSearchPlanner(model, beam_width=plan.beam_width, horizon=horizon,
-                                             gamma=getattr(plan, "gamma", 0.99))
-        room = max_context_frames(model, horizon)  # frames whose Q, and whose leaves' Q, are read at trained slots
+                                             gamma=getattr(plan, "gamma", 0.99), backup=getattr(plan, "backup", "mean"))
+        room = max_context_frames(model, 0)  # frames whose Q is read at trained slots
         if context is None:
             context = room
         if not 1 <= context <= room:
             raise WamError(f"context of {context} frames does not fit: this model's Q is trained at {cfg.horizon} "
-                           f"frame slots (H={cfg.horizon}), so a window holds at most {room} real frames"
-                           + (f" beside {horizon} planned steps" if horizon else ""))
+                           f"frame slots (H={cfg.horizon}), so a window holds at most {room} real frames")
         self.context = int(context)
+        # the planner imagines from the window's last frames, leaving room for its leaves at trained slots
+        self.plan_context = min(self.context, max_context_frames(model, horizon))
         # episode mode: the last frame slot whose Q and whose planner leaves are read at trained slots
         self.slot_cap = max_context_frames(model, horizon) - 1
         suffix = "-episode" if memory == "episode" else ""
         self.name = name or f"wam-{cfg.core}{suffix}"
         log.info("world-action agent for %s: %s core, memory=%s (%s), %s, %s", game, cfg.core, memory,
-                 f"window of {self.context} frames" if memory == "window" else f"position slots capped at {self.slot_cap}",
-                 f"beam search K={plan.beam_width} H={horizon}" if plan is not None else "greedy on Q",
+                 (f"window of {self.context} frames" + (f", planning from its last {self.plan_context}" if horizon
+                                                         else "")) if memory == "window"
+                 else f"position slots capped at {self.slot_cap}",
+                 f"beam search K={plan.beam_width} H={horizon} backup={getattr(plan, 'backup', 'mean')}" if plan is not None else "greedy on Q",
                  "bf16 autocast" if self.bf16 else "fp32")
 
     # ------------------------------------------------------------------------------ state
@@ -255,8 +261,15 @@ class WorldActionAgent:
     def _window_q(self, obs_t: torch.Tensor, act_t: torch.Tensor
                   ) -> tuple[WamState, torch.Tensor, torch.Tensor | None]:
         """Encode windows (parallel form, from position 0): the state after them, Q logits [G, E, 18, n_atoms]
-        and the behaviour prior's logits [G, 18] (None without a prior head) at the last frame."""
-        out, model_state = self.model(obs_t, act_t, self._game_ids(obs_t.shape[0]))
+        and the behaviour prior's logits [G, 18] (None without a prior head) at the last frame. With a planner
+        and a window longer than `plan_context`, the state returned is that of its last `plan_context` frames
+        (encoded again from position 0), where the planner's imagination starts."""
+        game_ids = self._game_ids(obs_t.shape[0])
+        out, model_state = self.model(obs_t, act_t, game_ids)
+        t = obs_t.shape[1]
+        if self.planner is not None and t > self.plan_context:
+            keep = self.plan_context
+            _, model_state = self.model(obs_t[:, t - keep:], act_t[:, t - keep:], game_ids)
         return model_state, out.q_logits[:, -1], None if out.prior_logits is None else out.prior_logits[:, -1]
 
     def _episode_groups(self, state: WorldActionState, tokens: np.ndarray) -> list[tuple[np.ndarray, Any]]:
@@ -289,11 +302,13 @@ class WorldActionAgent:
 # ------------------------------------------------------------------------------------ loading
 def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlanSettings | None,
                             device: str = "cpu", memory: Memory = "window", context: int | None = None,
-                            bf16: bool = False, tokenizer: str | None = None) -> WorldActionAgent:
+                            bf16: bool = False, tokenizer: str | None = None,
+                            support_threshold: float | None = None) -> WorldActionAgent:
     """The `load_agent` loader of "world-action-model" checkpoints.
 
     The tokenizer is the one the checkpoint names (`ckpt["tokenizer"]["path"]`), or `tokenizer` when
     given (e.g. after moving run directories); its id must equal the one recorded in the checkpoint.
+    `support_threshold` overrides the model's acting filter (`WorldActionModelConfig.support_threshold`).
     """
     from wam.worldmodel.tokenizer import load_tokenizer
 
@@ -310,10 +325,14 @@ def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: P
         raise WamError(f"tokenizer {tok_path} has id {tok.tokenizer_id()}, but {path} was trained with {want_id}; "
                        "use the tokenizer the model was trained with")
     model, _ = WorldActionModel.from_checkpoint(path, map_location=device)
+    if support_threshold is not None:
+        if not 0.0 <= support_threshold <= 1.0:
+            raise WamError(f"--support-threshold must lie in [0, 1], got {support_threshold}")
+        model.cfg = dataclasses.replace(model.cfg, support_threshold=float(support_threshold))
     if tok.cfg.codebook_size != model.cfg.vocab_size:
         raise WamError(f"tokenizer {tok_path} has {tok.cfg.codebook_size} codes, the model a vocabulary of "
                        f"{model.cfg.vocab_size}")
-    settings = PlannerSettings(plan.beam_width, plan.horizon) if plan is not None else None
+    settings = PlannerSettings(plan.beam_width, plan.horizon, backup=plan.backup) if plan is not None else None
     return WorldActionAgent(model, tok, game, plan=settings, memory=memory, context=context, bf16=bf16,
                             checkpoint_id=checkpoint_id(path, int(ckpt.get("step", 0))))
 

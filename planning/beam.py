@@ -11,9 +11,16 @@ Algorithm (JOWA's planner, REFERENCE.md "Planning", batched over environments x 
    the frame's last token where the Q head gives Q(s_{d+1}, .). The beam continues with the best
    legal action under that Q (the child a beam search would keep when beams are partitioned by root
    action, so every root candidate keeps exactly one beam and gets a corrected value).
-3. Value of a root candidate a: Q^plan(s, a) = sum_{d<H} gamma^d alive_d r_d + gamma^H alive_H max_a' Q(s_H, a'),
+3. Value of a root candidate a. The h-step value expansion of the branch is
+   G^(h) = sum_{d<h} gamma^d alive_d r_d + gamma^h alive_h max_a' Q(s_h, a'), G^(0) = Q(s, a) (the raw Q),
    alive_0 = 1 and alive_{d+1} = alive_d * (1 - done_d): a branch that the model says terminated stops
-   accruing (neither later rewards nor the bootstrap count).
+   accruing (neither later rewards nor the bootstrap count). `backup="leaf"` (JOWA) uses Q^plan = G^(H);
+   `backup="mean"` (default) their mean over h = 0..H, model-based value expansion with equal weights
+   (MVE/STEVE's average of the model-free and every model-based target). Where the imagined future does
+   not depend on the root action (the `small` recipe's model imagines the same next frame for both
+   candidates in 87 % of Boxing states), G^(1..H) are equal across candidates and `leaf` ranks them by noise
+   and the prior, dropping what Q knows; `mean` keeps Q's ranking there, divided by H+1, and still lets an
+   imagined reward or termination that differs between candidates outweigh it (docs/planning.md).
 4. The chosen action is the candidate with the highest planned value (ties: the higher raw Q). A model with a
    behaviour prior (`behaviour_prior` tau > 0) ranks the root candidates by Q + tau log pi_b(a | s) and adds
    that tau log pi_b term to each candidate's planned value before choosing; `candidate_q` stays pure Q.
@@ -50,6 +57,7 @@ from wam.datasets.errors import WamError
 log = logging.getLogger(__name__)
 
 RewardMode = Literal["expected", "argmax"]
+Backup = Literal["mean", "leaf"]
 SIGN_VALUES = (-1.0, 0.0, 1.0)  # reward classes 0, 1, 2 of the reward head
 
 
@@ -119,6 +127,10 @@ class PlannerSettings:
     """Discount of the imagined rewards and the bootstrap."""
     reward: RewardMode = "expected"
     """Imagined reward: expected value of the sign classes, or the most likely sign (argmax)."""
+    backup: Backup = "mean"
+    """Planned value of a candidate: `mean` of its H+1 value expansions G^(0..H) (G^(0) = the raw Q; model-based
+    value expansion with equal weights, which keeps Q's ranking where imagination does not depend on the
+    action), or `leaf`, G^(H) alone (JOWA). See the module docstring and docs/planning.md."""
 
     def __post_init__(self) -> None:
         if self.beam_width < 1:
@@ -129,6 +141,8 @@ class PlannerSettings:
             raise WamError(f"gamma must lie in [0, 1], got {self.gamma}")
         if self.reward not in ("expected", "argmax"):
             raise WamError(f"reward mode must be 'expected' or 'argmax', got {self.reward!r}")
+        if self.backup not in ("mean", "leaf"):
+            raise WamError(f"planning backup must be 'mean' or 'leaf', got {self.backup!r}")
 
 
 # ------------------------------------------------------------------------------------ planner
@@ -141,9 +155,9 @@ class BeamSearchPlanner:
     """
 
     def __init__(self, model: Any, beam_width: int = 2, horizon: int = 2, gamma: float = 0.99,
-                 reward: RewardMode = "expected") -> None:
+                 reward: RewardMode = "expected", backup: Backup = "mean") -> None:
         self.model = model
-        self.settings = PlannerSettings(beam_width, horizon, gamma, reward)
+        self.settings = PlannerSettings(beam_width, horizon, gamma, reward, backup)
 
     @property
     def tokens_per_step(self) -> int:
@@ -197,7 +211,7 @@ class BeamSearchPlanner:
         cand_score, cand = score.topk(k, dim=-1)  # [B, K] best first
         cand_raw = raw_q.gather(1, cand)
         bonus = torch.where(torch.isfinite(cand_score), cand_score - cand_raw, torch.zeros_like(cand_raw))  # prior
-        cand_legal = torch.isfinite(cand_raw)
+        cand_legal = torch.isfinite(cand_score)  # legal, and supported by the data where acting filters
         h = s.horizon
         dev = raw_q.device
         rewards = torch.zeros(b * k, h, device=dev)
@@ -211,6 +225,8 @@ class BeamSearchPlanner:
             st = repeat_state(state, k)  # B*K rows, row b*K + j = environment b, candidate j
             legal_bk = legal.repeat_interleave(k, dim=0)  # [B*K, 18]
             action = cand.reshape(-1)  # [B*K]
+            disc = s.gamma ** torch.arange(h + 1, dtype=torch.float32, device=dev)  # [H+1]
+            expansions = [cand_raw.reshape(-1)]  # G^(0..H), each [B*K]; G^(0) = the raw Q
             for d in range(h):
                 plans[:, d] = action
                 reward_logits, term_logits, first_logits, st = model.act(action, st)
@@ -229,8 +245,10 @@ class BeamSearchPlanner:
                     bootstrap = q_next_vals.gather(1, action[:, None])[:, 0]
                 else:
                     bootstrap, action = q_next_vals.max(-1)  # greedy continuation of each beam
-            disc = s.gamma ** torch.arange(h, dtype=torch.float32, device=dev)  # [H]
-            ret = (rewards * alive[:, :h] * disc).sum(-1) + s.gamma ** h * alive[:, h] * bootstrap
+                # G^(d+1) = sum_{i<=d} gamma^i alive_i r_i + gamma^(d+1) alive_(d+1) Q(s_(d+1), a_(d+1))
+                partial = (rewards[:, :d + 1] * alive[:, :d + 1] * disc[:d + 1]).sum(-1)
+                expansions.append(partial + disc[d + 1] * alive[:, d + 1] * bootstrap)
+            ret = torch.stack(expansions).mean(0) if s.backup == "mean" else expansions[-1]
             value = ret.view(b, k)
         value = value.masked_fill(~cand_legal, float("-inf"))
         # best planned value (+ the prior's term); ties go to the earlier (higher acting value) candidate

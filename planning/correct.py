@@ -25,7 +25,7 @@ with fletcher32 checksums, plus a SHA-256 of all rows in the file attributes:
 
 Attributes: `format`, `format_version`, `wam_version`, `created`, `agent`, `agent_sha256`,
 `tokenizer_id`, `model_config` (JSON), `games` (JSON), `planner` (JSON: beam_width, horizon, gamma,
-reward), `context_frames`, `stride`, `max_states`, `seed`, `datasets` (JSON: path, game, episodes,
+reward, backup), `context_frames`, `stride`, `max_states`, `seed`, `datasets` (JSON: path, game, episodes,
 steps, tokenizer_id), `num_states`, `content_sha256`. The file is written to a temp name, fsynced
 and renamed, so a crash never leaves a file that looks complete.
 """

@@ -101,7 +101,7 @@ class _PlannerWorker:
         torch.set_num_threads(threads)  # same thread count in every actor: identical reductions
         self.model = model.cpu().eval()
         s = settings
-        self.planner = BeamSearchPlanner(self.model, s.beam_width, s.horizon, s.gamma, s.reward)
+        self.planner = BeamSearchPlanner(self.model, s.beam_width, s.horizon, s.gamma, s.reward, s.backup)
         self.die_on = die_on  # fault injection for tests: (chunk index, marker file)
 
     def plan(self, chunk: int, requests: list[PlanRequest]) -> tuple[int, list[PlanAnswer], int, int, float]:

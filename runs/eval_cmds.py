@@ -34,6 +34,9 @@ class EvalConfig:
     """Beam width K of the planner (with --plan beam)."""
     horizon: int = 2
     """Imagined steps H of the planner (with --plan beam)."""
+    plan_backup: Literal["mean", "leaf"] = "mean"
+    """Planned value of a candidate: the mean of its value expansions over horizons 0..H (`mean`, keeps Q's
+    ranking where the model's imagination ignores the action) or the H-step one alone (`leaf`, JOWA)."""
     video: bool = False
     """Record the first episode of each game as a video (MP4, or GIF where MP4 cannot be encoded)."""
     max_steps: int | None = None
@@ -55,13 +58,16 @@ class EvalConfig:
     """Model agents: frames in the window (default: the model's horizon, less the planner's)."""
     bf16: bool = False
     """Model agents: run the model under bf16 autocast."""
+    support_threshold: float | None = None
+    """Model agents with a behaviour prior: act only on actions with pi_b(a | s) >= this x the most likely
+    action's (discrete BCQ's filter; default: the model's `support_threshold`)."""
 
 
 def evaluate(cfg: EvalConfig) -> int:
     from wam.agents.base import PlanSettings
     from wam.agents.evaluate import evaluate as run_eval
 
-    plan = PlanSettings("beam", cfg.beam_width, cfg.horizon) if cfg.plan == "beam" else None
+    plan = PlanSettings("beam", cfg.beam_width, cfg.horizon, cfg.plan_backup) if cfg.plan == "beam" else None
     if plan is not None and cfg.agent in ("random", "scripted"):
         print(f"note: the {cfg.agent} agent has no model to plan with; --plan is recorded but ignored")
     result = run_eval(cfg.agent, cfg.game, episodes=cfg.episodes, workers=cfg.workers, protocol=cfg.protocol,
@@ -88,6 +94,8 @@ def _agent_kwargs(cfg: EvalConfig) -> dict:
         kw["context"] = cfg.context
     if cfg.bf16:
         kw["bf16"] = True
+    if cfg.support_threshold is not None:
+        kw["support_threshold"] = cfg.support_threshold
     return kw
 
 

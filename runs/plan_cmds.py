@@ -35,6 +35,8 @@ class CorrectConfig:
     """Discount of imagined rewards and of the bootstrap Q."""
     reward: Literal["expected", "argmax"] = "expected"
     """Imagined reward: expected value of the sign classes, or the most likely sign."""
+    backup: Literal["mean", "leaf"] = "mean"
+    """Corrected value: the mean of the value expansions over horizons 0..H (`mean`) or the H-step one (`leaf`)."""
     context: int = 0
     """Frames of history per state (0 = the most that leaves room for the horizon in the model's context)."""
     stride: int = 1
@@ -64,7 +66,7 @@ def correct(cfg: CorrectConfig) -> int:
         raise WamError("give the trained model with --agent RUN")
     if not cfg.data:
         raise WamError("give at least one dataset with --data DIR")
-    settings = PlannerSettings(cfg.beam_width, cfg.horizon, cfg.gamma, cfg.reward)
+    settings = PlannerSettings(cfg.beam_width, cfg.horizon, cfg.gamma, cfg.reward, cfg.backup)
     s = correct_q_values(cfg.agent, list(cfg.data), cfg.out, settings, context=cfg.context, stride=cfg.stride,
                          max_states=cfg.max_states, workers=cfg.workers, batch_size=cfg.batch_size, seed=cfg.seed,
                          ray_address=cfg.ray_address, overwrite=cfg.overwrite, progress=cfg.progress)

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,11 @@ class WorldActionModelConfig:
     beside the Q head) and acts on E[Q](s, a) + tau * log pi_b(a | s) over the legal actions: greedy on Q,
     regularised towards what the data did (KL-regularised policy improvement; docs/training.md). 0: no head,
     greedy on Q (JOWA)."""
+    support_threshold: float = 0.0
+    """Models with a behaviour prior: acting (and the planner's candidates and continuations) consider only
+    the actions the data supports at the frame, pi_b(a | s) >= support_threshold * max_a' pi_b(a' | s) (discrete
+    BCQ's filter, Fujimoto et al. 2019, threshold 0.3 there); 0 considers every legal action. An acting-time
+    setting: `wam eval --support-threshold` overrides it without retraining."""
     dropout: float = 0.0
     """Dropout on the embeddings and inside cores that take `dropout`."""
     init: str = "scaled"
@@ -256,6 +262,8 @@ class WorldActionModel(nn.Module):
             raise WamError("WorldActionModelConfig.games is empty; the model needs one task row per game")
         if cfg.init not in INITS:
             raise WamError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+        if not 0.0 <= cfg.support_threshold <= 1.0:
+            raise WamError(f"support_threshold must lie in [0, 1], got {cfg.support_threshold}")
         self.cfg = cfg
         d = cfg.d_model
         self.obs_embedding = nn.Embedding(cfg.vocab_size, d)
@@ -534,7 +542,11 @@ class WorldActionModel(nn.Module):
         if prior_logits is None or tau <= 0:
             return q
         logp = prior_logits.float().masked_fill(~legal_actions, float("-inf")).log_softmax(-1)
-        return q + tau * logp.masked_fill(~legal_actions, 0.0)
+        value = q + tau * logp.masked_fill(~legal_actions, 0.0)
+        if self.cfg.support_threshold > 0:  # only what the data supports: pi_b(a) >= threshold * max pi_b
+            floor = logp.max(-1, keepdim=True).values + math.log(self.cfg.support_threshold)
+            value = value.masked_fill(logp < floor, float("-inf"))
+        return value
 
     # ------------------------------------------------------------------------------ checkpoint
     @classmethod

@@ -116,13 +116,14 @@ def test_load_agent_and_user_errors(runs):
     assert isinstance(agent, WorldActionAgent) and agent.game == "Pong" and agent.name == "wam-transformer"
     assert agent.checkpoint_id.startswith("transformer/step_00000000.pt@0#")
     assert agent.context == 4 and agent.memory == "window"  # H=4: Q is trained at frame slots 0..3
-    assert load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2)).context == 2
+    planning = load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2))
+    assert planning.context == 4 and planning.plan_context == 2  # imagination from the last 2: leaves at slots <= 3
     with pytest.raises(WamError, match="not trained on Freeway; it knows Breakout, Pong"):
         load_agent(str(runs["transformer"]), "Freeway")
     with pytest.raises(WamError, match="episode memory needs a recurrent core"):
         load_agent(str(runs["transformer"]), "Pong", memory="episode")
-    with pytest.raises(WamError, match="context of 3 frames does not fit"):
-        load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2), context=3)
+    with pytest.raises(WamError, match="a planning horizon of 4 does not fit"):
+        load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=4))
     with pytest.raises(WamError, match="context of 5 frames does not fit"):
         load_agent(str(runs["transformer"]), "Pong", context=5)
     other = build_tokenizer(dataclasses.replace(TokenizerConfig.from_preset("debug"), seed=7))
@@ -230,11 +231,38 @@ def test_planning_horizon_zero_is_greedy_and_planner_reports_q(runs, frames, cor
     assert LEGAL[b_a].all()
     raw = np.stack([i["raw_q"] for i in infos])
     np.testing.assert_array_equal(raw, b_q)
-    if memory == "window":
-        np.testing.assert_allclose(raw[:1], g_q[:1], rtol=1e-5, atol=1e-5)
+    if memory == "window":  # the root's Q comes from the whole window, as greedy acting reads it
+        beam3 = load_agent(str(runs[core]), "Pong", plan=PlanSettings(beam_width=2, horizon=2), context=3)
+        _, q3, _, _ = _play(beam3, obs, n=2, played=g_a)
+        np.testing.assert_allclose(q3, g_q, rtol=1e-5, atol=1e-5)
     chosen_planned = np.take_along_axis(np.stack([i["planned_q"] for i in infos]), b_a[..., None], -1)
     assert np.isfinite(chosen_planned).all()
     assert (chosen_planned[..., 0] == np.nanmax(np.stack([i["planned_q"] for i in infos]), -1)).all()
+
+
+def test_window_planner_imagines_from_the_last_frames_with_the_whole_windows_q(runs, frames):
+    """Window memory with a planner: raw Q and prior from the whole window (4 frames), the imagination from the
+    state after its last max_context_frames(model, H) = 2 frames, encoded from position 0 (by hand here)."""
+    agent = load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2))
+    model, planner = agent.model, agent.planner
+    obs = frames[:6][:, None]  # [6, 1, 84, 84]
+    acts, _, infos, _ = _play(agent, obs)
+    tokens = torch.as_tensor(agent.encode(frames[:6]))  # [6, 36]
+    legal = torch.as_tensor(_legal(1))
+    gid = torch.full((1,), agent.game_id, dtype=torch.long)
+    with torch.no_grad():
+        for t in (3, 5):  # full windows: frames t-3..t
+            a = torch.as_tensor(acts[:, 0])
+            out, _ = model(tokens[None, t - 3:t + 1], a[None, t - 3:t], gid)
+            _, short = model(tokens[None, t - 1:t + 1], a[None, t - 1:t], gid)
+            prior = None if out.prior_logits is None else out.prior_logits[:, -1]
+            res = planner.plan(short, out.q_logits[:, -1], legal, prior)
+            planned = infos[t]["planned_q"][0]
+            assert acts[t, 0] == res.action.item()
+            np.testing.assert_allclose(planned[res.candidates[0].numpy()], res.candidate_q[0].numpy(), rtol=1e-5,
+                                       atol=1e-5)
+            raw = model.q_values(out.q_logits[:, -1], legal)[0].numpy()
+            np.testing.assert_allclose(infos[t]["raw_q"][0][LEGAL], raw[LEGAL], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("memory", ["window", "episode"])

@@ -31,7 +31,8 @@ def _read_frames(model: WorldActionModel) -> set[int]:
         for memory in memories:
             agent = WorldActionAgent(model, tokenizer=None, game="A", plan=PlannerSettings(2, h) if h else None,
                                      memory=memory)
-            last = agent.context - 1 if memory == "window" else agent.slot_cap
+            frames.update(range(agent.context))  # the window's Q (or the episode slots), where the root is read
+            last = agent.plan_context - 1 if memory == "window" else agent.slot_cap  # where imagination starts
             frames.update(range(last + h + 1))
     return frames
 

@@ -94,7 +94,8 @@ def test_lookahead_fixes_the_myopic_greedy_choice():
     world = trap_world()
     st, q, legal = toy_root(world, [0])
     g = 0.9
-    res = {h: BeamSearchPlanner(world, beam_width=2, horizon=h, gamma=g).plan(st, q, legal) for h in (0, 1, 2)}
+    res = {h: BeamSearchPlanner(world, beam_width=2, horizon=h, gamma=g, backup="leaf").plan(st, q, legal)
+           for h in (0, 1, 2)}
     assert res[0].action.item() == 0 and res[0].greedy_action.item() == 0, "greedy follows the myopic Q"
     assert res[1].action.item() == 0, "one step is not enough to see the trap"
     assert res[2].action.item() == 1, "two steps see the trap and choose action 1"
@@ -105,20 +106,65 @@ def test_lookahead_fixes_the_myopic_greedy_choice():
     torch.testing.assert_close(res[2].raw_q[0, :2], torch.tensor([1.0, 0.0]))
     assert res[2].plans.tolist() == [[[0, 0], [1, 0]]], "beams continue with the best legal action, never 5"
     # same with the argmax reward mode (the toy's reward heads are certain)
-    arg = BeamSearchPlanner(world, 2, 2, g, reward="argmax").plan(st, q, legal)
+    arg = BeamSearchPlanner(world, 2, 2, g, reward="argmax", backup="leaf").plan(st, q, legal)
     torch.testing.assert_close(arg.candidate_q, res[2].candidate_q)
+
+
+def test_mean_backup_averages_the_expansions_by_hand():
+    world = trap_world()
+    st, q, legal = toy_root(world, [0])
+    g = 0.9
+    res = BeamSearchPlanner(world, 2, 2, g).plan(st, q, legal)  # backup="mean", the default
+    # G^(0) = raw Q, G^(1) = r0 + g Q(s1, a1), G^(2) = r0 + g r1 + g^2 Q(s2, a2); the value is their mean
+    want = torch.tensor([[(1.0 + (1 + g * 0.5) + (1 + g * g * -5.0)) / 3, (0.0 + g * 0.5 + g * g * 5.0) / 3]])
+    torch.testing.assert_close(res.candidate_q, want)
+    assert res.action.item() == 1, "the trap two steps ahead still outweighs the myopic +1"
+    one = BeamSearchPlanner(world, 2, 1, g).plan(st, q, legal)
+    torch.testing.assert_close(one.candidate_q, torch.tensor([[(1.0 + 1 + g * 0.5) / 2, (0.0 + g * 0.5) / 2]]))
+    zero = BeamSearchPlanner(world, 2, 0, g).plan(st, q, legal)
+    torch.testing.assert_close(zero.candidate_q, torch.tensor([[1.0, 0.0]]))
+
+
+def action_blind_world() -> ToyWorld:
+    """Every action of state 0 leads to state 1 with reward 0 (imagination that ignores the action, as the
+    small recipe's model does in 87 % of Boxing states); Q(0) ranks action 1 above action 0."""
+    s, a = 3, 18
+    nxt = torch.full((s, a), 2)
+    nxt[0] = 1
+    q = torch.zeros(s, a)
+    q[0, :2] = torch.tensor([0.3, 0.5])
+    q[1, :2] = q[2, :2] = torch.tensor([1.0, 0.8])
+    return ToyWorld(nxt, torch.zeros(s, a, dtype=torch.long), torch.zeros(s, a, dtype=torch.bool), q)
+
+
+def test_mean_backup_keeps_q_ranking_where_imagination_ignores_the_action():
+    world = action_blind_world()
+    st, q, legal = toy_root(world, [0])
+    leaf = BeamSearchPlanner(world, 2, 2, 0.9, backup="leaf").plan(st, q, legal)
+    assert leaf.candidate_q[0, 0] == leaf.candidate_q[0, 1], "both branches imagine the same future"
+    assert leaf.action.item() == 1, "a tie goes to the first candidate, the best raw Q (action 1)"
+    mean = BeamSearchPlanner(world, 2, 2, 0.9).plan(st, q, legal)
+    gap = (mean.candidate_q[0, 0] - mean.candidate_q[0, 1]).item()
+    assert mean.action.item() == 1 and gap == pytest.approx((0.5 - 0.3) / 3), "Q's gap survives, divided by H+1"
+    # with a prior bonus against the best raw Q, leaf follows the prior, mean still weighs Q's gap
+    prior = torch.full((1, 18), -30.0)
+    prior[0, :2] = torch.tensor([0.0, -0.5])
+    world.acting_values = lambda ql, lg, pl: world.q_values(ql, lg) + 0.1 * (
+        pl.float().masked_fill(~lg, float("-inf")).log_softmax(-1).masked_fill(~lg, 0.0))
+    assert BeamSearchPlanner(world, 2, 2, 0.9, backup="leaf").plan(st, q, legal, prior).action.item() == 0
+    assert BeamSearchPlanner(world, 2, 2, 0.9).plan(st, q, legal, prior).action.item() == 1
 
 
 def test_terminated_branch_stops_accruing():
     world = trap_world(terminal_after_a1=True)  # the step from state 2 ends the episode
     st, q, legal = toy_root(world, [0])
-    res = BeamSearchPlanner(world, 2, 3, 0.9).plan(st, q, legal)
+    res = BeamSearchPlanner(world, 2, 3, 0.9, backup="leaf").plan(st, q, legal)
     # branch of action 1: r=0 at 0, r=0 at 1 (terminal), then nothing: value 0, no +1 of state 4, no bootstrap
     assert res.alive[0, 1].tolist() == [True, True, False, False]
     assert res.candidate_q[0, 1].item() == pytest.approx(0.0, abs=1e-6)
     assert res.candidate_q[0, 0].item() == pytest.approx(1 - 0.81, abs=1e-6)  # +1, 0, -1, bootstrap Q(5) = 0
     assert res.action.item() == 0, "the terminal branch lost its +1 and its bootstrap"
-    free = BeamSearchPlanner(trap_world(), 2, 3, 0.9).plan(st, q, legal)
+    free = BeamSearchPlanner(trap_world(), 2, 3, 0.9, backup="leaf").plan(st, q, legal)
     assert free.candidate_q[0, 1].item() == pytest.approx(0.81, abs=1e-6) and free.action.item() == 1
 
 
@@ -165,7 +211,8 @@ def context(model: WorldActionModel, b: int, frames: int, seed: int = 1):
     return obs, actions, game_ids, legal
 
 
-def scratch_plan(model: WorldActionModel, obs, actions, game_ids, legal, k: int, h: int, gamma: float):
+def scratch_plan(model: WorldActionModel, obs, actions, game_ids, legal, k: int, h: int, gamma: float,
+                 backup: str = "mean"):
     """Reference without any cache: every token re-runs the core over the whole sequence so far."""
     cfg = model.cfg
     x0 = model.embed_sequence(obs, actions, game_ids)  # [B, L, D], positions included
@@ -174,8 +221,9 @@ def scratch_plan(model: WorldActionModel, obs, actions, game_ids, legal, k: int,
     rows = torch.arange(len(obs)).repeat_interleave(k)
     x, gid, lg = x0[rows], game_ids[rows], legal[rows]
     action = cand.reshape(-1)
-    value = torch.zeros(len(rows), dtype=torch.float64)
+    value = torch.zeros(len(rows), dtype=torch.float64)  # the discounted imagined rewards so far
     alive = torch.ones(len(rows), dtype=torch.bool)
+    expansions = [raw.gather(1, cand).reshape(-1).double()]  # G^(0) = raw Q
 
     def last(x):
         y, _ = model.core(x)
@@ -197,7 +245,8 @@ def scratch_plan(model: WorldActionModel, obs, actions, game_ids, legal, k: int,
             logits = model.obs_head(hh)
         q = model.q_values(model.q_head(hh), lg)
         boot, action = q.max(-1)
-    value += gamma ** h * alive * boot
+        expansions.append(value + gamma ** (d + 1) * alive * boot)
+    value = torch.stack(expansions).mean(0) if backup == "mean" else expansions[-1]
     return cand, value.view(len(obs), k)
 
 
@@ -205,11 +254,13 @@ def scratch_plan(model: WorldActionModel, obs, actions, game_ids, legal, k: int,
 def test_cached_planning_equals_recomputing_from_scratch(core, build_sharp_model):
     model = tiny_model(build_sharp_model, core)
     obs, actions, game_ids, legal = context(model, b=2, frames=2)
-    res = BeamSearchPlanner(model, beam_width=2, horizon=2, gamma=0.9).plan_context(obs, actions, game_ids, legal)
-    with torch.no_grad():
-        cand, value = scratch_plan(model, obs, actions, game_ids, legal, 2, 2, 0.9)
-    assert res.candidates.tolist() == cand.tolist()
-    torch.testing.assert_close(res.candidate_q.double(), value, atol=1e-5, rtol=1e-5)
+    for backup in ("mean", "leaf"):
+        planner = BeamSearchPlanner(model, beam_width=2, horizon=2, gamma=0.9, backup=backup)
+        res = planner.plan_context(obs, actions, game_ids, legal)
+        with torch.no_grad():
+            cand, value = scratch_plan(model, obs, actions, game_ids, legal, 2, 2, 0.9, backup)
+        assert res.candidates.tolist() == cand.tolist()
+        torch.testing.assert_close(res.candidate_q.double(), value, atol=1e-5, rtol=1e-5)
 
 
 def test_horizon_zero_is_greedy_argmax(build_sharp_model):
@@ -228,7 +279,9 @@ def test_all_legal_one_step_equals_brute_force_lookahead(build_sharp_model, prio
     model = tiny_model(build_sharp_model, "mamba", prior=prior)
     obs, actions, game_ids, legal = context(model, b=2, frames=3)
     gamma = 0.97
-    res = BeamSearchPlanner(model, beam_width=18, horizon=1, gamma=gamma).plan_context(obs, actions, game_ids, legal)
+    res = BeamSearchPlanner(model, beam_width=18, horizon=1, gamma=gamma,
+                            backup="leaf").plan_context(obs, actions, game_ids, legal)
+    mean = BeamSearchPlanner(model, beam_width=18, horizon=1, gamma=gamma).plan_context(obs, actions, game_ids, legal)
     assert res.candidates.shape[1] == 6, "K is capped at the most legal actions of any row"
     differs = 0
     with torch.no_grad():
@@ -250,6 +303,8 @@ def test_all_legal_one_step_equals_brute_force_lookahead(build_sharp_model, prio
                 v = (p[2] - p[0]) + gamma * (0.0 if done else q1v[0, leaf].item())
                 j = res.candidates[b].tolist().index(a)
                 assert res.candidate_q[b, j].item() == pytest.approx(float(v), abs=1e-5)
+                # backup="mean" (the default): the mean of G^(0) = raw Q and G^(1) = v
+                assert mean.candidate_q[b, j].item() == pytest.approx((root_q[0, a].item() + float(v)) / 2, abs=1e-5)
                 if v + bonus[0, a].item() > best_v:  # the choice adds the root's prior term
                     best_a, best_v = a, v + bonus[0, a].item()
             assert res.action[b].item() == best_a

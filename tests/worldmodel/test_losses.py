@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -470,5 +471,13 @@ def test_behaviour_prior_head_loss_and_acting_values_hand_checked():
     got = model.acting_values(q, legal, logits[:1, 0])
     torch.testing.assert_close(got[0, :4], want, atol=1e-4, rtol=0)
     assert torch.isinf(got[0, 4:]).all() and torch.equal(model.acting_values(q, legal), model.q_values(q, legal))
+    # the support filter keeps the actions with pi_b >= threshold * max pi_b: at 0.3 all four (1/3 >= 0.3),
+    # at 0.5 only action 1, although action 0 has more Q than action 2 and 3
+    model.cfg = dataclasses.replace(model.cfg, support_threshold=0.3)
+    torch.testing.assert_close(model.acting_values(q, legal, logits[:1, 0])[0, :4], want, atol=1e-4, rtol=0)
+    model.cfg = dataclasses.replace(model.cfg, support_threshold=0.5)
+    got = model.acting_values(q, legal, logits[:1, 0])
+    assert torch.isinf(got[0, [0, 2, 3]]).all() and got[0, 1].item() == pytest.approx(want[1].item(), abs=1e-4)
+    assert got.argmax(-1).item() == 1
     total, logs = world_action_loss(model, batch, LossConfig())
     assert "prior_ce" in logs and torch.isfinite(total)
