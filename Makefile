@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint setup clean
+BASE_VENV := .venv-baselines
+BASE_STAMP := $(BASE_VENV)/.installed
+
+.PHONY: demo test test-slow bench lint setup baselines clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +17,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# `wam baseline train` runs d3rlpy in this separate environment: d3rlpy 2.8.1 pins gymnasium==1.0.0,
+# which wam's own environment must not get. torch==2.13.0 first (the CPU wheel), as for .venv.
+$(BASE_STAMP):
+	test -x $(BASE_VENV)/bin/python || $(PY) -m venv $(BASE_VENV)
+	$(BASE_VENV)/bin/pip install --quiet --upgrade pip
+	$(BASE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BASE_VENV)/bin/pip install --quiet d3rlpy==2.8.1 h5py numpy
+	touch $(BASE_STAMP)
+
+baselines: $(BASE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/wam demo
@@ -31,4 +45,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BASE_VENV) build *.egg-info

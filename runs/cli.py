@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer probe": ("wam.runs.tokenizer_cmds", "probe", "Probe a frozen tokenizer for RAM object coordinates (R² vs pixels)."),
     "tokenize": ("wam.runs.tokenizer_cmds", "tokenize", "Encode every frame of datasets into their token caches."),
     "diagnose": ("wam.runs.diagnose_cmds", "diagnose", "Q of a trained model on real episodes: vs Monte-Carlo returns, action histograms."),
+    "baseline train": ("wam.runs.baseline_cmds", "train", "Train d3rlpy's DiscreteCQL / DiscreteBC on wam datasets (a baseline agent for `wam eval`)."),
     "bench": ("wam.runs.bench", "bench", "Run benchmarks and write JSON figures (data, cores, tokenizer, ...)."),
 }
 
