@@ -94,11 +94,12 @@ class WorldActionModelConfig:
     beside the Q head) and acts on E[Q](s, a) + tau * log pi_b(a | s) over the legal actions: greedy on Q,
     regularised towards what the data did (KL-regularised policy improvement; docs/training.md). 0: no head,
     greedy on Q (JOWA)."""
-    support_threshold: float = 0.0
+    support_threshold: float = 0.3
     """Models with a behaviour prior: acting (and the planner's candidates and continuations) consider only
     the actions the data supports at the frame, pi_b(a | s) >= support_threshold * max_a' pi_b(a' | s) (discrete
-    BCQ's filter, Fujimoto et al. 2019, threshold 0.3 there); 0 considers every legal action. An acting-time
-    setting: `wam eval --support-threshold` overrides it without retraining."""
+    BCQ's filter, Fujimoto et al. 2019, threshold 0.3 there); 0 considers every legal action; no effect without
+    a prior. An acting-time setting (checkpoints saved before it existed get this default):
+    `wam eval --support-threshold` overrides it without retraining (docs/training.md)."""
     dropout: float = 0.0
     """Dropout on the embeddings and inside cores that take `dropout`."""
     init: str = "scaled"

@@ -286,6 +286,14 @@ def test_a_behaviour_prior_pulls_acting_towards_the_data(runs, frames, memory):
         acts, q, _, _ = _play(agent, obs, n=2)
         assert (acts == 4).all(), acts
     model.cfg.behaviour_prior = 1e-9
+    # the support filter alone (pi_b(a) >= 0.3 max pi_b: only LEFT here) still plays LEFT, greedy or planning
+    for plan in (None, PlannerSettings(beam_width=2, horizon=1)):
+        res = _play(WorldActionAgent(model, tok, "Pong", plan=plan, memory=memory, context=3), obs, n=2)
+        assert (res[0] == 4).all(), res[0]
+        if plan is not None:  # the one supported candidate has a planned value, the other none
+            planned = np.stack([i["planned_q"] for i in res[2]])
+            assert (np.isfinite(planned).sum(-1) == 1).all() and np.isfinite(planned[..., 4]).all()
+    model.cfg.support_threshold = 0.0
     acts, q, _, _ = _play(WorldActionAgent(model, tok, "Pong", memory=memory, context=3), obs, n=2)
     np.testing.assert_array_equal(acts, q.argmax(-1))  # greedy on Q (ties aside)
     assert (acts != 4).any()
