@@ -37,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from wam.datasets.errors import WamError
+from wam.planning.beam import PlannerSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +47,6 @@ BASELINE_SPECS: tuple[str, ...] = ("random", "scripted")
 AGENT_MODULES: tuple[str, ...] = ("wam.agents.world_action", "wam.agents.d3rlpy_agent")
 """Modules imported by `load_agent` (when they exist) so that they register their checkpoint kinds."""
 
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """How an agent plans at act time: beam search of `beam_width` candidates over `horizon` imagined steps."""
-
-    method: str = "beam"
-    beam_width: int = 2
-    horizon: int = 2
-    backup: str = "mean"
-
-    def __post_init__(self) -> None:
-        if self.method != "beam":
-            raise WamError(f"unknown planning method {self.method!r}; the only one is 'beam'")
-        if self.beam_width < 1 or self.horizon < 1:
-            raise WamError(f"--beam-width and --horizon must be >= 1, got {self.beam_width} and {self.horizon}")
-        if self.backup not in ("mean", "leaf"):
-            raise WamError(f"--plan-backup must be 'mean' or 'leaf', got {self.backup!r}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "beam_width": self.beam_width, "horizon": self.horizon, "backup": self.backup}
 
 
 @dataclass
@@ -121,7 +102,7 @@ class Agent(Protocol):
 
 
 AgentLoader = Callable[..., Agent]
-"""`loader(path: Path, checkpoint: dict, game: str, plan: PlanSettings | None, **kwargs) -> Agent`."""
+"""`loader(path: Path, checkpoint: dict, game: str, plan: PlannerSettings | None, **kwargs) -> Agent`."""
 
 AGENT_LOADERS: dict[str, AgentLoader] = {}
 """checkpoint `kind` -> loader of an agent from such a checkpoint."""
@@ -142,7 +123,7 @@ def _import_agent_modules() -> None:
             log.debug("agent module %s is not there; its checkpoint kinds are unavailable", name)
 
 
-def load_agent(spec: str, game: str, plan: PlanSettings | None = None, **kwargs: Any) -> Agent:
+def load_agent(spec: str, game: str, plan: PlannerSettings | None = None, **kwargs: Any) -> Agent:
     """Build the agent named by `spec` for `game`.
 
     `game` may be any accepted spelling; loaders receive the CamelCase name.

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from wam.agents.base import AgentState, PlanSettings
+from wam.agents.base import AgentState
 from wam.datasets.atari import canonical_game
 from wam.datasets.errors import WamError
 from wam.datasets.policies import BehaviourPolicy, make_policy
+from wam.planning.beam import PlannerSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class PolicyAgent:
         return actions, state, {}
 
 
-def make_baseline(spec: str, game: str, plan: PlanSettings | None = None) -> PolicyAgent:
+def make_baseline(spec: str, game: str, plan: PlannerSettings | None = None) -> PolicyAgent:
     """The `random` or `scripted` agent for `game` (planning settings are ignored, with a log line)."""
     if plan is not None:
         log.info("agent %r has no model to plan with: ignoring planning settings %s", spec, plan.as_dict())

@@ -44,9 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from wam.agents.base import AgentState, PlanSettings, checkpoint_id, register_agent_loader
+from wam.agents.base import AgentState, checkpoint_id, register_agent_loader
 from wam.datasets.errors import WamError
 from wam.datasets.files import sha256_file
+from wam.planning.beam import PlannerSettings
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def _run_dir_of(ckpt_path: Path) -> Path:
     return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
 
 
-def load_d3rlpy_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlanSettings | None,
+def load_d3rlpy_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlannerSettings | None,
                       device: str = "cpu", **kwargs: Any) -> D3rlpyAgent:
     """The `load_agent` loader of "d3rlpy-policy" checkpoints (written by `wam baseline train`).
 

@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from wam.agents.base import Agent, PlanSettings, load_agent
+from wam.agents.base import Agent, load_agent
 from wam.agents.metrics import EPISODE_COLUMNS, EpisodeRecord, read_episodes, summarize
 from wam.datasets.errors import WamError
+from wam.planning.beam import PlannerSettings
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class _EvalWorker:
                  max_steps: int | None, agent_kwargs: dict[str, Any], video_max_frames: int,
                  num_threads: int = 1, die_on: tuple[str, int, str] | None = None) -> None:
         self.agent_spec, self.protocol, self.epsilon = agent_spec, protocol, epsilon
-        self.plan = PlanSettings(**plan) if plan is not None else None
+        self.plan = PlannerSettings(**plan) if plan is not None else None
         self.max_steps, self.agent_kwargs, self.video_max_frames = max_steps, agent_kwargs, video_max_frames
         self.die_on = die_on  # fault injection for tests: (game, episode index, marker file)
         self.agents: dict[str, Agent] = {}
@@ -293,7 +294,7 @@ def evaluate(
     protocol: str = "jowa",
     seed: int = 0,
     epsilon: float | None = None,
-    plan: PlanSettings | dict[str, Any] | None = None,
+    plan: PlannerSettings | dict[str, Any] | None = None,
     out_dir: str | Path = "eval",
     video: bool = False,
     progress: bool = True,
@@ -337,7 +338,7 @@ def evaluate(
     eps = PROTOCOLS[protocol].eval_epsilon if epsilon is None else float(epsilon)
     if not 0.0 <= eps <= 1.0:
         raise WamError(f"--epsilon must lie in [0, 1], got {eps}")
-    plan_settings = PlanSettings(**plan) if isinstance(plan, dict) else plan
+    plan_settings = PlannerSettings(**plan) if isinstance(plan, dict) else plan
     games = list(dict.fromkeys(canonical_game(g) for g in games))
     agent_kwargs = dict(agent_kwargs or {})
     # Build each game's agent once here: bad specs fail before Ray starts, and we learn names and ids.
@@ -368,7 +369,7 @@ def evaluate(
 
     todo = {g: [j for j in range(episodes) if (g, j) not in records] for g in games}
     batches = _batches(games, todo, envs_per_worker)
-    plan_name = plan_settings.method if plan_settings else "none"
+    plan_name = "beam" if plan_settings else "none"
 
     def to_record(r: EpisodeResult) -> EpisodeRecord:
         return EpisodeRecord(

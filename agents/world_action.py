@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from wam.agents.base import AgentState, PlanSettings, checkpoint_id, register_agent_loader
+from wam.agents.base import AgentState, checkpoint_id, register_agent_loader
 from wam.datasets.errors import WamError
 from wam.planning.beam import BeamSearchPlanner, PlannerSettings, index_state, map_state, max_context_frames
 from wam.worldmodel.model import CHECKPOINT_KIND, NUM_ACTIONS, WamState, WorldActionModel
@@ -98,13 +98,12 @@ class WorldActionAgent:
 
     model: a `WorldActionModel` (put in eval mode here); tokenizer: its frozen `VQTokenizer` (anything with
     `encode(uint8 [N, 84, 84]) -> int64 [N, 36]`); game: CamelCase, one of `model.cfg.games`;
-    plan: planner settings (None = greedy on Q; `PlanSettings` from the CLI or `PlannerSettings`, which
-    also allows horizon 0); memory: "window" or "episode"; context: frames in the window (default: as many
+    plan: planner settings (None = greedy on Q; horizon 0 plans nothing: greedy through the planner); memory: "window" or "episode"; context: frames in the window (default: as many
     as the model's positions allow); bf16: bfloat16 autocast for the model calls.
     """
 
     def __init__(self, model: WorldActionModel, tokenizer: Any, game: str,
-                 plan: PlanSettings | PlannerSettings | None = None, memory: Memory = "window",
+                 plan: PlannerSettings | None = None, memory: Memory = "window",
                  context: int | None = None, bf16: bool = False, name: str | None = None,
                  checkpoint_id: str = "") -> None:
         cfg = model.cfg
@@ -129,7 +128,7 @@ class WorldActionAgent:
         if plan is not None:
             horizon = int(plan.horizon)
             self.planner = BeamSearchPlanner(model, beam_width=plan.beam_width, horizon=horizon,
-                                             gamma=getattr(plan, "gamma", 0.99), backup=getattr(plan, "backup", "mean"))
+                                             gamma=plan.gamma, reward=plan.reward, backup=plan.backup)
         room = max_context_frames(model, 0)  # frames whose Q is read at trained slots
         if context is None:
             context = room
@@ -147,7 +146,7 @@ class WorldActionAgent:
                  (f"window of {self.context} frames" + (f", planning from its last {self.plan_context}" if horizon
                                                          else "")) if memory == "window"
                  else f"position slots capped at {self.slot_cap}",
-                 f"beam search K={plan.beam_width} H={horizon} backup={getattr(plan, 'backup', 'mean')}" if plan is not None else "greedy on Q",
+                 f"beam search K={plan.beam_width} H={horizon} backup={plan.backup}" if plan is not None else "greedy on Q",
                  "bf16 autocast" if self.bf16 else "fp32")
 
     # ------------------------------------------------------------------------------ state
@@ -300,7 +299,7 @@ class WorldActionAgent:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlanSettings | None,
+def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlannerSettings | None,
                             device: str = "cpu", memory: Memory = "window", context: int | None = None,
                             bf16: bool = False, tokenizer: str | None = None,
                             support_threshold: float | None = None) -> WorldActionAgent:
@@ -332,8 +331,7 @@ def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: P
     if tok.cfg.codebook_size != model.cfg.vocab_size:
         raise WamError(f"tokenizer {tok_path} has {tok.cfg.codebook_size} codes, the model a vocabulary of "
                        f"{model.cfg.vocab_size}")
-    settings = PlannerSettings(plan.beam_width, plan.horizon, backup=plan.backup) if plan is not None else None
-    return WorldActionAgent(model, tok, game, plan=settings, memory=memory, context=context, bf16=bf16,
+    return WorldActionAgent(model, tok, game, plan=plan, memory=memory, context=context, bf16=bf16,
                             checkpoint_id=checkpoint_id(path, int(ckpt.get("step", 0))))
 
 

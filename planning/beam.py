@@ -144,6 +144,10 @@ class PlannerSettings:
         if self.backup not in ("mean", "leaf"):
             raise WamError(f"planning backup must be 'mean' or 'leaf', got {self.backup!r}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able keyword arguments (`PlannerSettings(**settings.as_dict())` round-trips)."""
+        return dataclasses.asdict(self)
+
 
 # ------------------------------------------------------------------------------------ planner
 class BeamSearchPlanner:

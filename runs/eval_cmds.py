@@ -64,10 +64,10 @@ class EvalConfig:
 
 
 def evaluate(cfg: EvalConfig) -> int:
-    from wam.agents.base import PlanSettings
     from wam.agents.evaluate import evaluate as run_eval
+    from wam.planning.beam import PlannerSettings
 
-    plan = PlanSettings("beam", cfg.beam_width, cfg.horizon, cfg.plan_backup) if cfg.plan == "beam" else None
+    plan = PlannerSettings(cfg.beam_width, cfg.horizon, backup=cfg.plan_backup) if cfg.plan == "beam" else None
     if plan is not None and cfg.agent in ("random", "scripted"):
         print(f"note: the {cfg.agent} agent has no model to plan with; --plan is recorded but ignored")
     result = run_eval(cfg.agent, cfg.game, episodes=cfg.episodes, workers=cfg.workers, protocol=cfg.protocol,

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from wam.agents.base import PlanSettings, load_agent
+from wam.agents.base import load_agent
 from wam.agents.evaluate import evaluate
 from wam.agents.metrics import read_episodes
 from wam.datasets.atari import legal_action_mask
 from wam.datasets.errors import WamError
+from wam.planning.beam import PlannerSettings
 
 GAMES = ["Pong", "Breakout"]
 CAP = 200  # agent steps per episode: short, but long enough for random returns to vary
@@ -30,7 +31,7 @@ def random_eval(ray_session, tmp_path_factory):
 
 
 def test_baseline_agents_act_legally_with_per_row_generators():
-    agent = load_agent("random", "Pong", plan=PlanSettings(beam_width=3, horizon=2))  # planning ignored
+    agent = load_agent("random", "Pong", plan=PlannerSettings(beam_width=3, horizon=2))  # planning ignored
     agent_mask = legal_action_mask("Pong")
     legal = np.broadcast_to(agent_mask, (3, 18))  # [N, 18]
     obs = np.zeros((3, 84, 84), dtype=np.uint8)
@@ -169,7 +170,7 @@ def test_checkpoint_agents_are_found_by_kind(tmp_path):
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_agent_loader("test-kind", lambda *a, **k: None)
-        agent = load_agent(str(run), "pong", plan=PlanSettings(beam_width=4), device="cpu")
+        agent = load_agent(str(run), "pong", plan=PlannerSettings(beam_width=4), device="cpu")
     finally:
         AGENT_LOADERS.pop("test-kind")
     assert seen["step"] == 10 and seen["game"] == "Pong"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from wam.agents.base import PlanSettings, load_agent
+from wam.agents.base import load_agent
 from wam.agents.evaluate import play_episodes
 from wam.agents.metrics import read_episodes
 from wam.agents.world_action import WorldActionAgent
@@ -116,14 +116,14 @@ def test_load_agent_and_user_errors(runs):
     assert isinstance(agent, WorldActionAgent) and agent.game == "Pong" and agent.name == "wam-transformer"
     assert agent.checkpoint_id.startswith("transformer/step_00000000.pt@0#")
     assert agent.context == 4 and agent.memory == "window"  # H=4: Q is trained at frame slots 0..3
-    planning = load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2))
+    planning = load_agent(str(runs["transformer"]), "Pong", plan=PlannerSettings(beam_width=2, horizon=2))
     assert planning.context == 4 and planning.plan_context == 2  # imagination from the last 2: leaves at slots <= 3
     with pytest.raises(WamError, match="not trained on Freeway; it knows Breakout, Pong"):
         load_agent(str(runs["transformer"]), "Freeway")
     with pytest.raises(WamError, match="episode memory needs a recurrent core"):
         load_agent(str(runs["transformer"]), "Pong", memory="episode")
     with pytest.raises(WamError, match="a planning horizon of 4 does not fit"):
-        load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=4))
+        load_agent(str(runs["transformer"]), "Pong", plan=PlannerSettings(beam_width=2, horizon=4))
     with pytest.raises(WamError, match="context of 5 frames does not fit"):
         load_agent(str(runs["transformer"]), "Pong", context=5)
     other = build_tokenizer(dataclasses.replace(TokenizerConfig.from_preset("debug"), seed=7))
@@ -226,13 +226,13 @@ def test_planning_horizon_zero_is_greedy_and_planner_reports_q(runs, frames, cor
     assert (np.isfinite(planned).sum(-1) == 3).all()
     np.testing.assert_allclose(planned[np.isfinite(planned)], p_q[np.isfinite(planned)], rtol=1e-6)
     # a real planner (K=2, H=2) acts legally, reports raw and planned Q, and its raw Q is the greedy Q
-    beam = load_agent(str(runs[core]), "Pong", plan=PlanSettings(beam_width=2, horizon=2), memory=memory)
+    beam = load_agent(str(runs[core]), "Pong", plan=PlannerSettings(beam_width=2, horizon=2), memory=memory)
     b_a, b_q, infos, _ = _play(beam, obs, n=2)
     assert LEGAL[b_a].all()
     raw = np.stack([i["raw_q"] for i in infos])
     np.testing.assert_array_equal(raw, b_q)
     if memory == "window":  # the root's Q comes from the whole window, as greedy acting reads it
-        beam3 = load_agent(str(runs[core]), "Pong", plan=PlanSettings(beam_width=2, horizon=2), context=3)
+        beam3 = load_agent(str(runs[core]), "Pong", plan=PlannerSettings(beam_width=2, horizon=2), context=3)
         _, q3, _, _ = _play(beam3, obs, n=2, played=g_a)
         np.testing.assert_allclose(q3, g_q, rtol=1e-5, atol=1e-5)
     chosen_planned = np.take_along_axis(np.stack([i["planned_q"] for i in infos]), b_a[..., None], -1)
@@ -243,7 +243,7 @@ def test_planning_horizon_zero_is_greedy_and_planner_reports_q(runs, frames, cor
 def test_window_planner_imagines_from_the_last_frames_with_the_whole_windows_q(runs, frames):
     """Window memory with a planner: raw Q and prior from the whole window (4 frames), the imagination from the
     state after its last max_context_frames(model, H) = 2 frames, encoded from position 0 (by hand here)."""
-    agent = load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=2))
+    agent = load_agent(str(runs["transformer"]), "Pong", plan=PlannerSettings(beam_width=2, horizon=2))
     model, planner = agent.model, agent.planner
     obs = frames[:6][:, None]  # [6, 1, 84, 84]
     acts, _, infos, _ = _play(agent, obs)
@@ -330,7 +330,7 @@ def test_wam_eval_end_to_end_is_deterministic(ray_session, runs, tmp_path):
         assert [(r[0], r[1], r[4]) for r in results[name, 0]] == [("Pong", 0, 50), ("Pong", 1, 50)]
     assert results["beam", 0][0][5:7] == ("beam", 1) and results["greedy", 0][0][5] == "none"
     # the episodes' actions and Q-values (not only their scores) repeat for a seed: play one in-process twice
-    agent = load_agent(str(runs["transformer"]), "Pong", plan=PlanSettings(beam_width=2, horizon=1))
+    agent = load_agent(str(runs["transformer"]), "Pong", plan=PlannerSettings(beam_width=2, horizon=1))
     played = []
     for _ in range(2):
         env = make_env("Pong", seed=3, max_episode_steps=30)
