@@ -113,9 +113,27 @@ def _metadata_legal_ids(store: Any) -> list[int] | None:
     return [int(i) for i in legal["ids"]] if isinstance(legal, dict) and "ids" in legal else None
 
 
-def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike) -> ExportSummary:
+def _episode_plan(lengths: np.ndarray, max_transitions: int | None, hold_out: int) -> list[tuple[int, int]]:
+    """(episode index, transitions used) of one dataset: its episodes but the last `hold_out`, in order, cut
+    after its first `max_transitions` transitions (the episode where the cut falls keeps its first part)."""
+    plan, left = [], max_transitions if max_transitions is not None else int(lengths.sum())
+    for i, t in enumerate(lengths[:max(0, len(lengths) - hold_out)]):
+        if left <= 0:
+            break
+        used = min(int(t), left)
+        plan.append((i, used))
+        left -= used
+    return plan
+
+
+def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike, max_transitions: int | None = None,
+                      hold_out_episodes: int = 0) -> ExportSummary:
     """Write the episodes of the datasets under `data` (one game) into one HDF5 file that the d3rlpy
     worker reads, and return what it holds.
+
+    As wam's training runs select their data: `hold_out_episodes` leaves out the last K episodes of each
+    dataset (wam's `--calibration-episodes`), `max_transitions` keeps only the first N transitions of each
+    dataset (`wam finetune --transitions`); an episode cut short by it ends in a timeout (truncation).
 
     Layout (F = sum over episodes of T_i + 1 frames, N = sum of T_i steps):
     `observations` uint8 [F, 84, 84] (each episode's T_i + 1 frames), `actions` int64 [N] (indices
@@ -148,7 +166,12 @@ def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike
         if recorded is not None and recorded != ids.tolist():
             raise WamError(f"{s.directory} records the legal actions {recorded} for {game}, but this ALE has "
                            f"{ids.tolist()}: the data was made with another ale-py; re-collect or re-import it")
-    lengths = np.concatenate([s.episode_lengths() for s in stores]).astype(np.int64)
+    if max_transitions is not None and max_transitions < 1:
+        raise WamError(f"--transitions must be >= 1, got {max_transitions}")
+    if hold_out_episodes < 0:
+        raise WamError(f"--hold-out-episodes must be >= 0, got {hold_out_episodes}")
+    plans = [_episode_plan(s.episode_lengths(), max_transitions, hold_out_episodes) for s in stores]
+    lengths = np.asarray([used for plan in plans for _, used in plan], dtype=np.int64)
     if lengths.size == 0 or lengths.sum() == 0:
         raise WamError(f"the datasets under {', '.join(map(str, data))} hold no transitions")
     n_steps, n_frames = int(lengths.sum()), int((lengths + 1).sum())
@@ -167,24 +190,24 @@ def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike
             terms = np.zeros(n_steps, bool)
             outs = np.zeros(n_steps, bool)
             f0 = s0 = 0
-            for s in stores:
-                for i in range(s.num_episodes):
+            for s, plan in zip(stores, plans):
+                for i, t in plan:
                     ep = s.read_episode(i)
-                    t = ep.length
-                    idx = action_indices(ep.actions, ids)  # [T]
+                    cut = t < ep.length  # cut by max_transitions: the episode goes on in the data
+                    idx = action_indices(ep.actions[:t], ids)  # [t]
                     if (idx < 0).any():
                         from wam.datasets.atari import ACTION_NAMES
 
-                        bad = sorted({ACTION_NAMES[a] for a in ep.actions[idx < 0]})
+                        bad = sorted({ACTION_NAMES[a] for a in ep.actions[:t][idx < 0]})
                         raise WamError(f"{s.directory} episode {i} plays {', '.join(bad)}, not in {game}'s legal "
                                        f"actions ({len(ids)}); d3rlpy's head has one output per legal action")
-                    term, trunc = bool(ep.terminations[-1]), bool(ep.truncations[-1])
+                    term, trunc = (False, True) if cut else (bool(ep.terminations[-1]), bool(ep.truncations[-1]))
                     if not (term or trunc):
                         raise WamError(f"{s.directory} episode {i} has no termination or truncation at its last "
                                        f"step; run `wam data validate {s.directory}`")
-                    frames[f0:f0 + t + 1] = ep.observations
+                    frames[f0:f0 + t + 1] = ep.observations[:t + 1]
                     acts[s0:s0 + t] = idx
-                    rews[s0:s0 + t] = np.sign(ep.rewards)
+                    rews[s0:s0 + t] = np.sign(ep.rewards[:t])
                     terms[s0 + t - 1] = term
                     outs[s0 + t - 1] = trunc and not term
                     counts += np.bincount(idx, minlength=len(ids))
@@ -204,6 +227,8 @@ def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike
             f.attrs["legal_ids"] = json.dumps(ids.tolist())
             f.attrs["reward_transform"] = "sign"
             f.attrs["datasets"] = json.dumps([str(s.directory) for s in stores])
+            f.attrs["max_transitions"] = -1 if max_transitions is None else int(max_transitions)
+            f.attrs["hold_out_episodes"] = int(hold_out_episodes)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -66,6 +66,10 @@ class BaselineTrainArgs:
     """Gradient steps (d3rlpy's Atari scripts: 50M frames / 4 = 12.5M; a few hundred is a CPU smoke test)."""
     seed: int = 0
     """Seed of Python, NumPy (d3rlpy samples batches with it) and torch (`d3rlpy.seed`)."""
+    transitions: int | None = None
+    """Use only the first N transitions of each dataset, as `wam finetune --transitions` (default: all)."""
+    hold_out_episodes: int = 0
+    """Leave out the last K episodes of each dataset, as wam's `--calibration-episodes` (the recipe's 2)."""
     learning_rate: float = 5e-5
     """Adam learning rate (d3rlpy's Atari scripts)."""
     batch_size: int = 32
@@ -251,7 +255,8 @@ def train(args: BaselineTrainArgs) -> int:
     out = Path(args.out)
     _prepare_run_dir(out, args.overwrite)
     t0 = time.perf_counter()
-    export = export_for_d3rlpy(args.data, out / EXPORT_FILE)
+    export = export_for_d3rlpy(args.data, out / EXPORT_FILE, max_transitions=args.transitions,
+                               hold_out_episodes=args.hold_out_episodes)
     export_seconds = time.perf_counter() - t0
     print(f"exported {export.episodes} episodes, {export.steps} steps of {export.game} ({export.terminated} "
           f"terminated, {export.truncated} truncated; {len(export.legal_ids)} legal actions) from "

@@ -95,6 +95,25 @@ def test_export_holds_frames_legal_indices_sign_rewards_and_separate_end_flags(p
     assert s.action_counts == np.bincount(acts, minlength=6).tolist()
 
 
+def test_export_selects_like_wam_training_first_transitions_and_held_out_episodes(pong_data, tmp_path):
+    """--transitions keeps the first N transitions of each dataset (the cut episode ends in a timeout);
+    --hold-out-episodes leaves out the last K episodes of each dataset."""
+    root, episodes = pong_data  # dataset a: episodes of 5 (term) and 4 (trunc); dataset b: 3 (term)
+    s = export_for_d3rlpy([str(root)], tmp_path / "cut.h5", max_transitions=7)
+    assert (s.episodes, s.steps, s.terminated, s.truncated) == (3, 10, 2, 1)
+    with h5py.File(tmp_path / "cut.h5", "r") as f:
+        assert f["episode_lengths"][()].tolist() == [5, 2, 3]  # a: 5 + the first 2 of 4; b: all 3 (< 7)
+        np.testing.assert_array_equal(f["observations"][6:9], episodes[1].observations[:3])  # 2 steps, 3 frames
+        assert np.flatnonzero(f["terminals"][()]).tolist() == [4, 9] and np.flatnonzero(f["timeouts"][()]).tolist() == [6]
+        assert f["actions"][5:7].tolist() == [5, 5] and f.attrs["max_transitions"] == 7
+    s = export_for_d3rlpy([str(root)], tmp_path / "held.h5", hold_out_episodes=1)
+    assert (s.episodes, s.steps, s.terminated, s.truncated) == (1, 5, 1, 0)  # only a's first episode is left
+    with pytest.raises(WamError, match="hold no transitions"):
+        export_for_d3rlpy([str(root)], tmp_path / "none.h5", hold_out_episodes=2)
+    with pytest.raises(WamError, match="--transitions must be >= 1"):
+        export_for_d3rlpy([str(root)], tmp_path / "zero.h5", max_transitions=0)
+
+
 def test_action_indices_round_trip_every_legal_id_and_flag_the_others():
     for game in ("Pong", "Breakout", "Boxing"):
         ids = legal_ids(game)
