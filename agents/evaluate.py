@@ -80,6 +80,7 @@ class EpisodeResult:
     q_values: np.ndarray | None = None  # float32 [T, 18] when recorded and the agent reports them
     actions: np.ndarray | None = None  # int64 [T] when recorded
     action_counts: tuple[int, ...] | None = None  # times each of the 18 actions was played
+    plan_changed: int | None = None  # decisions where the agent's planner overrode its greedy choice
 
 
 @dataclass
@@ -109,9 +110,10 @@ def agent_rng(seed: int) -> np.random.Generator:
 
 def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequence[int], epsilon: float,
                   record: Sequence[bool] | None = None, video_max_frames: int = VIDEO_MAX_FRAMES
-                  ) -> list[tuple[float, int, bool, dict[str, np.ndarray] | None, tuple[int, ...]]]:
+                  ) -> list[tuple[float, int, bool, dict[str, np.ndarray] | None, tuple[int, ...], int | None]]:
     """Play one episode in each env (seeded by `seeds`) in lockstep; per env (return, length, truncated, recording,
-    action counts: how often each of the 18 actions was played, epsilon's included).
+    action counts: how often each of the 18 actions was played, epsilon's included, and how many of the agent's
+    decisions its planner changed from the greedy choice: None for an agent whose info has no `plan_changed`).
 
     legal: bool [18] (the game's mask). `record[i]` keeps env i's frames, actions and Q-values (if the
     agent's info has `q_values`), up to `video_max_frames` frames.
@@ -130,6 +132,8 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
     lengths = np.zeros(n, dtype=np.int64)
     truncated = np.zeros(n, dtype=bool)
     counts = np.zeros((n, legal_rows.shape[-1]), dtype=np.int64)
+    changed = np.zeros(n, dtype=np.int64)
+    planned = False
     rec: list[dict[str, list] | None] = [
         {"frames": [obs[i].copy()], "actions": [], "q_values": []} if record[i] else None for i in range(n)
     ]
@@ -138,6 +142,9 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
         actions, state, info = agent.act(state, obs, legal_rows, rngs, ram=ram)
         actions = np.asarray(actions, dtype=np.int64).copy()  # [N]
         q = info.get("q_values")
+        if "plan_changed" in info:
+            planned = True
+            changed[active] += np.asarray(info["plan_changed"], dtype=bool)[active]
         for i in np.flatnonzero(active):
             if epsilon > 0.0 and rngs[i].random() < epsilon:
                 actions[i] = uniform_legal_action(legal_rows[i], rngs[i])
@@ -164,7 +171,8 @@ def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequen
             recording = {"frames": np.stack(rec[i]["frames"]).astype(np.uint8),
                          "actions": np.asarray(rec[i]["actions"], dtype=np.int64),
                          "q_values": np.stack(rec[i]["q_values"]) if rec[i]["q_values"] else None}
-        out.append((float(returns[i]), int(lengths[i]), bool(truncated[i]), recording, tuple(counts[i].tolist())))
+        out.append((float(returns[i]), int(lengths[i]), bool(truncated[i]), recording, tuple(counts[i].tolist()),
+                    int(changed[i]) if planned else None))
     return out
 
 
@@ -220,8 +228,8 @@ class _EvalWorker:
         played = play_episodes(agent, envs, legal_action_mask(game), seeds, self.epsilon, record,
                                self.video_max_frames)
         results = []
-        for idx, s, (score, length, trunc, recording, counts) in zip(indices, seeds, played):
-            r = EpisodeResult(game, idx, int(s), score, length, trunc, action_counts=counts)
+        for idx, s, (score, length, trunc, recording, counts, changed) in zip(indices, seeds, played):
+            r = EpisodeResult(game, idx, int(s), score, length, trunc, action_counts=counts, plan_changed=changed)
             if recording is not None:
                 r.frames, r.actions, r.q_values = recording["frames"], recording["actions"], recording["q_values"]
             results.append(r)
@@ -363,6 +371,7 @@ def evaluate(
                            "use another --out or the same settings to resume it")
         _drop_torn_tail(csv_path)
         records = {(r.game, r.episode): r for r in read_episodes(csv_path)}
+        _write_sorted_csv(csv_path, list(records.values()))  # the current columns, before rows are appended
         log.info("resuming %s: %d episodes already evaluated", out, len(records))
         settings["checkpoint_ids"] = {**old_ids, **settings["checkpoint_ids"]}
     atomic_write_json(settings_path, settings)
@@ -378,7 +387,7 @@ def evaluate(
             beam_width=plan_settings.beam_width if plan_settings else None,
             horizon=plan_settings.horizon if plan_settings else None, max_steps=cap, agent=agents[r.game].name,
             agent_spec=agent_spec, checkpoint_id=agents[r.game].checkpoint_id, eval_seed=int(seed),
-            action_counts=r.action_counts)
+            action_counts=r.action_counts, plan_changed=r.plan_changed)
 
     result = EvalResult(out_dir=out, records=[], summary={}, env_settings={}, complete=False)
     if records and (out / "results.json").is_file():  # resuming: keep what earlier workers read back

@@ -32,8 +32,11 @@ from wam.datasets.errors import DataError
 EPISODE_COLUMNS: tuple[str, ...] = (
     "game", "episode", "seed", "return", "length", "truncated", "hns", "protocol", "epsilon", "plan",
     "beam_width", "horizon", "max_steps", "agent", "agent_spec", "checkpoint_id", "eval_seed", "action_counts",
+    "plan_changed",
 )
 """Columns of `episodes.csv`, in order."""
+OPTIONAL_COLUMNS: tuple[str, ...] = ("plan_changed",)
+"""Columns that tables written before they existed lack (read as None)."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,13 @@ class EpisodeRecord:
     checkpoint_id: str
     eval_seed: int  # the --seed of the evaluation
     action_counts: tuple[int, ...] | None = None  # times each of the 18 actions was played (None: older files)
+    plan_changed: int | None = None  # agent decisions where planning chose another action than greedy acting
+    # would have (None: no planner, or older files)
 
     def to_row(self) -> dict[str, str]:
         d = asdict(self)
         d["return"] = repr(float(d.pop("score")))
-        for k in ("hns", "beam_width", "horizon"):
+        for k in ("hns", "beam_width", "horizon", "plan_changed"):
             d[k] = "" if d[k] is None else repr(d[k])
         d["truncated"] = "1" if self.truncated else "0"
         d["action_counts"] = "" if self.action_counts is None else " ".join(map(str, self.action_counts))
@@ -79,7 +84,8 @@ class EpisodeRecord:
                    plan=row["plan"], beam_width=opt(row["beam_width"], int), horizon=opt(row["horizon"], int),
                    max_steps=int(row["max_steps"]), agent=row["agent"], agent_spec=row["agent_spec"],
                    checkpoint_id=row["checkpoint_id"], eval_seed=int(row["eval_seed"]),
-                   action_counts=tuple(int(x) for x in row["action_counts"].split()) if row.get("action_counts") else None)
+                   action_counts=tuple(int(x) for x in row["action_counts"].split()) if row.get("action_counts") else None,
+                   plan_changed=opt(row.get("plan_changed", ""), int))
 
 
 assert [f.name for f in fields(EpisodeRecord)] == [c if c != "return" else "score" for c in EPISODE_COLUMNS], \
@@ -95,7 +101,7 @@ def read_episodes(path: str | Path) -> list[EpisodeRecord]:
         raise DataError(f"no episode table at {path}; give a directory written by `wam eval`")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(EPISODE_COLUMNS) - set(reader.fieldnames or ())
+        missing = set(EPISODE_COLUMNS) - set(OPTIONAL_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise DataError(f"{path} is not a wam episode table (missing columns {sorted(missing)})")
         try:

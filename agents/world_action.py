@@ -211,6 +211,7 @@ class WorldActionAgent:
         legal_t = torch.as_tensor(np.array(legal, dtype=bool), device=self.device)  # [N, 18]
         raw_q = torch.empty(n, NUM_ACTIONS)
         planned_q = torch.full((n, NUM_ACTIONS), float("-inf"))
+        changed = np.zeros(n, dtype=bool)  # planning chose another action than greedy acting would have
         actions = torch.empty(n, dtype=torch.long)
         groups = self._window_groups(state, tokens) if self.memory == "window" else self._episode_groups(state, tokens)
         for idx, compute in groups:
@@ -220,6 +221,7 @@ class WorldActionAgent:
                 if self.planner is not None:
                     res = self.planner.plan(model_state, q_logits, legal_t[idx_t], prior)
                     chosen, q = res.action, res.raw_q
+                    changed[idx] = (res.action != res.greedy_action).cpu().numpy()
                     planned_q[idx] = torch.full((len(idx), NUM_ACTIONS), float("-inf")).scatter(
                         1, res.candidates.cpu(), res.candidate_q.cpu().float())
                 else:
@@ -235,6 +237,7 @@ class WorldActionAgent:
         if self.planner is not None:
             info["raw_q"] = info["q_values"]
             info["planned_q"] = planned_q.numpy().astype(np.float32)
+            info["plan_changed"] = changed
         return acts, state, info
 
     def _window_groups(self, state: WorldActionState, tokens: np.ndarray) -> list[tuple[np.ndarray, Any]]:

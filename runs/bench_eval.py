@@ -38,7 +38,7 @@ def _in_process_rate(steps: int, seed: int) -> dict:
     env = make_env(GAME, seed=seed, max_episode_steps=steps)
     play_episodes(agent, [env], legal_action_mask(GAME), [seed], 0.0)  # warm-up
     t0 = time.perf_counter()
-    ((_, length, _, _, _),) = play_episodes(agent, [env], legal_action_mask(GAME), [seed + 1], 0.0)
+    ((_, length, _, _, _, _),) = play_episodes(agent, [env], legal_action_mask(GAME), [seed + 1], 0.0)
     seconds = time.perf_counter() - t0
     return {"steps": length, "seconds": seconds, "steps_per_s": length / seconds}
 

@@ -164,6 +164,14 @@ def _difference(a: EvalInput, b: EvalInput, games: list[str], reps: int, seed: i
             "high": float(high)}
 
 
+def _plan_changed_share(records) -> float | None:
+    """Share of the agent steps at which planning chose another action than greedy acting would have
+    (None when the table does not record it: no planner, or written before `plan_changed` existed)."""
+    known = [r for r in records if r.plan_changed is not None]
+    steps = sum(r.length for r in known)
+    return sum(r.plan_changed for r in known) / steps if known and steps else None
+
+
 def _common_hns_games(a: EvalInput, b: EvalInput) -> list[str]:
     return sorted(set(a.summary["games_with_hns"]) & set(b.summary["games_with_hns"]))
 
@@ -424,10 +432,13 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
                 d = _difference(a, b, common, reps, seed)
                 per_game = ", ".join(f"{g}: {a.summary['games'][g]['return']['point']:.1f} → "
                                      f"{b.summary['games'][g]['return']['point']:.1f}" for g in common)
-                rows.append([a.first.agent_spec, b.plan_label(), a.label, b.label, _fmt_iv(d, 3), per_game])
-                data["planning"].append({"without": a.label, "with": b.label, "iqm_difference": d, "games": common})
+                changed = _plan_changed_share(b.records)
+                rows.append([a.first.agent_spec, b.plan_label(), a.label, b.label, _fmt_iv(d, 3), per_game,
+                             "-" if changed is None else f"{100 * changed:.1f} %"])
+                data["planning"].append({"without": a.label, "with": b.label, "iqm_difference": d, "games": common,
+                                         "plan_changed_share": changed})
             md += _md_table(["agent", "planning", "without", "with", "Δ IQM HNS (with − without)",
-                             "mean return per game (without → with)"], rows)
+                             "mean return per game (without → with)", "decisions planning changed"], rows)
         if len(evals) > 1:
             md += ["## Agent comparisons", "",
                    "IQM HNS of the column evaluation minus the row evaluation over their common games "

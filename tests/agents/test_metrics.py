@@ -107,6 +107,26 @@ def test_csv_round_trip_and_summary(tmp_path):
     assert s["hns_aggregates"]["mean"]["point"] == pytest.approx(hns.mean())
 
 
+def test_plan_changed_round_trips_and_older_tables_without_it_read_as_none(tmp_path):
+    import dataclasses
+
+    planned = [dataclasses.replace(_record("Pong", i, -20.0, 0.02), plan_changed=c) for i, c in enumerate([0, 37])]
+    path = tmp_path / "episodes.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(EPISODE_COLUMNS))
+        w.writeheader()
+        for r in planned:
+            w.writerow(r.to_row())
+    assert [r.plan_changed for r in read_episodes(tmp_path)] == [0, 37]
+    old_columns = [c for c in EPISODE_COLUMNS if c != "plan_changed"]  # a table written before the column
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns)
+        w.writeheader()
+        for r in planned:
+            w.writerow({k: v for k, v in r.to_row().items() if k in old_columns})
+    assert [r.plan_changed for r in read_episodes(tmp_path)] == [None, None]
+
+
 def test_a_damaged_csv_is_a_data_error(tmp_path):
     (tmp_path / "episodes.csv").write_text("game,return\nPong,1\n")
     with pytest.raises(DataError, match="missing columns"):

@@ -222,6 +222,7 @@ def test_planning_horizon_zero_is_greedy_and_planner_reports_q(runs, frames, cor
     p_a, p_q, infos, _ = _play(h0, obs, n=2)
     np.testing.assert_array_equal(g_a, p_a)
     np.testing.assert_allclose(g_q, p_q, rtol=1e-6, atol=1e-6)
+    assert not np.stack([i["plan_changed"] for i in infos]).any(), "H=0 never changes greedy's choice"
     planned = np.stack([i["planned_q"] for i in infos])  # [T, 2, 18]: the top-3 candidates' values
     assert (np.isfinite(planned).sum(-1) == 3).all()
     np.testing.assert_allclose(planned[np.isfinite(planned)], p_q[np.isfinite(planned)], rtol=1e-6)
@@ -235,6 +236,12 @@ def test_planning_horizon_zero_is_greedy_and_planner_reports_q(runs, frames, cor
         beam3 = load_agent(str(runs[core]), "Pong", plan=PlannerSettings(beam_width=2, horizon=2), context=3)
         _, q3, _, _ = _play(beam3, obs, n=2, played=g_a)
         np.testing.assert_allclose(q3, g_q, rtol=1e-5, atol=1e-5)
+    changed = np.stack([i["plan_changed"] for i in infos])  # [T, 2] bool: planning overrode greedy's choice
+    assert changed.dtype == bool and changed.shape == b_a.shape
+    if memory == "window":  # greedy acting on the same windows (the planner's actions played) chose otherwise
+        full = load_agent(str(runs[core]), "Pong", memory=memory)
+        g_same, _, _, _ = _play(full, obs, n=2, played=b_a)
+        np.testing.assert_array_equal(changed, g_same != b_a)
     chosen_planned = np.take_along_axis(np.stack([i["planned_q"] for i in infos]), b_a[..., None], -1)
     assert np.isfinite(chosen_planned).all()
     assert (chosen_planned[..., 0] == np.nanmax(np.stack([i["planned_q"] for i in infos]), -1)).all()
@@ -334,7 +341,7 @@ def test_wam_eval_end_to_end_is_deterministic(ray_session, runs, tmp_path):
     played = []
     for _ in range(2):
         env = make_env("Pong", seed=3, max_episode_steps=30)
-        (_, _, _, rec, _), = play_episodes(agent, [env], LEGAL, [11], epsilon=0.2, record=[True])
+        (_, _, _, rec, _, _), = play_episodes(agent, [env], LEGAL, [11], epsilon=0.2, record=[True])
         played.append(rec)
         env.close()
     np.testing.assert_array_equal(played[0]["actions"], played[1]["actions"])
