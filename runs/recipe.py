@@ -113,6 +113,12 @@ class RecipeConfig:
     """Ray workers for collection and evaluation."""
     core: str = "transformer"
     """Sequence core of the world-action model."""
+    baseline: bool = True
+    """Train d3rlpy's DiscreteCQL on each game's data (the data and held-out episodes its agents train on; the
+    held-out game's first --transitions), evaluate it like the agents and add "wam vs DiscreteCQL" to the
+    claims. Needs `.venv-baselines` (`make baselines`); without it the stage is skipped with a note."""
+    baseline_steps: int = 5000
+    """Gradient steps of each DiscreteCQL run (about the wall-clock of one fine-tuning run on 2 CPU cores)."""
     fresh: bool = False
     """Delete a previous recipe directory first (otherwise finished work is reused)."""
     until: int = 5
@@ -137,6 +143,7 @@ class _Job:
     run: Path
     steps: int
     after: tuple[str, ...] = ()
+    resumable: bool = True  # `--resume` continues a started run; otherwise `--overwrite` starts it again
     proc: subprocess.Popen | None = None
     log: Any = None
     started: float = 0.0
@@ -161,7 +168,9 @@ def _run_jobs(jobs: list[_Job], parallel: int) -> None:
                 if len(running) >= parallel:
                     break
                 if all(a in done for a in j.after):
-                    resume = ["--resume"] if (j.run / "checkpoints").exists() else []
+                    resume = [] if not j.run.exists() else ["--resume"] if j.resumable else ["--overwrite"]
+                    if j.resumable and not (j.run / "checkpoints").exists():
+                        resume = []
                     j.run.parent.mkdir(parents=True, exist_ok=True)
                     j.log = open(j.run.parent / f"{j.run.name}.log", "a")  # noqa: SIM115
                     cmd = [sys.executable, "-m", "wam.runs.cli", *j.argv, "--no-progress", *resume]
@@ -340,7 +349,29 @@ class _Recipe:
             run = self.p("runs", f"finetune-seed{s}")
             jobs.append(_Job(f"finetune-seed{s}", ["finetune", "--from", str(pre), *common, *ft, "--seed", str(s),
                                                    "--out", str(run)], run, c.finetune_steps, after=("pretrain",)))
+        if self.baseline_available():
+            for g in self.games:
+                run = self.p("runs", f"cql-{g.lower()}")
+                cut = ["--transitions", str(c.transitions)] if g == c.finetune_game else []
+                jobs.append(_Job(f"cql-{g.lower()}", ["baseline", "train", "--algo", "discrete-cql", "--data",
+                                                      str(self.behaviour_data(g)), *cut, "--hold-out-episodes",
+                                                      str(c.calibration_episodes), "--steps", str(c.baseline_steps),
+                                                      "--seed", "0", "--threads", "1", "--out", str(run)],
+                                 run, c.baseline_steps, resumable=False))
         return jobs
+
+    def baseline_available(self) -> bool:
+        """Whether the d3rlpy baseline runs: asked for, and `.venv-baselines` exists (a note says why not)."""
+        if not self.cfg.baseline:
+            return False
+        from wam.runs.baseline_cmds import baselines_python
+
+        try:
+            baselines_python()
+        except WamError as e:
+            print(f"note: the DiscreteCQL baseline is skipped: {e}")
+            return False
+        return True
 
     def train(self) -> str:
         jobs = self.training_jobs()
@@ -374,6 +405,10 @@ class _Recipe:
                            c.eval_episodes, s)
             self._eval(f"finetune-plan-seed{s}", self.p("runs", f"finetune-seed{s}"), [c.finetune_game],
                        c.plan_episodes, s, plan)
+            for g in self.games:  # one trained baseline per game, its episodes seeded like the agents'
+                run = self.p("runs", f"cql-{g.lower()}")
+                if _finished(run, c.baseline_steps):
+                    self._eval(f"cql-{g.lower()}-seed{s}", run, [g], c.eval_episodes, s)
         self._merge()
         return f"{len(list(self.p('eval').iterdir()))} evaluations"
 
@@ -385,9 +420,12 @@ class _Recipe:
             "wam": [n for s in c.seeds for n in (f"pretrained-seed{s}", f"finetune-seed{s}")],
             "wam_planning": [n for s in c.seeds for n in (f"pretrained-plan-seed{s}", f"finetune-plan-seed{s}")],
             "from_scratch": [f"scratch-seed{s}" for s in c.seeds],
+            "d3rlpy_discrete_cql": [f"cql-{g.lower()}-seed{s}" for s in c.seeds for g in self.games],
         }
         for label, names in groups.items():
-            rows = [r for n in names for r in _records(self.p("eval", n))]
+            rows = [r for n in names if self.p("eval", n, "episodes.csv").is_file() for r in _records(self.p("eval", n))]
+            if not rows:
+                continue
             # episode indices must be unique per game within one evaluation
             count: dict[str, int] = {}
             for r in rows:
@@ -445,6 +483,19 @@ class _Recipe:
         out["pretraining"] = {"finetuned_minus_scratch_return": d, "verdict": _verdict(d[1], d[0]),
                               "finetuned_return": _mean_ci(agent_groups(g, False)),
                               "scratch_return": _mean_ci([returns(f"scratch-seed{s}", g) for s in c.seeds])}
+        # the peer: d3rlpy DiscreteCQL on the same data (one training seed, its episodes seeded like the agents')
+        peer: dict[str, Any] = {}
+        for g in self.games:
+            names = [f"cql-{g.lower()}-seed{s}" for s in c.seeds]
+            if not all(self.p("eval", n, "episodes.csv").is_file() for n in names):
+                continue
+            cql = [returns(n, g) for n in names]
+            d = _diff_ci(cql, agent_groups(g, False))
+            peer[g] = {"cql_return": _mean_ci(cql), "agent_minus_cql": d,
+                       "verdict": _verdict(d[1], d[0], strict=False)}
+        out["peer"] = {"games": peer, "steps": c.baseline_steps,
+                       "holds": bool(peer) and len(peer) == len(self.games)
+                       and all(v["agent_minus_cql"][0] >= 0 for v in peer.values())}
         return out
 
     def report(self) -> str:
@@ -510,6 +561,18 @@ def claims_markdown(claims: dict[str, Any], cfg: RecipeConfig) -> str:
               f"{_f(claims['pretraining']['finetuned_minus_scratch_return'])}.", "",
               f"**Claim: pretrained + fine-tuned above from scratch — "
               f"{claims['pretraining']['verdict']}.**", ""]
+    peer = claims.get("peer", {})
+    lines += ["## 4. wam vs d3rlpy DiscreteCQL on the same data", ""]
+    if not peer.get("games"):
+        lines += ["Not measured: the baseline needs `.venv-baselines` (`make baselines`) and `--baseline`.", ""]
+    else:
+        lines += [f"DiscreteCQL (d3rlpy 2.8.1, its Atari settings, {peer['steps']} gradient steps, one training seed; "
+                  "docs/baselines.md) on the data each agent trains on, scored by the same evaluation.", "",
+                  "| game | DiscreteCQL | agent − DiscreteCQL | verdict |", "|---|---|---|---|"]
+        lines += [f"| {g} | {_f(v['cql_return'])} | {_f(v['agent_minus_cql'])} | {v['verdict']} |"
+                  for g, v in peer["games"].items()]
+        lines += ["", f"**Claim: at or above DiscreteCQL on every game — "
+                  f"{'HOLDS' if peer['holds'] else 'DOES NOT HOLD'}.**", ""]
     return "\n".join(lines)
 
 

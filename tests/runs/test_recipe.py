@@ -80,7 +80,7 @@ def test_repeated_flags_replace_the_default_games_and_seeds():
 
 def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_path):
     def losses(flags: list[str]):
-        recipe = _Recipe(parse_command("recipe", ["--out", str(tmp_path), *flags])[1])
+        recipe = _Recipe(parse_command("recipe", ["--out", str(tmp_path), "--no-baseline", *flags])[1])
         jobs = recipe.training_jobs()
         assert [j.name for j in jobs] == ["pretrain", "scratch-seed0", "scratch-seed1", "scratch-seed2",
                                           "finetune-seed0", "finetune-seed1", "finetune-seed2"]
@@ -136,6 +136,22 @@ def _write_eval(path, game: str, returns: list[float], hns: list[float]) -> None
             w.writerow({"game": game, "episode": i, "return": r, "hns": h})
 
 
+def test_baseline_jobs_train_discrete_cql_on_each_games_agent_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(_Recipe, "baseline_available", lambda self: True)
+    recipe = _Recipe(parse_command("recipe", ["--out", str(tmp_path), "--baseline-steps", "300"])[1])
+    jobs = {j.name: j for j in recipe.training_jobs()}
+    assert [n for n in jobs if n.startswith("cql")] == ["cql-freeway", "cql-boxing", "cql-pong"]
+    for game in ("Freeway", "Boxing", "Pong"):
+        job = jobs[f"cql-{game.lower()}"]
+        assert not job.resumable and job.steps == 300 and job.argv[:2] == ["baseline", "train"]
+        args = parse_command("baseline train", job.argv[2:])[1]
+        assert args.algo == "discrete-cql" and args.steps == 300 and args.hold_out_episodes == 2
+        assert args.data == (str(recipe.behaviour_data(game)),)
+        assert args.transitions == (5000 if game == "Pong" else None)  # the held-out game: fine-tuning's data
+    monkeypatch.setattr(_Recipe, "baseline_available", lambda self: False)
+    assert not [j for j in recipe.training_jobs() if j.name.startswith("cql")]
+
+
 def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatch):
     cfg = RecipeConfig(out=tmp_path, pretrain_games=["Freeway", "Boxing"], finetune_game="Pong", seeds=[0, 1],
                        eval_max_steps=10)
@@ -165,8 +181,17 @@ def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatc
                 w.writerow({"game": "Boxing", "episode": 0, "return": 2.0, "hns": 0.2})
             _write_eval(tmp_path / "eval" / f"finetune{plan}-seed{s}", "Pong", [-10.0 + s], [0.3 + delta])
         _write_eval(tmp_path / "eval" / f"scratch-seed{s}", "Pong", [-12.0], [0.2])
+    assert r.claims()["peer"] == {"games": {}, "steps": 5000, "holds": False}  # no baseline evaluated
+    for s in (0, 1):
+        for g, x in (("Freeway", 4.0), ("Boxing", 3.0), ("Pong", -10.0)):
+            _write_eval(tmp_path / "eval" / f"cql-{g.lower()}-seed{s}", g, [x], [0.0])
     claims = r.claims()
     json.dumps(claims)  # JSON-able
+    peer = claims["peer"]["games"]
+    assert peer["Freeway"]["agent_minus_cql"][0] == pytest.approx(0.0) and peer["Freeway"]["verdict"].startswith("holds")
+    assert peer["Boxing"]["agent_minus_cql"][0] == pytest.approx(-1.0) and peer["Boxing"]["verdict"] == "does not hold"
+    assert peer["Pong"]["agent_minus_cql"][0] == pytest.approx(0.5)
+    assert claims["peer"]["holds"] is False
     assert claims["games"]["Freeway"]["agent_minus_data"][0] == pytest.approx(3.0)
     assert claims["games"]["Boxing"]["agent_minus_data"][0] == pytest.approx(-4.0)
     assert claims["games"]["Pong"]["agent_minus_data"][0] == pytest.approx(-9.5 + 4.0)
@@ -178,3 +203,4 @@ def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatc
 
     text = claims_markdown(claims, cfg)
     assert "DOES NOT HOLD** (1 of 3)" in text and "| Freeway | pretraining |" in text
+    assert "| Boxing | 3.0 [3.0, 3.0] | -1.0 [-1.0, -1.0] | does not hold |" in text
