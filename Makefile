@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+# setuptools warns on every editable install whose package root is the repository root ("folders in your
+# working directory with the same name as your package may take precedence"); wam's checkout has no such
+# folder, so the warning says nothing about it and is silenced here, by its message only.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
