@@ -105,8 +105,10 @@ class ExportSummary:
 
 
 def _metadata_legal_ids(store: Any) -> list[int] | None:
+    from wam.datasets.store import METADATA_FILE
+
     try:
-        meta = json.loads((store.data / "metadata.json").read_text())
+        meta = json.loads((store.data / METADATA_FILE).read_text())
     except (OSError, ValueError):
         return None
     legal = meta.get("wam_legal_actions")

@@ -327,9 +327,7 @@ def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: P
         raise WamError(f"tokenizer {tok_path} has id {tok.tokenizer_id()}, but {path} was trained with {want_id}; "
                        "use the tokenizer the model was trained with")
     model, _ = WorldActionModel.from_checkpoint(path, map_location=device)
-    if support_threshold is not None:
-        if not 0.0 <= support_threshold <= 1.0:
-            raise WamError(f"--support-threshold must lie in [0, 1], got {support_threshold}")
+    if support_threshold is not None:  # the config checks its range
         model.cfg = dataclasses.replace(model.cfg, support_threshold=float(support_threshold))
     if tok.cfg.codebook_size != model.cfg.vocab_size:
         raise WamError(f"tokenizer {tok_path} has {tok.cfg.codebook_size} codes, the model a vocabulary of "

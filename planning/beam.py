@@ -231,6 +231,7 @@ class BeamSearchPlanner:
             action = cand.reshape(-1)  # [B*K]
             disc = s.gamma ** torch.arange(h + 1, dtype=torch.float32, device=dev)  # [H+1]
             expansions = [cand_raw.reshape(-1)]  # G^(0..H), each [B*K]; G^(0) = the raw Q
+            partial = torch.zeros(b * k, device=dev)  # sum_{i<=d} gamma^i alive_i r_i, the rewards so far
             for d in range(h):
                 plans[:, d] = action
                 reward_logits, term_logits, first_logits, st = model.act(action, st)
@@ -250,7 +251,7 @@ class BeamSearchPlanner:
                 else:
                     bootstrap, action = q_next_vals.max(-1)  # greedy continuation of each beam
                 # G^(d+1) = sum_{i<=d} gamma^i alive_i r_i + gamma^(d+1) alive_(d+1) Q(s_(d+1), a_(d+1))
-                partial = (rewards[:, :d + 1] * alive[:, :d + 1] * disc[:d + 1]).sum(-1)
+                partial = partial + disc[d] * alive[:, d] * rewards[:, d]
                 expansions.append(partial + disc[d + 1] * alive[:, d + 1] * bootstrap)
             ret = torch.stack(expansions).mean(0) if s.backup == "mean" else expansions[-1]
             value = ret.view(b, k)

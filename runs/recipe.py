@@ -168,9 +168,10 @@ def _run_jobs(jobs: list[_Job], parallel: int) -> None:
                 if len(running) >= parallel:
                     break
                 if all(a in done for a in j.after):
-                    resume = [] if not j.run.exists() else ["--resume"] if j.resumable else ["--overwrite"]
-                    if j.resumable and not (j.run / "checkpoints").exists():
-                        resume = []
+                    if j.resumable:  # continue a run that has saved a checkpoint
+                        resume = ["--resume"] if (j.run / "checkpoints").exists() else []
+                    else:  # start it again over what an interrupted run left
+                        resume = ["--overwrite"] if j.run.exists() else []
                     j.run.parent.mkdir(parents=True, exist_ok=True)
                     j.log = open(j.run.parent / f"{j.run.name}.log", "a")  # noqa: SIM115
                     cmd = [sys.executable, "-m", "wam.runs.cli", *j.argv, "--no-progress", *resume]

@@ -112,6 +112,11 @@ class WorldActionModelConfig:
     games: tuple[str, ...] = ()
     """Game names, one task-embedding row each (set from the data by the commands)."""
 
+    def __post_init__(self) -> None:
+        # checked here, not in the model, so that an acting-time override (`dataclasses.replace`) is checked too
+        if not 0.0 <= self.support_threshold <= 1.0:
+            raise WamError(f"support_threshold must lie in [0, 1], got {self.support_threshold}")
+
     @classmethod
     def from_preset(cls, name: str) -> WorldActionModelConfig:
         return dataclasses.replace(preset_value(MODEL_PRESETS, name, "model preset"))
@@ -263,8 +268,6 @@ class WorldActionModel(nn.Module):
             raise WamError("WorldActionModelConfig.games is empty; the model needs one task row per game")
         if cfg.init not in INITS:
             raise WamError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
-        if not 0.0 <= cfg.support_threshold <= 1.0:
-            raise WamError(f"support_threshold must lie in [0, 1], got {cfg.support_threshold}")
         self.cfg = cfg
         d = cfg.d_model
         self.obs_embedding = nn.Embedding(cfg.vocab_size, d)

@@ -479,5 +479,7 @@ def test_behaviour_prior_head_loss_and_acting_values_hand_checked():
     got = model.acting_values(q, legal, logits[:1, 0])
     assert torch.isinf(got[0, [0, 2, 3]]).all() and got[0, 1].item() == pytest.approx(want[1].item(), abs=1e-4)
     assert got.argmax(-1).item() == 1
+    with pytest.raises(WamError, match=r"support_threshold must lie in \[0, 1\], got 1.5"):
+        dataclasses.replace(model.cfg, support_threshold=1.5)  # an acting-time override is checked too
     total, logs = world_action_loss(model, batch, LossConfig())
     assert "prior_ce" in logs and torch.isfinite(total)
