@@ -25,7 +25,6 @@ at import, and `load_agent` imports the modules listed in `AGENT_MODULES` before
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -155,14 +154,17 @@ def load_agent(spec: str, game: str, plan: PlannerSettings | None = None, **kwar
     return AGENT_LOADERS[kind](ckpt_path, ckpt, game, plan, **kwargs)
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory of a checkpoint file (`RUN/checkpoints/step_N.pt`, or a file directly in RUN)."""
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 def checkpoint_id(path: str | Path, step: int | None = None) -> str:
     """A stable id for a checkpoint file: `<run>/<file>@<step>#<sha256[:12]>` (what evaluation records)."""
+    from wam.datasets.files import sha256_file
+
     path = Path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    run = path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
     at = f"@{step}" if step is not None else ""
-    return f"{run}/{path.name}{at}#{digest.hexdigest()[:12]}"
+    return f"{run_dir_of(path).name}/{path.name}{at}#{sha256_file(path)[:12]}"
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wam.agents.base import AgentState, checkpoint_id, register_agent_loader
+from wam.agents.base import AgentState, checkpoint_id, register_agent_loader, run_dir_of
 from wam.datasets.errors import WamError
 from wam.datasets.files import sha256_file
 from wam.planning.beam import PlannerSettings
@@ -330,10 +330,6 @@ class D3rlpyAgent:
         return actions, state, {}
 
 
-def _run_dir_of(ckpt_path: Path) -> Path:
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-
-
 def load_d3rlpy_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlannerSettings | None,
                       device: str = "cpu", **kwargs: Any) -> D3rlpyAgent:
     """The `load_agent` loader of "d3rlpy-policy" checkpoints (written by `wam baseline train`).
@@ -358,7 +354,7 @@ def load_d3rlpy_agent(path: Path, ckpt: dict[str, Any], game: str, plan: Planner
                        f"ALE has {now}")
     if int(ckpt.get("frame_stack", FRAME_STACK)) != FRAME_STACK:
         raise WamError(f"{path} stacks {ckpt['frame_stack']} frames; this wam plays d3rlpy policies of {FRAME_STACK}")
-    policy = _run_dir_of(path) / ckpt["policy_file"]
+    policy = run_dir_of(path) / ckpt["policy_file"]
     if not policy.is_file():
         raise WamError(f"{path} names the policy {policy}, which is not there; keep the run directory together")
     data = policy.read_bytes()
