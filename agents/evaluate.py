@@ -39,7 +39,9 @@ import numpy as np
 
 from wam.agents.base import Agent, load_agent
 from wam.agents.metrics import EPISODE_COLUMNS, EpisodeRecord, read_episodes, summarize
+from wam.datasets import faults
 from wam.datasets.errors import WamError
+from wam.datasets.faults import DieOn
 from wam.planning.beam import PlannerSettings
 
 log = logging.getLogger(__name__)
@@ -181,11 +183,11 @@ class _EvalWorker:
 
     def __init__(self, agent_spec: str, protocol: str, epsilon: float, plan: dict[str, Any] | None,
                  max_steps: int | None, agent_kwargs: dict[str, Any], video_max_frames: int,
-                 num_threads: int = 1, die_on: tuple[str, int, str] | None = None) -> None:
+                 num_threads: int = 1, fault: DieOn | None = None) -> None:
         self.agent_spec, self.protocol, self.epsilon = agent_spec, protocol, epsilon
         self.plan = PlannerSettings(**plan) if plan is not None else None
         self.max_steps, self.agent_kwargs, self.video_max_frames = max_steps, agent_kwargs, video_max_frames
-        self.die_on = die_on  # fault injection for tests: (game, episode index, marker file)
+        self.fault = fault  # tests' worker crash (wam.datasets.faults)
         self.agents: dict[str, Agent] = {}
         self.envs: dict[str, list] = {}
         if agent_spec not in ("random", "scripted"):
@@ -215,13 +217,7 @@ class _EvalWorker:
 
     def run(self, game: str, indices: list[int], seeds: list[int], record: list[bool]
             ) -> tuple[list[EpisodeResult], EnvSettings]:
-        if self.die_on is not None and game == self.die_on[0] and self.die_on[1] in indices:
-            marker = Path(self.die_on[2])
-            if not marker.exists():  # die once, the way a crashed worker process does
-                marker.touch()
-                import os
-
-                os._exit(1)
+        faults.check(self.fault, *(f"{game}/{i}" for i in indices))
         from wam.datasets.atari import legal_action_mask
 
         agent, envs = self._setup(game, len(indices), seeds[0])
@@ -313,8 +309,6 @@ def evaluate(
     bootstrap_seed: int = 0,
     ray_address: str | None = None,
     video_max_frames: int = VIDEO_MAX_FRAMES,
-    _die_on: tuple[str, int, str] | None = None,
-    _interrupt_after: int | None = None,
 ) -> EvalResult:
     """Evaluate `agent_spec` (`random`, `scripted` or a run directory) for `episodes` episodes per game.
 
@@ -322,8 +316,7 @@ def evaluate(
     agent; `max_steps` caps episodes below the protocol's cap (tests, demos). The confidence intervals
     in results.json use `bootstrap_reps` and `bootstrap_seed` (the same defaults as `wam report`,
     so both show the same numbers). See the module docstring
-    for the files written. `_die_on` = (game, episode, marker file) kills the worker of that episode
-    once; `_interrupt_after` = n raises KeyboardInterrupt after n finished batches (tests).
+    for the files written.
     """
     import ray
     from tqdm import tqdm
@@ -403,10 +396,11 @@ def evaluate(
                 n_cpu = ray.available_resources().get("CPU", 1)
                 cpus_per = min(1.0, max(0.01, n_cpu / workers))
                 Worker = ray.remote(num_cpus=cpus_per)(_EvalWorker)
+                fault, interrupt_after = faults.die_on("evaluate"), faults.interrupt_after()
 
                 def new_actor():
                     return Worker.remote(agent_spec, protocol, eps, plan_settings.as_dict() if plan_settings else None,
-                                         max_steps, agent_kwargs, video_max_frames, max(1, int(cpus_per)), _die_on)
+                                         max_steps, agent_kwargs, video_max_frames, max(1, int(cpus_per)), fault)
 
                 group = ActorGroup(
                     new_actor, min(workers, len(batches)), MAX_BATCH_RETRIES,
@@ -441,7 +435,7 @@ def evaluate(
                         bar.set_postfix(ret=f"{np.mean([r.score for r in results]):.1f}",
                                         sps=f"{result.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
                         finished_batches += 1
-                        if _interrupt_after is not None and finished_batches >= _interrupt_after:
+                        if interrupt_after is not None and finished_batches >= interrupt_after:
                             raise KeyboardInterrupt
                         if queue:
                             submit(ai, *queue.pop(0))

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wam.datasets import faults
 from wam.datasets.errors import WamError
+from wam.datasets.faults import DieOn
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +95,13 @@ def run_episode(env, policy, legal: np.ndarray, seed: int) -> dict[str, np.ndarr
 class _EpisodeRunner:
     """Body of the Ray actor: keeps one environment per game and plays requested episodes."""
 
-    def __init__(self, protocol: str, policy: str, epsilon: float, die_on: tuple[str, int, str] | None = None):
+    def __init__(self, protocol: str, policy: str, epsilon: float, fault: DieOn | None = None):
         self.protocol, self.policy_name, self.epsilon = protocol, policy, epsilon
         self.envs: dict[str, tuple] = {}
-        self.die_on = die_on  # fault injection for tests: (game, episode index, marker file)
+        self.fault = fault  # tests' worker crash (wam.datasets.faults)
 
     def run(self, game: str, index: int, seed: int) -> tuple[str, int, dict[str, np.ndarray]]:
-        if self.die_on is not None and (game, index) == self.die_on[:2]:
-            marker = Path(self.die_on[2])
-            if not self.die_on[2] or not marker.exists():  # die once (no marker: every time), as a crash does
-                if self.die_on[2]:
-                    marker.touch()
-                import os
-
-                os._exit(1)
+        faults.check(self.fault, f"{game}/{index}")
         from wam.datasets.atari import legal_action_mask, make_env
         from wam.datasets.policies import make_policy
 
@@ -156,15 +151,12 @@ def collect(
     out: str | Path = "data",
     progress: bool = True,
     ray_address: str | None = None,
-    _die_on: tuple[str, int, str] | None = None,
 ) -> CollectSummary:
     """Collect `steps` transitions (split evenly over games) or `episodes` episodes per game into `out`.
 
-    `out` is a dataset root: each game goes to `out/atari/<game>/<policy-name>-v0/`.
-    `_die_on` = (game, episode index, marker file) makes the worker that runs that episode exit the first
-    time (tests use it to check that a dead worker's episode is re-run and counted once); with an empty
-    marker it exits every time, and after `MAX_EPISODE_RETRIES` restarts on one episode collection stops
-    with a `WamError` (the episodes written before it stay in the dataset).
+    `out` is a dataset root: each game goes to `out/atari/<game>/<policy-name>-v0/`. A dead worker's
+    episode is re-run on a new worker and counted once; after `MAX_EPISODE_RETRIES` restarts on one episode
+    collection stops with a `WamError` (the episodes written before it stay in the dataset).
     """
     import ray
     from tqdm import tqdm
@@ -227,8 +219,9 @@ def collect(
             n_cpu = ray.available_resources().get("CPU", 1)
             cpus_per = min(1.0, max(0.01, n_cpu / workers))
             Runner = ray.remote(num_cpus=cpus_per)(_EpisodeRunner)
+            fault = faults.die_on("collect")
             group = ActorGroup(
-                lambda: Runner.remote(protocol, policy, epsilon, _die_on), workers, MAX_EPISODE_RETRIES,
+                lambda: Runner.remote(protocol, policy, epsilon, fault), workers, MAX_EPISODE_RETRIES,
                 describe=lambda key: f"{key[0]} episode {key[1]}",
                 give_up=lambda key: (f"workers died {MAX_EPISODE_RETRIES + 1} times on {key[0]} episode {key[1]} "
                                      f"(seed {episode_seed(seed, *key)}); the episodes before it are saved in "

@@ -180,8 +180,7 @@ class _TokenSource:
 def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike],
                      out: str | os.PathLike, settings: PlannerSettings, context: int = 0, stride: int = 1,
                      max_states: int | None = None, workers: int = 2, batch_size: int = 32, seed: int = 0,
-                     ray_address: str | None = None, overwrite: bool = False, progress: bool = True,
-                     _die_on: tuple[int, str] | None = None) -> CorrectSummary:
+                     ray_address: str | None = None, overwrite: bool = False, progress: bool = True) -> CorrectSummary:
     """Plan from dataset states with the model of `agent` and write corrected Q-values to `out` (HDF5).
 
     context: frames of history per state (0 = the most that leaves room for the horizon in the model's
@@ -246,8 +245,7 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
               "raw_q": np.zeros((n, 18)), "plans": np.full((n, k, h), -1)}
     arrays = {name: np.asarray(a).astype(_DTYPES[name]) for name, a in arrays.items()}
     try:
-        with PlannerPool(model, settings, workers=workers, batch_size=batch_size, ray_address=ray_address,
-                         _die_on=_die_on) as pool:
+        with PlannerPool(model, settings, workers=workers, batch_size=batch_size, ray_address=ray_address) as pool:
             from tqdm import tqdm
 
             bar = tqdm(total=n, unit="state", desc="plan correct", disable=not progress, dynamic_ncols=True)

@@ -17,17 +17,17 @@ Ray is imported inside the pool's methods only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from wam.datasets import faults
 from wam.datasets.errors import WamError
+from wam.datasets.faults import DieOn
 from wam.planning.beam import BeamSearchPlanner, PlannerSettings
 
 log = logging.getLogger(__name__)
@@ -97,19 +97,15 @@ class _PlannerWorker:
     """Body of a pool actor: a model copy (CPU) and a planner; plans one chunk per call."""
 
     def __init__(self, model: Any, settings: PlannerSettings, threads: int,
-                 die_on: tuple[int, str] | None = None) -> None:
+                 fault: DieOn | None = None) -> None:
         torch.set_num_threads(threads)  # same thread count in every actor: identical reductions
         self.model = model.cpu().eval()
         s = settings
         self.planner = BeamSearchPlanner(self.model, s.beam_width, s.horizon, s.gamma, s.reward, s.backup)
-        self.die_on = die_on  # fault injection for tests: (chunk index, marker file)
+        self.fault = fault  # tests' worker crash (wam.datasets.faults)
 
     def plan(self, chunk: int, requests: list[PlanRequest]) -> tuple[int, list[PlanAnswer], int, int, float]:
-        if self.die_on is not None and chunk == self.die_on[0]:
-            marker = Path(self.die_on[1])
-            if not marker.exists():  # die once, the way a crashed worker process does
-                marker.touch()
-                os._exit(1)
+        faults.check(self.fault, str(chunk))
         t0 = time.perf_counter()
         answers, calls, tokens = plan_requests(self.planner, requests)
         return chunk, answers, calls, tokens, time.perf_counter() - t0
@@ -132,13 +128,12 @@ class PlannerPool:
     """
 
     def __init__(self, model: Any, settings: PlannerSettings, workers: int = 2, batch_size: int = 16,
-                 threads_per_worker: int = 1, max_retries: int = 3, ray_address: str | None = None,
-                 _die_on: tuple[int, str] | None = None) -> None:
+                 threads_per_worker: int = 1, max_retries: int = 3, ray_address: str | None = None) -> None:
         if workers < 1 or batch_size < 1:
             raise WamError(f"planner pool needs workers >= 1 and batch_size >= 1, got {workers} and {batch_size}")
         self.model, self.settings = model, settings
         self.workers, self.batch_size, self.threads = workers, batch_size, threads_per_worker
-        self.max_retries, self.ray_address, self._die_on = max_retries, ray_address, _die_on
+        self.max_retries, self.ray_address = max_retries, ray_address
         self.stats = PoolStats()
         self._session: Any = None
         self._group: Any = None  # the actors (ActorGroup), while started
@@ -155,6 +150,7 @@ class PlannerPool:
         self._cpus_per = min(float(self.threads), max(0.01, n_cpu / self.workers))
         self._Worker = ray.remote(num_cpus=self._cpus_per)(_PlannerWorker)
         self._model_ref = ray.put(self.model)
+        self._fault = faults.die_on("plan")
         self._group = ActorGroup(
             self._new_actor, self.workers, self.max_retries, describe=lambda c: f"planner chunk {c}",
             give_up=lambda c: (f"planner chunk {c} killed its worker {self.max_retries + 1} times; giving up "
@@ -172,7 +168,7 @@ class PlannerPool:
             self._session = None
 
     def _new_actor(self) -> Any:
-        return self._Worker.remote(self._model_ref, self.settings, self.threads, self._die_on)
+        return self._Worker.remote(self._model_ref, self.settings, self.threads, self._fault)
 
     def warmup(self) -> None:
         """Wait until every actor has built its model (so timings exclude start-up)."""

@@ -10,6 +10,7 @@ import pytest
 from wam.agents.base import load_agent
 from wam.agents.evaluate import evaluate
 from wam.agents.metrics import read_episodes
+from wam.datasets import faults
 from wam.datasets.atari import legal_action_mask
 from wam.datasets.errors import WamError
 from wam.planning.beam import PlannerSettings
@@ -97,20 +98,23 @@ def test_scripted_beats_random_through_the_eval_path(random_eval, tmp_path):
         assert s > rnd + 1.0, f"{g}: scripted {s} vs random {rnd}"
 
 
-def test_a_dead_worker_episode_is_rerun_once(random_eval, tmp_path):
+def test_a_dead_worker_episode_is_rerun_once(random_eval, tmp_path, monkeypatch):
     marker = tmp_path / "died"
+    monkeypatch.setenv(faults.ENV_DIE_ON, f"evaluate:Breakout/2:{marker}")
     res = evaluate("random", GAMES, episodes=3, workers=2, seed=5, out_dir=tmp_path / "fault", max_steps=CAP,
-                   envs_per_worker=2, progress=False, _die_on=("Breakout", 2, str(marker)))
+                   envs_per_worker=2, progress=False)
     assert marker.exists() and res.restarted_workers == 1
     assert _key(res.records) == _key(random_eval.records)
     assert len(read_episodes(res.out_dir)) == 6
 
 
-def test_interrupt_keeps_finished_episodes_and_resume_completes(random_eval, tmp_path):
+def test_interrupt_keeps_finished_episodes_and_resume_completes(random_eval, tmp_path, monkeypatch):
     out = tmp_path / "int"
+    monkeypatch.setenv(faults.ENV_INTERRUPT_AFTER, "1")
     with pytest.raises(KeyboardInterrupt):
         evaluate("random", GAMES, episodes=3, workers=1, seed=5, out_dir=out, max_steps=CAP, envs_per_worker=2,
-                 progress=False, _interrupt_after=1)
+                 progress=False)
+    monkeypatch.delenv(faults.ENV_INTERRUPT_AFTER)
     kept = read_episodes(out)
     assert len(kept) == 2  # one finished batch of 2 episodes
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from wam.datasets import faults
 from wam.datasets.atari import make_env
 from wam.datasets.collect import _truncate, collect, dataset_name
 from wam.datasets.errors import WamError
@@ -116,24 +117,26 @@ def test_truncating_to_a_step_budget_keeps_one_ram_row_per_frame():
     assert cut["truncations"][-1] and not cut["terminations"][-1]
 
 
-def test_a_dead_worker_has_its_episode_rerun_once(ray_session, tmp_path):
+def test_a_dead_worker_has_its_episode_rerun_once(ray_session, tmp_path, monkeypatch):
     marker = tmp_path / "died"
-    s = collect(["Pong"], policy="random", episodes=3, workers=2, seed=5, out=tmp_path / "x", progress=False,
-                _die_on=("Pong", 1, str(marker)))
+    monkeypatch.setenv(faults.ENV_DIE_ON, f"collect:Pong/1:{marker}")
+    s = collect(["Pong"], policy="random", episodes=3, workers=2, seed=5, out=tmp_path / "x", progress=False)
     assert marker.exists(), "the fault was not injected"
     assert s.restarted_workers == 1
+    monkeypatch.delenv(faults.ENV_DIE_ON)
     ref = collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path / "y", progress=False)
     assert s.episodes == ref.episodes == 3
     _same(_episodes(tmp_path / "x", "Pong", "random"), _episodes(tmp_path / "y", "Pong", "random"))
 
 
-def test_a_worker_that_always_dies_stops_collection_with_the_episodes_before_it_kept(ray_session, tmp_path):
+def test_a_worker_that_always_dies_stops_collection_with_the_episodes_before_it_kept(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.ENV_DIE_ON, "collect:Pong/1")
     with pytest.raises(WamError, match="died 4 times on Pong episode 1"):
-        collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False,
-                _die_on=("Pong", 1, ""))
+        collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False)
     path = dataset_dir(tmp_path, "Pong", "random")
     assert validate(path) == []
     assert len(_episodes(tmp_path, "Pong", "random")) == 1
+    monkeypatch.delenv(faults.ENV_DIE_ON)
     s = collect(["Pong"], policy="random", episodes=3, workers=1, seed=5, out=tmp_path, progress=False)
     assert s.episodes == 2 and len(_episodes(tmp_path, "Pong", "random")) == 3  # the rerun resumes
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from wam.datasets import faults
 from wam.planning.beam import BeamSearchPlanner, PlannerSettings
 from wam.planning.pool import PlannerPool, PlanRequest, plan_requests
 from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig
@@ -69,11 +70,12 @@ def test_pool_matches_local_planner_for_one_and_two_workers(ray_session, build_s
         assert a.action == a.candidates[np.argmax(a.candidate_q)]
 
 
-def test_dead_actor_chunk_is_rerun_on_a_fresh_actor(ray_session, tmp_path, build_sharp_model):
+def test_dead_actor_chunk_is_rerun_on_a_fresh_actor(ray_session, tmp_path, build_sharp_model, monkeypatch):
     model = pool_model(build_sharp_model)
     reqs = requests(8, seed=1)
     local = local_answers(model, reqs, batch_size=2)
-    with PlannerPool(model, SETTINGS, workers=2, batch_size=2, _die_on=(2, str(tmp_path / "died"))) as pool:
+    monkeypatch.setenv(faults.ENV_DIE_ON, f"plan:2:{tmp_path / 'died'}")
+    with PlannerPool(model, SETTINGS, workers=2, batch_size=2) as pool:
         got = pool.plan(reqs)
     assert (tmp_path / "died").exists(), "the fault was injected"
     assert pool.stats.restarted_workers == 1
