@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from wam.datasets.errors import DataError
+from wam.datasets.metadata import write_json_atomic
 from wam.datasets.store import (
     MAIN_FILE,
     METADATA_FILE,
@@ -38,10 +39,9 @@ from wam.datasets.store import (
     RAM_SIZE,
     Episode,
     TrajectoryStore,
-    _write_json_atomic,
     dataset_dir,
-    validate,
 )
+from wam.datasets.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ def export_minari(directory: str | os.PathLike, minari_root: str | os.PathLike, 
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
     shutil.copyfile(store.data / MAIN_FILE, tmp / "data" / MAIN_FILE)
-    _write_json_atomic(tmp / "data" / METADATA_FILE, {**meta, "env_spec": env_spec_json(store.game, store.provenance)})
+    write_json_atomic(tmp / "data" / METADATA_FILE, {**meta, "env_spec": env_spec_json(store.game, store.provenance)})
     os.replace(tmp, target)
     parts = dataset_id.split("/")[:-1]  # namespaces: atari, atari/<game>
     for k in range(1, len(parts) + 1):
         ns = Path(minari_root, *parts[:k]) / NAMESPACE_FILE
         if not ns.exists():
-            _write_json_atomic(ns, {} if k < len(parts) else {"description": f"Atari {parts[-1]} (wam)"})
+            write_json_atomic(ns, {} if k < len(parts) else {"description": f"Atari {parts[-1]} (wam)"})
     log.info("exported %s to %s (%s)", store.directory, target, dataset_id)
     return target
 

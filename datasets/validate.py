@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from wam.datasets.errors import DataError
-from wam.datasets.store import (
+from wam.datasets.layout import (
     FIELDS,
     FRAME_SHAPE,
     MAIN_FILE,
@@ -21,11 +21,12 @@ from wam.datasets.store import (
     NUM_TOKENS,
     RAM_FIELD,
     RAM_SIZE,
-    _py,
-    _read_provenance,
-    _write_metadata,
     frames_crc32,
+    py_value,
+    read_provenance,
 )
+from wam.datasets.metadata import legal_actions, write_metadata
+from wam.datasets.store import TrajectoryStore
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def validate(directory: str | os.PathLike) -> list[Problem]:
         n = int(f.attrs.get("num_episodes", -1))
         if n < 0:
             return [Problem(str(path), None, "file attribute num_episodes is missing")]
-        tokenizer_id = _py(f.attrs["tokenizer_id"]) if "tokenizer_id" in f.attrs else None
+        tokenizer_id = py_value(f.attrs["tokenizer_id"]) if "tokenizer_id" in f.attrs else None
         steps = 0
         for i in range(n):
             ep_problems, t = _check_episode(f, i, tokenizer_id)
@@ -92,7 +93,7 @@ def validate(directory: str | os.PathLike) -> list[Problem]:
         if not problems and steps != int(f.attrs.get("num_steps", -1)):
             problems.append(Problem(str(path), None, f"num_steps attribute {int(f.attrs.get('num_steps', -1))} "
                                                      f"!= {steps} steps in the episodes"))
-        provenance = _read_provenance(f)
+        provenance = read_provenance(f)
     if not problems:
         problems += _check_metadata(directory, provenance, n, steps)
     return problems
@@ -111,7 +112,7 @@ def _check_episode(f: h5py.File, i: int, tokenizer_id: str | None) -> tuple[list
     else:
         t = int(g.attrs["total_steps"])
     present = [k for k in (*FIELDS, "infos/lives", RAM_FIELD, "obs_tokens") if k in g]
-    n_tok = int(_py(f.attrs.get("tokens_per_frame", NUM_TOKENS)))  # the store's tokens per frame
+    n_tok = int(py_value(f.attrs.get("tokens_per_frame", NUM_TOKENS)))  # the store's tokens per frame
     for k in FIELDS:
         if k not in g:
             out.append(f"missing field '{k}'")
@@ -198,7 +199,7 @@ def _check_metadata(directory: Path, provenance: dict, episodes: int, steps: int
         return []
     log.warning("%s is missing or behind %s (interrupted commit); rewriting it", meta_path, MAIN_FILE)
     try:
-        _write_metadata(directory, provenance, episodes, steps)
+        write_metadata(directory, provenance, episodes, steps)
     except OSError as e:
         return [Problem(str(meta_path), None, f"missing or stale and cannot be rewritten: {e}")]
     return []
@@ -209,8 +210,6 @@ def dataset_info(directory: str | os.PathLike) -> dict:
 
     Raises DataError when `directory` is missing or not a wam dataset.
     """
-    from wam.datasets.store import TrajectoryStore, legal_actions
-
     store = TrajectoryStore.open(_resolve(directory))
     returns = store.episode_returns()
     lengths = store.episode_lengths()

@@ -75,7 +75,8 @@ class InfoConfig:
 
 
 def info(cfg: InfoConfig) -> int:
-    from wam.datasets.store import dataset_info, find_datasets
+    from wam.datasets.store import find_datasets
+    from wam.datasets.validate import dataset_info
 
     if not cfg.paths:
         raise DataError("give at least one dataset directory or root")
@@ -143,8 +144,9 @@ class ValidateConfig:
 
 
 def validate(cfg: ValidateConfig) -> int:
-    from wam.datasets.store import _is_dataset, find_datasets
-    from wam.datasets.store import validate as validate_dataset
+    from wam.datasets.layout import is_dataset
+    from wam.datasets.store import find_datasets
+    from wam.datasets.validate import validate as validate_dataset
 
     if not cfg.paths:
         raise DataError("give at least one dataset directory or root")
@@ -152,7 +154,7 @@ def validate(cfg: ValidateConfig) -> int:
     for p in cfg.paths:
         if not p.exists():
             raise DataError(f"{p} does not exist")
-        if p.is_dir() and not _is_dataset(p) and any(p.rglob("data/main_data.hdf5")):
+        if p.is_dir() and not is_dataset(p) and any(p.rglob("data/main_data.hdf5")):
             targets += find_datasets([p])
         else:
             targets.append(p)  # a dataset, or something that is not one (reported as a problem)

@@ -135,7 +135,8 @@ class _Demo:
         return f"{len(self.games)} games x 2 policies x {self.cfg.steps_per_game} steps"
 
     def validate(self) -> str:
-        from wam.datasets.store import dataset_info, find_datasets
+        from wam.datasets.store import find_datasets
+        from wam.datasets.validate import dataset_info
 
         run_wam("data", "validate", self.p("data"))
         infos = [dataset_info(d) for d in find_datasets([self.p("data")])]

@@ -11,7 +11,8 @@ from wam.datasets import faults
 from wam.datasets.atari import make_env
 from wam.datasets.collect import _truncate, collect, dataset_name
 from wam.datasets.errors import WamError
-from wam.datasets.store import TrajectoryStore, dataset_dir, validate
+from wam.datasets.store import TrajectoryStore, dataset_dir
+from wam.datasets.validate import validate
 
 
 def _episodes(root, game, name):

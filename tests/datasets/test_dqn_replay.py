@@ -10,7 +10,8 @@ import pytest
 
 from wam.datasets.dqn_replay import import_dqn_replay, minimal_action_set
 from wam.datasets.errors import DataError
-from wam.datasets.store import TrajectoryStore, validate
+from wam.datasets.store import TrajectoryStore
+from wam.datasets.validate import validate
 
 PONG_MINIMAL = [0, 1, 3, 4, 11, 12]  # NOOP FIRE RIGHT LEFT RIGHTFIRE LEFTFIRE
 

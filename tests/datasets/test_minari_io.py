@@ -11,7 +11,8 @@ import pytest
 
 from wam.datasets.errors import DataError
 from wam.datasets.minari_io import _ram_of, export_minari, import_minari
-from wam.datasets.store import Episode, TrajectoryStore, dataset_dir, validate
+from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+from wam.datasets.validate import validate
 
 HAS_MINARI = importlib.util.find_spec("minari") is not None
 needs_minari = pytest.mark.skipif(not HAS_MINARI, reason="minari not installed (pip install 'wam[minari]')")

@@ -23,11 +23,10 @@ from wam.datasets.store import (
     Episode,
     TrajectoryStore,
     dataset_dir,
-    dataset_info,
     find_datasets,
     frames_crc32,
-    validate,
 )
+from wam.datasets.validate import dataset_info, validate
 
 PROV = {"protocol": "jowa", "policy": "random", "epsilon": 1.0, "seed": 0}
 
