@@ -366,7 +366,8 @@ def plot(result: dict, path) -> None:
     ax2.set(xscale="log", xlabel="context (tokens)", ylabel="ms per step", title="step latency vs context")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a quick run may have no curve with two points
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

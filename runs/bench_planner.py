@@ -3,7 +3,8 @@ per decision vs the minimum K*H*37; planning time vs the time of bare greedy dec
 planner-pool throughput with 1 and 2 Ray workers.
 
 Setup: the `debug` world-action model (d=64, 2 layers, 512-token vocabulary, 4-step context) of every core,
-B environments planned together from a 3-frame context. A *decision* is one environment's action.
+B environments planned together from a 2-frame context (the most with which the H = 2 leaves read Q at
+slots the losses train, `max_context_frames`). A *decision* is one environment's action.
 
 - greedy: feed the current frame (`observe`, 36 tokens in parallel form) and take the best legal Q.
 - planning (K, H): the same, then `BeamSearchPlanner.plan`.
@@ -68,7 +69,9 @@ def _bench_core(core: str, b: int, reps: int) -> dict[str, Any]:
     from wam.planning.beam import BeamSearchPlanner, repeat_state
 
     model = _model(core)
-    state, frame, legal = _root(model, b, frames=3)
+    from wam.planning.beam import max_context_frames
+
+    state, frame, legal = _root(model, b, frames=max_context_frames(model, max(h for _, h in SETTINGS)))
 
     @torch.no_grad()
     def greedy():
@@ -115,14 +118,15 @@ def _bench_core(core: str, b: int, reps: int) -> dict[str, Any]:
 
 def _bench_pool(n_requests: int, batch_size: int) -> dict[str, Any]:
     from wam.datasets.distributed import ray_session
-    from wam.planning.beam import PlannerSettings
+    from wam.planning.beam import PlannerSettings, max_context_frames
     from wam.planning.pool import PlannerPool, PlanRequest
 
     model = _model("transformer")
     rng = np.random.default_rng(0)
     legal = np.zeros(18, dtype=bool)
     legal[:6] = True
-    reqs = [PlanRequest(obs_tokens=rng.integers(0, 512, (3, 36)), actions=rng.integers(0, 6, 2), game_id=0,
+    frames = max_context_frames(model, 2)
+    reqs = [PlanRequest(obs_tokens=rng.integers(0, 512, (frames, 36)), actions=rng.integers(0, 6, frames - 1), game_id=0,
                         legal=legal) for _ in range(n_requests)]
     settings = PlannerSettings(beam_width=2, horizon=2)
     out: dict[str, Any] = {"requests": n_requests, "batch_size": batch_size, "K": 2, "H": 2, "core": "transformer"}
