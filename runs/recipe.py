@@ -34,11 +34,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +43,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import tyro
 
+from wam.agents.metrics import seed_diff_ci, seed_mean_ci
 from wam.datasets.errors import WamError
+from wam.runs.jobs import Job, finished, run_jobs
 
 
 @dataclass
@@ -135,120 +133,10 @@ class RecipeConfig:
             raise WamError(f"--until names a stage from 1 to 5, got {self.until}")
 
 
-# ----------------------------------------------------------------------------------- training jobs
-@dataclass
-class _Job:
-    name: str
-    argv: list[str]
-    run: Path
-    steps: int
-    after: tuple[str, ...] = ()
-    resumable: bool = True  # `--resume` continues a started run; otherwise `--overwrite` starts it again
-    proc: subprocess.Popen | None = None
-    log: Any = None
-    started: float = 0.0
-
-
-def _finished(run: Path, steps: int) -> bool:
-    return (run / "checkpoints" / f"step_{steps:08d}.pt").exists()
-
-
-def _run_jobs(jobs: list[_Job], parallel: int) -> None:
-    """Run `wam` training jobs as subprocesses, `parallel` at a time, respecting `after`; resume or skip."""
-    from tqdm import tqdm
-
-    done = {j.name for j in jobs if _finished(j.run, j.steps)}
-    pending = [j for j in jobs if j.name not in done]
-    running: list[_Job] = []
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    bar = tqdm(total=len(jobs), initial=len(done), desc="training runs", unit="run", dynamic_ncols=True)
-    try:
-        while pending or running:
-            for j in list(pending):
-                if len(running) >= parallel:
-                    break
-                if all(a in done for a in j.after):
-                    if j.resumable:  # continue a run that has saved a checkpoint
-                        resume = ["--resume"] if (j.run / "checkpoints").exists() else []
-                    else:  # start it again over what an interrupted run left
-                        resume = ["--overwrite"] if j.run.exists() else []
-                    j.run.parent.mkdir(parents=True, exist_ok=True)
-                    j.log = open(j.run.parent / f"{j.run.name}.log", "a")  # noqa: SIM115
-                    cmd = [sys.executable, "-m", "wam.runs.cli", *j.argv, "--no-progress", *resume]
-                    tqdm.write(f"$ wam {' '.join(cmd[3:])}   (log: {j.log.name})")
-                    j.proc = subprocess.Popen(cmd, stdout=j.log, stderr=subprocess.STDOUT, env=env)
-                    j.started = time.perf_counter()
-                    pending.remove(j)
-                    running.append(j)
-            time.sleep(1.0)
-            for j in list(running):
-                code = j.proc.poll()
-                if code is None:
-                    continue
-                j.log.close()
-                running.remove(j)
-                if code != 0:
-                    raise WamError(f"training run {j.name} exited with status {code}; see {j.log.name}")
-                done.add(j.name)
-                bar.update(1)
-                tqdm.write(f"{j.name}: done in {time.perf_counter() - j.started:.0f}s")
-            if pending and not running and not any(all(a in done for a in j.after) for j in pending):
-                raise WamError(f"runs {[j.name for j in pending]} wait for runs that did not finish")
-    finally:
-        for j in running:
-            j.proc.terminate()
-            j.proc.wait()
-        bar.close()
-
-
 # ---------------------------------------------------------------------------------------- claims
 def _records(path: Path) -> list[dict[str, Any]]:
     with open(path / "episodes.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-Groups = Sequence[np.ndarray]  # one array of episode scores per seed (or a single group: one array)
-
-
-def _strata(x: Groups | Sequence[Groups]) -> list[list[np.ndarray]]:
-    """A list of seed groups is one stratum; a list of such lists is one stratum each (e.g. per game)."""
-    return [list(x)] if isinstance(x[0], np.ndarray) else [list(g) for g in x]
-
-
-def _point(strata: list[list[np.ndarray]]) -> float:
-    return float(np.mean([np.mean([g.mean() for g in seeds]) for seeds in strata]))
-
-
-def _bootstrap(strata: list[list[np.ndarray]], reps: int, rng: np.random.Generator) -> np.ndarray:
-    """`reps` bootstrap replicates of the mean over strata of the mean over seeds of the mean episode score.
-
-    Two levels: the seeds of a stratum are resampled with replacement, and the episodes within each seed,
-    so the interval carries seed-to-seed variance (three seeds whose greedy episodes are each identical,
-    -21, -21 and -7, give an interval spanning -21 to -7, not a point). Strata (games) are kept fixed.
-    """
-    total = np.zeros(reps)
-    for seeds in strata:
-        per_seed = np.stack([g[rng.integers(0, g.size, size=(reps, g.size))].mean(1) for g in seeds], 1)
-        pick = rng.integers(0, len(seeds), size=(reps, len(seeds)))
-        total += np.take_along_axis(per_seed, pick, 1).mean(1)
-    return total / len(strata)
-
-
-def _mean_ci(groups: Groups | Sequence[Groups], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over seeds of each seed's mean episode score (over strata, if given); 95 % percentile CI from the
-    two-level bootstrap (seeds, then episodes within seeds)."""
-    strata = _strata(groups)
-    low, high = np.percentile(_bootstrap(strata, reps, np.random.default_rng(seed)), [2.5, 97.5])
-    return _point(strata), float(low), float(high)
-
-
-def _diff_ci(a: Groups | Sequence[Groups], b: Groups | Sequence[Groups], reps: int = 2000,
-             seed: int = 0) -> tuple[float, float, float]:
-    """(mean of b) - (mean of a), each bootstrapped independently as in `_mean_ci`; 95 % percentile CI."""
-    rng = np.random.default_rng(seed)
-    sa, sb = _strata(a), _strata(b)
-    low, high = np.percentile(_bootstrap(sb, reps, rng) - _bootstrap(sa, reps, rng), [2.5, 97.5])
-    return _point(sb) - _point(sa), float(low), float(high)
 
 
 def behaviour_data_returns(data: Path, cap: int) -> np.ndarray:
@@ -269,7 +157,7 @@ def behaviour_data_returns(data: Path, cap: int) -> np.ndarray:
         store.close()
 
 
-def _verdict(low: float, point: float, threshold: float = 0.0, strict: bool = True) -> str:
+def verdict(low: float, point: float, threshold: float = 0.0, strict: bool = True) -> str:
     ok = point > threshold if strict else point >= threshold
     if not ok:
         return "does not hold"
@@ -278,7 +166,7 @@ def _verdict(low: float, point: float, threshold: float = 0.0, strict: bool = Tr
 
 # ------------------------------------------------------------------------------------------ recipe
 @dataclass
-class _Recipe:
+class Recipe:
     cfg: RecipeConfig
 
     def p(self, *parts: str) -> Path:
@@ -322,7 +210,7 @@ class _Recipe:
             run_wam("tokenizer", "probe", run, "--data", self.p("data"), "--out", probe)
         return tokenizer_summary(load_tokenizer(run).extra)
 
-    def training_jobs(self) -> list[_Job]:
+    def training_jobs(self) -> list[Job]:
         """Pretraining, then fine-tuning from it and from scratch for every seed (wam command lines)."""
         c = self.cfg
         tok = str(self.p("runs", "tokenizer"))
@@ -336,7 +224,7 @@ class _Recipe:
         if c.bootstrap is not None:
             common += ["--bootstrap", c.bootstrap]
         pre = self.p("runs", "pretrain")
-        jobs = [_Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
+        jobs = [Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
                                                          for a in ("--data", str(self.behaviour_data(g)))],
                                   "--tokenizer", tok, "--core", c.core, "--steps", str(c.pretrain_steps),
                                   "--seed", "0", "--out", str(pre)], pre, c.pretrain_steps)]
@@ -344,17 +232,17 @@ class _Recipe:
               "--transitions", str(c.transitions), "--tokenizer", tok, "--steps", str(c.finetune_steps)]
         for s in c.seeds:
             run = self.p("runs", f"scratch-seed{s}")
-            jobs.append(_Job(f"scratch-seed{s}", ["finetune", "--from", "scratch", "--core", c.core, *common, *ft,
+            jobs.append(Job(f"scratch-seed{s}", ["finetune", "--from", "scratch", "--core", c.core, *common, *ft,
                                                   "--seed", str(s), "--out", str(run)], run, c.finetune_steps))
         for s in c.seeds:
             run = self.p("runs", f"finetune-seed{s}")
-            jobs.append(_Job(f"finetune-seed{s}", ["finetune", "--from", str(pre), *common, *ft, "--seed", str(s),
+            jobs.append(Job(f"finetune-seed{s}", ["finetune", "--from", str(pre), *common, *ft, "--seed", str(s),
                                                    "--out", str(run)], run, c.finetune_steps, after=("pretrain",)))
         if self.baseline_available():
             for g in self.games:
                 run = self.p("runs", f"cql-{g.lower()}")
                 cut = ["--transitions", str(c.transitions)] if g == c.finetune_game else []
-                jobs.append(_Job(f"cql-{g.lower()}", ["baseline", "train", "--algo", "discrete-cql", "--data",
+                jobs.append(Job(f"cql-{g.lower()}", ["baseline", "train", "--algo", "discrete-cql", "--data",
                                                       str(self.behaviour_data(g)), *cut, "--hold-out-episodes",
                                                       str(c.calibration_episodes), "--steps", str(c.baseline_steps),
                                                       "--seed", "0", "--threads", "1", "--out", str(run)],
@@ -377,7 +265,7 @@ class _Recipe:
     def train(self) -> str:
         jobs = self.training_jobs()
         # pretraining first: the fine-tuning runs wait for it, the from-scratch runs fill the other slot
-        _run_jobs(jobs, self.cfg.parallel)
+        run_jobs(jobs, self.cfg.parallel)
         return f"{len(jobs)} runs"
 
     def _eval(self, name: str, agent: str | Path, games: list[str], episodes: int, seed: int,
@@ -408,7 +296,7 @@ class _Recipe:
                        c.plan_episodes, s, plan)
             for g in self.games:  # one trained baseline per game, its episodes seeded like the agents'
                 run = self.p("runs", f"cql-{g.lower()}")
-                if _finished(run, c.baseline_steps):
+                if finished(run, c.baseline_steps):
                     self._eval(f"cql-{g.lower()}-seed{s}", run, [g], c.eval_episodes, s)
         self._merge()
         return f"{len(list(self.p('eval').iterdir()))} evaluations"
@@ -458,32 +346,32 @@ class _Recipe:
         for g in self.games:
             data = behaviour_data_returns(self.behaviour_data(g), cap)
             agent = agent_groups(g, False)
-            a_pt = _mean_ci(agent)
-            d_pt = _mean_ci([data])
-            diff = _diff_ci([data], agent)
+            a_pt = seed_mean_ci(agent)
+            d_pt = seed_mean_ci([data])
+            diff = seed_diff_ci([data], agent)
             ok = diff[0] > 0
             beaten += ok
             out["games"][g] = {
                 "role": "pretraining" if g in c.pretrain_games else "held out (fine-tuned)",
                 "behaviour_data_return": d_pt, "behaviour_data_episodes": int(data.size),
                 "agent_return": a_pt, "agent_episodes": int(sum(x.size for x in agent)),
-                "agent_minus_data": diff, "verdict": _verdict(diff[1], diff[0]),
-                "agent_planning_return": _mean_ci(agent_groups(g, True)),
-                "random_return": _mean_ci([returns("random", g)]),
-                "behaviour_policy_return": _mean_ci([returns("behaviour", g)]),
+                "agent_minus_data": diff, "verdict": verdict(diff[1], diff[0]),
+                "agent_planning_return": seed_mean_ci(agent_groups(g, True)),
+                "random_return": seed_mean_ci([returns("random", g)]),
+                "behaviour_policy_return": seed_mean_ci([returns("behaviour", g)]),
             }
         out["beats_data"] = {"games_above": beaten, "of": len(self.games),
                              "holds": beaten >= 2}
         # planning: mean over games of (HNS with planning - HNS without); games fixed, seeds and episodes resampled
         with_p = [agent_groups(g, True, hns) for g in self.games]
         without = [agent_groups(g, False, hns) for g in self.games]
-        d = _diff_ci(without, with_p)
-        out["planning"] = {"hns_with_minus_without": d, "verdict": _verdict(d[1], d[0], strict=False)}
+        d = seed_diff_ci(without, with_p)
+        out["planning"] = {"hns_with_minus_without": d, "verdict": verdict(d[1], d[0], strict=False)}
         g = c.finetune_game
-        d = _diff_ci([returns(f"scratch-seed{s}", g) for s in c.seeds], agent_groups(g, False))
-        out["pretraining"] = {"finetuned_minus_scratch_return": d, "verdict": _verdict(d[1], d[0]),
-                              "finetuned_return": _mean_ci(agent_groups(g, False)),
-                              "scratch_return": _mean_ci([returns(f"scratch-seed{s}", g) for s in c.seeds])}
+        d = seed_diff_ci([returns(f"scratch-seed{s}", g) for s in c.seeds], agent_groups(g, False))
+        out["pretraining"] = {"finetuned_minus_scratch_return": d, "verdict": verdict(d[1], d[0]),
+                              "finetuned_return": seed_mean_ci(agent_groups(g, False)),
+                              "scratch_return": seed_mean_ci([returns(f"scratch-seed{s}", g) for s in c.seeds])}
         # the peer: d3rlpy DiscreteCQL on the same data (one training seed, its episodes seeded like the agents')
         peer: dict[str, Any] = {}
         for g in self.games:
@@ -491,9 +379,9 @@ class _Recipe:
             if not all(self.p("eval", n, "episodes.csv").is_file() for n in names):
                 continue
             cql = [returns(n, g) for n in names]
-            d = _diff_ci(cql, agent_groups(g, False))
-            peer[g] = {"cql_return": _mean_ci(cql), "agent_minus_cql": d,
-                       "verdict": _verdict(d[1], d[0], strict=False)}
+            d = seed_diff_ci(cql, agent_groups(g, False))
+            peer[g] = {"cql_return": seed_mean_ci(cql), "agent_minus_cql": d,
+                       "verdict": verdict(d[1], d[0], strict=False)}
         out["peer"] = {"games": peer, "steps": c.baseline_steps,
                        "holds": bool(peer) and len(peer) == len(self.games)
                        and all(v["agent_minus_cql"][0] >= 0 for v in peer.values())}
@@ -587,7 +475,7 @@ def recipe(cfg: RecipeConfig) -> int:
     if cfg.fresh and cfg.out.exists():
         shutil.rmtree(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    r = _Recipe(cfg)
+    r = Recipe(cfg)
     stages = [
         Stage("1 collect (Ray workers)", r.collect),
         Stage("2 tokenizer train + tokenize", r.tokenizer),

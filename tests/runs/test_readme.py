@@ -72,9 +72,9 @@ def test_readme_inspection_commands_run(tmp_path, capsys):
 
 def test_the_journeys_train_like_the_recipe_whose_output_they_show(tmp_path):
     """The README's journeys print the `small` recipe's output, so they must train with its settings."""
-    from wam.runs.recipe import _Recipe
+    from wam.runs.recipe import Recipe
 
-    jobs = {j.name: j for j in _Recipe(parse_command("recipe", ["--out", str(tmp_path)])[1]).training_jobs()}
+    jobs = {j.name: j for j in Recipe(parse_command("recipe", ["--out", str(tmp_path)])[1]).training_jobs()}
     readme = {}
     for line in readme_commands():
         argv = shlex.split(line)[1:]

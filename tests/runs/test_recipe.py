@@ -8,18 +8,16 @@ import json
 import numpy as np
 import pytest
 
+from wam.agents.metrics import seed_diff_ci, seed_mean_ci
 from wam.datasets.errors import WamError
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 from wam.runs.cli import parse_command, run_command
+from wam.runs.jobs import Job, run_jobs
 from wam.runs.recipe import (
+    Recipe,
     RecipeConfig,
-    _diff_ci,
-    _Job,
-    _mean_ci,
-    _Recipe,
-    _run_jobs,
-    _verdict,
     behaviour_data_returns,
+    verdict,
 )
 
 
@@ -49,25 +47,25 @@ def test_claim_statistics_are_differences_of_means_with_intervals_around_them():
     rng = np.random.default_rng(0)
     a = [rng.normal(0.0, 1.0, 40), rng.normal(1.0, 1.0, 40)]
     b = [rng.normal(3.0, 1.0, 40)]
-    point, low, high = _diff_ci(a, b)
+    point, low, high = seed_diff_ci(a, b)
     assert point == pytest.approx(b[0].mean() - (a[0].mean() + a[1].mean()) / 2)
     # a clear difference: the whole interval is above 0 (a's two seeds, means 0 and 1, are resampled too, so
     # the interval reaches down to about 3 - 1 - episode noise)
     assert low < point < high and 1.0 < low < 2.0
-    m, ml, mh = _mean_ci(a)
+    m, ml, mh = seed_mean_ci(a)
     assert m == pytest.approx((a[0].mean() + a[1].mean()) / 2) and ml < m < mh
     # constant scores: no spread, the interval collapses on the point
-    assert _diff_ci([np.full(5, 1.0)], [np.full(3, 4.0)]) == (3.0, 3.0, 3.0)
+    assert seed_diff_ci([np.full(5, 1.0)], [np.full(3, 4.0)]) == (3.0, 3.0, 3.0)
     # seeds that differ carry their spread into the interval even when each seed's episodes are identical
     seeds = [np.full(4, -21.0), np.full(4, -21.0), np.full(4, -7.0)]
-    m, ml, mh = _mean_ci(seeds)
+    m, ml, mh = seed_mean_ci(seeds)
     assert m == pytest.approx(-49 / 3) and ml == -21.0 and mh == -7.0
     # strata (games) stay fixed: two games of constant seeds have no spread, their mean is the point
-    assert _diff_ci([[np.zeros(2)], [np.zeros(2)]], [[np.full(2, 1.0)], [np.full(2, 3.0)]]) == (2.0, 2.0, 2.0)
-    assert _verdict(0.5, 1.0) == "holds, supported by the CI"
-    assert _verdict(-0.5, 1.0).startswith("holds (point estimate")
-    assert _verdict(-2.0, -1.0) == "does not hold"
-    assert _verdict(0.0, 0.0) == "does not hold" and _verdict(0.0, 0.0, strict=False).startswith("holds")
+    assert seed_diff_ci([[np.zeros(2)], [np.zeros(2)]], [[np.full(2, 1.0)], [np.full(2, 3.0)]]) == (2.0, 2.0, 2.0)
+    assert verdict(0.5, 1.0) == "holds, supported by the CI"
+    assert verdict(-0.5, 1.0).startswith("holds (point estimate")
+    assert verdict(-2.0, -1.0) == "does not hold"
+    assert verdict(0.0, 0.0) == "does not hold" and verdict(0.0, 0.0, strict=False).startswith("holds")
 
 
 def test_repeated_flags_replace_the_default_games_and_seeds():
@@ -80,7 +78,7 @@ def test_repeated_flags_replace_the_default_games_and_seeds():
 
 def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_path):
     def losses(flags: list[str]):
-        recipe = _Recipe(parse_command("recipe", ["--out", str(tmp_path), "--no-baseline", *flags])[1])
+        recipe = Recipe(parse_command("recipe", ["--out", str(tmp_path), "--no-baseline", *flags])[1])
         jobs = recipe.training_jobs()
         assert [j.name for j in jobs] == ["pretrain", "scratch-seed0", "scratch-seed1", "scratch-seed2",
                                           "finetune-seed0", "finetune-seed1", "finetune-seed2"]
@@ -109,22 +107,22 @@ def _train_args(out, steps: int) -> list[str]:
 def test_job_runner_runs_real_processes_in_dependency_order_and_skips_finished_runs(tmp_path):
     pre, ft, other = tmp_path / "pre", tmp_path / "ft", tmp_path / "other"
     jobs = [
-        _Job("pre", ["pretrain", *_train_args(pre, 3)], pre, 3),
-        _Job("ft", ["finetune", "--from", str(pre), "--game", "Synthetic", "--data", "synthetic", "--out", str(ft), "--steps", "2",
+        Job("pre", ["pretrain", *_train_args(pre, 3)], pre, 3),
+        Job("ft", ["finetune", "--from", str(pre), "--game", "Synthetic", "--data", "synthetic", "--out", str(ft), "--steps", "2",
                     "--batch-size", "2", "--prefetch", "0", "--checkpoint-every", "2"], ft, 2, after=("pre",)),
-        _Job("other", ["pretrain", *_train_args(other, 2)], other, 2),
+        Job("other", ["pretrain", *_train_args(other, 2)], other, 2),
     ]
-    _run_jobs(jobs, parallel=2)
+    run_jobs(jobs, parallel=2)
     for run, steps in ((pre, 3), (ft, 2), (other, 2)):
         assert (run / "checkpoints" / f"step_{steps:08d}.pt").exists()
     # the fine-tuning run started after pretraining had finished: its config names the pretrained checkpoint
     assert "pre" in (ft / "config.json").read_text()
     mtime = (pre / "metrics.jsonl").stat().st_mtime_ns
-    _run_jobs(jobs, parallel=2)  # everything finished: nothing runs again
+    run_jobs(jobs, parallel=2)  # everything finished: nothing runs again
     assert (pre / "metrics.jsonl").stat().st_mtime_ns == mtime
     bad = tmp_path / "bad"
     with pytest.raises(WamError, match="training run bad exited with status 2"):
-        _run_jobs([_Job("bad", ["pretrain", "--data", str(tmp_path / "missing"), "--out", str(bad)], bad, 1)], 1)
+        run_jobs([Job("bad", ["pretrain", "--data", str(tmp_path / "missing"), "--out", str(bad)], bad, 1)], 1)
 
 
 def _write_eval(path, game: str, returns: list[float], hns: list[float]) -> None:
@@ -137,8 +135,8 @@ def _write_eval(path, game: str, returns: list[float], hns: list[float]) -> None
 
 
 def test_baseline_jobs_train_discrete_cql_on_each_games_agent_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(_Recipe, "baseline_available", lambda self: True)
-    recipe = _Recipe(parse_command("recipe", ["--out", str(tmp_path), "--baseline-steps", "300"])[1])
+    monkeypatch.setattr(Recipe, "baseline_available", lambda self: True)
+    recipe = Recipe(parse_command("recipe", ["--out", str(tmp_path), "--baseline-steps", "300"])[1])
     jobs = {j.name: j for j in recipe.training_jobs()}
     assert [n for n in jobs if n.startswith("cql")] == ["cql-freeway", "cql-boxing", "cql-pong"]
     for game in ("Freeway", "Boxing", "Pong"):
@@ -148,14 +146,14 @@ def test_baseline_jobs_train_discrete_cql_on_each_games_agent_data(tmp_path, mon
         assert args.algo == "discrete-cql" and args.steps == 300 and args.hold_out_episodes == 2
         assert args.data == (str(recipe.behaviour_data(game)),)
         assert args.transitions == (5000 if game == "Pong" else None)  # the held-out game: fine-tuning's data
-    monkeypatch.setattr(_Recipe, "baseline_available", lambda self: False)
+    monkeypatch.setattr(Recipe, "baseline_available", lambda self: False)
     assert not [j for j in recipe.training_jobs() if j.name.startswith("cql")]
 
 
 def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatch):
     cfg = RecipeConfig(out=tmp_path, pretrain_games=["Freeway", "Boxing"], finetune_game="Pong", seeds=[0, 1],
                        eval_max_steps=10)
-    r = _Recipe(cfg)
+    r = Recipe(cfg)
     data = {"Freeway": [1.0, 1.0], "Boxing": [5.0, 7.0], "Pong": [-3.0, -5.0]}
     monkeypatch.setattr("wam.runs.recipe.behaviour_data_returns", lambda path, cap: np.asarray(
         data[{"freeway": "Freeway", "boxing": "Boxing", "pong": "Pong"}[path.parent.name]]))
