@@ -52,8 +52,12 @@ class DemoConfig:
     """Optimiser steps of the tokenizer."""
     pretrain_steps: int = 3000
     """Optimiser steps of pretraining."""
-    finetune_steps: int = 1500
+    finetune_steps: int = 800
     """Optimiser steps of fine-tuning (and of the from-scratch and BC baselines)."""
+    finetune_batch_size: int = 32
+    """Segments per optimiser step of fine-tuning, from-scratch and BC. The `debug` preset's 8 left the
+    from-scratch Q agent at -21 on Pong (it never returned the ball); 32 segments for 800 steps gave -9
+    (docs/recipes.md, "The demo")."""
     eval_episodes: int = 6
     """Evaluation episodes per agent."""
     eval_max_steps: int = 1000
@@ -168,13 +172,10 @@ class _Demo:
         common = ["--preset", "debug", "--data", self.behaviour_data(self.cfg.finetune_game),
                   "--game", self.cfg.finetune_game, "--transitions", self.cfg.finetune_transitions,
                   "--tokenizer", self.p("runs", "tokenizer"), "--steps", self.cfg.finetune_steps,
-                  "--seed", self.cfg.seed]
+                  "--batch-size", self.cfg.finetune_batch_size, "--seed", self.cfg.seed]
         self._train(["finetune", "--from", self.p("runs", "pretrain"), *common], self.p("runs", "finetune"))
         self._train(["finetune", "--from", "scratch", "--core", self.cfg.core, *common], self.p("runs", "scratch"))
-        # Behaviour cloning takes 4x larger batches: at batch 8 it stays at the action marginal within the
-        # demo's budget.
-        bc = [*common, "--batch-size", 32]
-        self._train(["finetune", "--from", "scratch", "--core", self.cfg.core, "--objective", "bc", *bc],
+        self._train(["finetune", "--from", "scratch", "--core", self.cfg.core, "--objective", "bc", *common],
                     self.p("runs", "bc"))
         return "fine-tuned, from-scratch and behaviour-cloning runs"
 
