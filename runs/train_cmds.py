@@ -51,40 +51,45 @@ Flat = tyro.conf.OmitArgPrefixes  # nested configs' fields appear as --steps, --
 
 
 # --------------------------------------------------------------------------------------- presets
-def _trainer_preset(name: str) -> TrainerConfig:
-    return dataclasses.replace(preset_value({
-        "debug": TrainerConfig(steps=200, lr=1e-3, min_lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100),
-        "small": TrainerConfig(steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=100, log_every=50,
-                               checkpoint_every=500),
-        "jowa-40m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
-                                  log_every=100, checkpoint_every=10_000),
-        "jowa-70m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
-                                  log_every=100, checkpoint_every=10_000),
-        "jowa-150m": TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
-                                   log_every=100, checkpoint_every=10_000),
-    }, name, "training preset"))
+@dataclass(frozen=True)
+class TrainingPreset:
+    """How a preset trains (its model is `MODEL_PRESETS[name]`, its tokenizer `TOKENIZER_PRESETS[name]`)."""
+
+    batch_size: int
+    train: TrainerConfig
+    loss: LossConfig
 
 
-_BATCH = {"debug": 8, "small": 32, "jowa-40m": 512, "jowa-70m": 512, "jowa-150m": 512}
-_TARGET_EVERY = {"debug": 50, "small": 200, "jowa-40m": 1000, "jowa-70m": 1000, "jowa-150m": 1000}
-# Polyak averaging of the target head for the CPU presets (chosen on the 8-state toy chain of
-# wam.worldmodel.toy_mdp, docs/training.md); the paper presets keep JOWA's hard copy every 1,000 steps.
-_TARGET_TAU = {"debug": 0.02, "small": 0.02}
-# CQL weight of the CPU presets: JOWA's 0.1 on the C51 head's expected value (gradients scaled by the atom
-# spread) moved the 3-state toy's Q 1.6-2.0 from Q* and greedy copied the data's most frequent action in every
-# state; 0.01 stayed within 0.03 and picked the optimal one (docs/training.md). Paper presets keep 0.1.
-_LAMBDA_CQL = {"debug": 0.01, "small": 0.01}
+# The CPU presets (docs/training.md has the measurements behind each choice):
+# - Polyak averaging of the target head, tau 0.02 (chosen on the 8-state toy chain of wam.worldmodel.toy_mdp);
+# - CQL weight 0.01: JOWA's 0.1 on the C51 head's expected value (gradients scaled by the atom spread) moved
+#   the 3-state toy's Q 1.6-2.0 from Q* and greedy copied the data's most frequent action in every state;
+#   0.01 stayed within 0.03 and picked the optimal one;
+# - in-sample TD bootstrap (the data's next action), measured on the `small` recipe's data ("In-sample
+#   targets").
+# The paper presets keep JOWA's hard target copy every 1,000 steps, CQL 0.1 and the max bootstrap.
+_CPU_LOSS = dict(target_tau=0.02, lambda_cql=0.01, bootstrap="data")
+_JOWA_TRAIN = TrainerConfig(steps=1_750_000, lr=1e-4, min_lr=5e-5, warmup_steps=1000, precision="auto",
+                            log_every=100, checkpoint_every=10_000)
+_JOWA = TrainingPreset(512, _JOWA_TRAIN, LossConfig(target_update_every=1000, target_tau=0.0, lambda_cql=0.1,
+                                                    bootstrap="max"))
+TRAINING_PRESETS: dict[str, TrainingPreset] = {
+    "debug": TrainingPreset(8, TrainerConfig(steps=200, lr=1e-3, min_lr=2e-4, warmup_steps=20, log_every=10,
+                                             checkpoint_every=100),
+                            LossConfig(target_update_every=50, **_CPU_LOSS)),
+    "small": TrainingPreset(32, TrainerConfig(steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=100, log_every=50,
+                                              checkpoint_every=500),
+                            LossConfig(target_update_every=200, **_CPU_LOSS)),
+    "jowa-40m": _JOWA,
+    "jowa-70m": _JOWA,
+    "jowa-150m": _JOWA,
+}
 
 
-# TD bootstrap of the CPU presets: in-sample (the data's next action), measured on the `small` recipe's data
-# (docs/training.md, "In-sample targets"); the paper presets keep JOWA's max.
-_BOOTSTRAP: dict[str, Literal["max", "data"]] = {"debug": "data", "small": "data"}
-
-
-def _loss_preset(name: str) -> LossConfig:
-    return LossConfig(target_update_every=_TARGET_EVERY.get(name, 1000), target_tau=_TARGET_TAU.get(name, 0.0),
-                      lambda_cql=_LAMBDA_CQL.get(name, 0.1), bootstrap=_BOOTSTRAP.get(name, "max"))
-
+def training_preset(name: str) -> TrainingPreset:
+    """The named training preset (configs copied, so a caller may change them)."""
+    p = preset_value(TRAINING_PRESETS, name, "training preset")
+    return TrainingPreset(p.batch_size, dataclasses.replace(p.train), dataclasses.replace(p.loss))
 
 
 @dataclass
@@ -130,9 +135,9 @@ class PretrainConfig(DataOptions):
 
     @classmethod
     def from_preset(cls, name: str) -> PretrainConfig:
-        return cls(preset=name, batch_size=preset_value(_BATCH, name, "training preset"),
-                   model=WorldActionModelConfig.from_preset(name), train=_trainer_preset(name),
-                   loss=_loss_preset(name))
+        p = training_preset(name)
+        return cls(preset=name, batch_size=p.batch_size, model=WorldActionModelConfig.from_preset(name),
+                   train=p.train, loss=p.loss)
 
 
 @dataclass
@@ -158,11 +163,10 @@ class FinetuneConfig(DataOptions):
 
     @classmethod
     def from_preset(cls, name: str) -> FinetuneConfig:
-        train = _trainer_preset(name)
-        train = dataclasses.replace(train, steps=min(train.steps, 20_000 if name.startswith("jowa") else train.steps))
-        return cls(preset=name, batch_size=preset_value(_BATCH, name, "training preset"),
-                   model=WorldActionModelConfig.from_preset(name), train=train,
-                   loss=_loss_preset(name))
+        p = training_preset(name)
+        train = dataclasses.replace(p.train, steps=min(p.train.steps, 20_000 if name.startswith("jowa") else p.train.steps))
+        return cls(preset=name, batch_size=p.batch_size, model=WorldActionModelConfig.from_preset(name), train=train,
+                   loss=p.loss)
 
 
 # ------------------------------------------------------------------------------------- building

@@ -95,6 +95,11 @@ class TokenizerConfig:
     weighs min(1 + foreground_weight, s / (1 - s) * n_background / n_foreground). It bites only on screens
     that are mostly foreground (scrolling games: 22 % of Zaxxon's pixels), where the full weight would leave
     the rest of the screen almost unweighted."""
+    foreground_small_object: int = 0
+    """Pixels below which a foreground object counts as small, and its pixels' extra weight grows so that it
+    weighs as much in total as an object of this many pixels: a foreground pixel with c foreground pixels in
+    its 5x5 neighbourhood has its extra weight multiplied by max(1, foreground_small_object / c). Pong's ball
+    (1-2 pixels at 84x84) otherwise weighs a tenth of a paddle. 0 = off (every foreground pixel alike)."""
     foreground_threshold: int = FOREGROUND_THRESHOLD
     """Grey levels (0-255) by which a pixel must differ from its game's median frame to count as foreground,
     for the loss weighting above and for the foreground PSNR reported at every evaluation."""
@@ -164,6 +169,8 @@ class TokenizerConfig:
             raise WamError(f"ema_decay must be in [0, 1) and usage_decay in (0, 1), got {self.ema_decay}, {self.usage_decay}")
         if not 0.0 < self.foreground_max_share < 1.0:
             raise WamError(f"foreground_max_share must be in (0, 1), got {self.foreground_max_share}")
+        if self.foreground_small_object < 0:
+            raise WamError(f"foreground_small_object must be >= 0, got {self.foreground_small_object}")
         if self.foreground_weight < 0 or not 0 <= self.foreground_threshold <= 255:
             raise WamError(f"foreground_weight must be >= 0 and foreground_threshold in [0, 255], got "
                            f"{self.foreground_weight}, {self.foreground_threshold}")
@@ -181,7 +188,7 @@ class TokenizerConfig:
     @classmethod
     def from_preset(cls, name: str) -> TokenizerConfig:
         """The named preset: debug, small, jowa-40m, jowa-70m or jowa-150m."""
-        return dataclasses.replace(cls(), **preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset"))
+        return dataclasses.replace(preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset"))
 
     @classmethod
     def from_stored(cls, data: dict) -> TokenizerConfig:
@@ -199,26 +206,26 @@ class TokenizerConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
 
-LEGACY_DEFAULTS: dict[str, object] = {"background_bank": 0, "foreground_weight": 0.0}
+LEGACY_DEFAULTS: dict[str, object] = {"background_bank": 0, "foreground_weight": 0.0, "foreground_small_object": 0}
 """Values of fields added after tokenizers were first saved, for configs recorded without them (before the
 background bank and the foreground weighting, every tokenizer had one bias image and an unweighted loss)."""
 
-# Overrides of the defaults (= debug). The paper presets share one tokenizer: JOWA trains it once (stage 1,
-# 2,048 x 512 codebook, 250k steps) and freezes it for every model size.
-_JOWA = dict(
+# The paper presets share one tokenizer: JOWA trains it once (stage 1, 2,048 x 512 codebook, 250k steps) and
+# freezes it for every model size.
+_JOWA = TokenizerConfig(
     codebook_size=2048, codebook_dim=512, channels=(128, 128, 256, 256), res_blocks=2, background_bank=0,
     foreground_weight=0.0,
     ema_decay=0.99, usage_decay=0.99, dead_code_threshold=0.05, lr=1e-4, weight_decay=0.01, warmup_steps=2000,
     batch_size=128, steps=250_000, eval_interval=5000, plot_interval=10_000, checkpoint_interval=10_000,
     eval_frames=2048, pool_frames=500_000, pool_refresh_interval=5000, autocast="auto",
 )
-TOKENIZER_PRESETS: dict[str, dict[str, object]] = {
-    # Keeps the objects: foreground-weighted loss, a bank of 8 learned screens, 1,024 codes (docs/tokenizer.md,
-    # "Keeping the objects", for the ablation that chose them).
-    "debug": {},
+TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+    # The defaults. Keeps the objects: foreground-weighted loss, a bank of 8 learned screens, 1,024 codes
+    # (docs/tokenizer.md, "Keeping the objects", for the ablation that chose them).
+    "debug": TokenizerConfig(),
     # debug + one residual block per level: the `small` recipe's tokenizer, minutes on 2 CPU cores. The block
     # lifted Freeway's foreground gain from +6.7 to above +8 dB (docs/tokenizer.md, "Keeping the objects").
-    "small": dict(res_blocks=1, steps=3000),
+    "small": TokenizerConfig(res_blocks=1, steps=3000),
     "jowa-40m": _JOWA,
     "jowa-70m": _JOWA,
     "jowa-150m": _JOWA,
@@ -468,6 +475,23 @@ def foreground_mask(frames: torch.Tensor, background: torch.Tensor, threshold: i
     return (frames.to(torch.int16) - background.to(torch.int16)).abs() > threshold
 
 
+def foreground_weights(fg: torch.Tensor, weight: float, max_share: float = 0.5, small_object: int = 0
+                       ) -> torch.Tensor:
+    """float [N, 1, H, W] per-pixel weights of the reconstruction loss, mean 1, from the foreground mask `fg`
+    (bool [N, 1, H, W]): background pixels weigh 1, foreground ones 1 + `weight`, capped so that a frame's
+    foreground takes at most `max_share` of its weight; with `small_object` > 0 a foreground pixel with c
+    foreground pixels in its 5x5 neighbourhood has its extra weight multiplied by max(1, small_object / c)
+    (see `TokenizerConfig`)."""
+    n_fg = fg.flatten(1).sum(1).float().clamp_min(1.0).view(-1, 1, 1, 1)  # [N, 1, 1, 1]
+    cap = max_share / (1.0 - max_share) * (fg[0].numel() - n_fg) / n_fg  # foreground at most `max_share`
+    fg_w = cap.clamp(max=1.0 + weight).clamp_min(1.0)
+    if small_object > 0:  # a small object weighs as much as one of `small_object` pixels
+        near = F.avg_pool2d(fg.float(), 5, stride=1, padding=2, count_include_pad=True) * 25.0
+        fg_w = 1.0 + (fg_w - 1.0) * (small_object / near.clamp_min(1.0)).clamp_min(1.0)
+    w = torch.where(fg, fg_w, torch.ones_like(fg_w))
+    return w / w.mean()
+
+
 @dataclass
 class ForegroundFidelity:
     """Reconstruction quality on the foreground pixels only (see `foreground_fidelity`)."""
@@ -590,12 +614,8 @@ class VQTokenizer(nn.Module):
                                  self.cfg.foreground_threshold).unsqueeze(1)  # [N, 1, 84, 84] bool
         err = recon - target
         if fg is not None and self.cfg.foreground_weight > 0:
-            n_fg = fg.flatten(1).sum(1).float().clamp_min(1.0).view(-1, 1, 1, 1)  # [N, 1, 1, 1]
-            share = self.cfg.foreground_max_share
-            cap = share / (1.0 - share) * (fg[0].numel() - n_fg) / n_fg  # foreground at most `share` of a frame
-            fg_w = cap.clamp(max=1.0 + self.cfg.foreground_weight).clamp_min(1.0)
-            w = torch.where(fg, fg_w, torch.ones_like(fg_w))  # [N, 1, 84, 84]
-            w = w / w.mean()
+            w = foreground_weights(fg, self.cfg.foreground_weight, self.cfg.foreground_max_share,
+                                   self.cfg.foreground_small_object)
             l1 = (err.abs() * w).mean()
             mse_raw = (err.pow(2) * w).mean()
         else:
@@ -735,6 +755,6 @@ __all__ = [
     "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "FRAME_SIZE", "GRID_SIZE", "LEGACY_DEFAULTS", "TOKENS_PER_FRAME",
     "TOKENIZER_PRESETS", "ForegroundFidelity", "TokenizerConfig",
     "TokenizerOutput", "VQTokenizer", "VectorQuantizer", "build_tokenizer", "foreground_fidelity",
-    "foreground_mask", "image_gradient_l1",
+    "foreground_mask", "foreground_weights", "image_gradient_l1",
     "load_tokenizer", "psnr",
 ]

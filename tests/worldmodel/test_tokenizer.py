@@ -23,6 +23,7 @@ from wam.worldmodel.tokenizer import (
     TokenizerConfig,
     VectorQuantizer,
     build_tokenizer,
+    foreground_weights,
     load_tokenizer,
 )
 from wam.worldmodel.tokenizer_train import FramePool, encode_datasets, split_episodes, train_tokenizer
@@ -386,3 +387,23 @@ def test_checkpoint_of_an_older_tokenizer_still_loads(tmp_path):
     loaded = load_tokenizer(path)
     assert loaded.cfg.background_bank == 0 and loaded.cfg.foreground_weight == 0.0
     assert loaded.tokenizer_id() == old.tokenizer_id()
+
+
+def test_small_objects_weigh_as_much_as_a_reference_object():
+    """A 1-pixel 'ball' and a 3x3 'paddle' on an empty frame: with equal per-pixel weights the paddle's
+    pixels weigh 9x the ball's in total; with foreground_small_object = 9 both objects weigh the same, and
+    the background and the paddle (already 9 pixels) keep their relative weights."""
+    fg = torch.zeros(1, 1, 84, 84, dtype=torch.bool)
+    fg[0, 0, 10, 10] = True  # ball
+    fg[0, 0, 40:43, 60:63] = True  # paddle, 9 pixels
+    plain = foreground_weights(fg, weight=30.0)
+    assert plain[0, 0, 40:43, 60:63].sum() / plain[0, 0, 10, 10] == pytest.approx(9.0)
+    assert plain[0, 0, 10, 10] / plain[0, 0, 0, 0] == pytest.approx(31.0)
+    assert plain.mean() == pytest.approx(1.0)
+    small = foreground_weights(fg, weight=30.0, small_object=9)
+    assert small[0, 0, 10, 10] / small[0, 0, 0, 0] == pytest.approx(1 + 30.0 * 9)
+    assert small[0, 0, 40:43, 60:63].sum() / small[0, 0, 10, 10] == pytest.approx(9 * 31.0 / (1 + 30.0 * 9))
+    assert (small[0, 0, 40:43, 60:63] / small[0, 0, 0, 0]).allclose(torch.tensor(31.0))  # 9 pixels: unchanged
+    assert small.mean() == pytest.approx(1.0)
+    with pytest.raises(WamError, match="foreground_small_object"):
+        TokenizerConfig(foreground_small_object=-1)
