@@ -30,7 +30,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,27 +318,13 @@ def evaluate(
     so both show the same numbers). See the module docstring
     for the files written.
     """
-    import ray
     from tqdm import tqdm
 
     from wam.datasets.atari import PROTOCOLS, canonical_game
-    from wam.datasets.collect import episode_seed
-    from wam.datasets.distributed import ActorGroup, ray_session
     from wam.datasets.files import atomic_write_json
     from wam.datasets.scores import human_normalized
 
-    if protocol not in PROTOCOLS:
-        raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if not games:
-        raise WamError("give at least one --game")
-    if episodes < 1 or workers < 1 or envs_per_worker < 1:
-        raise WamError(f"--episodes, --workers and --envs-per-worker must be >= 1 (got {episodes}, {workers}, "
-                       f"{envs_per_worker})")
-    if max_steps is not None and max_steps < 1:
-        raise WamError(f"--max-steps must be >= 1, got {max_steps}")
-    eps = PROTOCOLS[protocol].eval_epsilon if epsilon is None else float(epsilon)
-    if not 0.0 <= eps <= 1.0:
-        raise WamError(f"--epsilon must lie in [0, 1], got {eps}")
+    eps = _checked_epsilon(protocol, games, episodes, workers, envs_per_worker, max_steps, epsilon)
     plan_settings = PlannerSettings(**plan) if isinstance(plan, dict) else plan
     games = list(dict.fromkeys(canonical_game(g) for g in games))
     agent_kwargs = dict(agent_kwargs or {})
@@ -353,20 +339,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, settings_path = out / "episodes.csv", out / "eval_config.json"
-    records: dict[tuple[str, int], EpisodeRecord] = {}
-    if csv_path.exists() and csv_path.stat().st_size > 0:
-        old = json.loads(settings_path.read_text()) if settings_path.exists() else {}
-        old_ids = old.get("checkpoint_ids", {})
-        same = all(old.get(k) == settings[k] for k in SETTINGS_KEYS if k != "checkpoint_ids") and all(
-            old_ids.get(g, settings["checkpoint_ids"][g]) == settings["checkpoint_ids"][g] for g in games)
-        if not same:
-            raise WamError(f"{out} holds an evaluation with other settings ({settings_path}); "
-                           "use another --out or the same settings to resume it")
-        _drop_torn_tail(csv_path)
-        records = {(r.game, r.episode): r for r in read_episodes(csv_path)}
-        _write_sorted_csv(csv_path, list(records.values()))  # the current columns, before rows are appended
-        log.info("resuming %s: %d episodes already evaluated", out, len(records))
-        settings["checkpoint_ids"] = {**old_ids, **settings["checkpoint_ids"]}
+    records = _resumed_records(out, settings, games)
     atomic_write_json(settings_path, settings)
 
     todo = {g: [j for j in range(episodes) if (g, j) not in records] for g in games}
@@ -390,58 +363,26 @@ def evaluate(
     appender = _CsvAppender(csv_path)
     bar = tqdm(total=sum(len(v) for v in todo.values()), unit="ep", disable=not progress,
                desc=f"eval {agent_spec} on {'+'.join(games)}", dynamic_ncols=True)
+
+    def on_batch(results: list[EpisodeResult]) -> None:
+        new = [to_record(r) for r in results]
+        appender.write(new)
+        for r, rec in zip(results, new):
+            records[(r.game, r.episode)] = rec
+            result.steps += r.length
+            result.episodes_run += 1
+            if r.frames is not None:
+                result.videos[r.game] = str(write_video(out / "videos" / f"{r.game}_ep{r.episode}", r.frames,
+                                                        r.actions, r.q_values, r.game))
+        bar.update(len(results))
+        bar.set_postfix(ret=f"{np.mean([r.score for r in results]):.1f}",
+                        sps=f"{result.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
+
     try:
         if batches:
-            with ray_session(num_cpus=workers, address=ray_address):
-                n_cpu = ray.available_resources().get("CPU", 1)
-                cpus_per = min(1.0, max(0.01, n_cpu / workers))
-                Worker = ray.remote(num_cpus=cpus_per)(_EvalWorker)
-                fault, interrupt_after = faults.die_on("evaluate"), faults.interrupt_after()
-
-                def new_actor():
-                    return Worker.remote(agent_spec, protocol, eps, plan_settings.as_dict() if plan_settings else None,
-                                         max_steps, agent_kwargs, video_max_frames, max(1, int(cpus_per)), fault)
-
-                group = ActorGroup(
-                    new_actor, min(workers, len(batches)), MAX_BATCH_RETRIES,
-                    describe=lambda key: f"{key[0]} episodes {list(key[1])}",
-                    give_up=lambda key: (f"workers died {MAX_BATCH_RETRIES + 1} times on {key[0]} episodes "
-                                         f"{list(key[1])}; "
-                                         "see the Ray logs (out of memory?) and resume with the same command"))
-                queue = list(batches)
-
-                def submit(ai: int, game: str, idxs: list[int]) -> None:
-                    seeds = [episode_seed(seed, game, j) for j in idxs]
-                    rec = [video and j == 0 for j in idxs]
-                    group.submit(ai, (game, tuple(idxs)), lambda actor: actor.run.remote(game, idxs, seeds, rec))
-
-                try:
-                    for ai in range(len(group.actors)):
-                        submit(ai, *queue.pop(0))
-                    finished_batches = 0
-                    while group:
-                        ai, (game, _), (results, env_settings) = group.next()
-                        result.env_settings.setdefault(game, env_settings)
-                        new = [to_record(r) for r in results]
-                        appender.write(new)
-                        for r, rec in zip(results, new):
-                            records[(r.game, r.episode)] = rec
-                            result.steps += r.length
-                            result.episodes_run += 1
-                            if r.frames is not None:
-                                result.videos[r.game] = str(write_video(out / "videos" / f"{r.game}_ep{r.episode}",
-                                                                        r.frames, r.actions, r.q_values, r.game))
-                        bar.update(len(results))
-                        bar.set_postfix(ret=f"{np.mean([r.score for r in results]):.1f}",
-                                        sps=f"{result.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
-                        finished_batches += 1
-                        if interrupt_after is not None and finished_batches >= interrupt_after:
-                            raise KeyboardInterrupt
-                        if queue:
-                            submit(ai, *queue.pop(0))
-                finally:  # also on Ctrl-C: stop the workers' remaining batches
-                    result.restarted_workers += group.restarts
-                    group.kill()
+            worker_args = (agent_spec, protocol, eps, plan_settings.as_dict() if plan_settings else None, max_steps,
+                           agent_kwargs, video_max_frames)
+            _run_batches(batches, workers, ray_address, worker_args, seed, video, result, on_batch)
         result.complete = all((g, j) in records for g in games for j in range(episodes))
     finally:
         bar.close()
@@ -457,6 +398,95 @@ def evaluate(
             log.warning("evaluation in %s stopped early: %d episodes on disk; run the same command to resume",
                         out, len(result.records))
     return result
+
+
+def _run_batches(batches: list[tuple[str, list[int]]], workers: int, ray_address: str | None,
+                 worker_args: tuple, seed: int, video: bool, result: EvalResult,
+                 on_batch: Callable[[list[EpisodeResult]], None]) -> None:
+    """Play `batches` ((game, episode indices) each) on `workers` Ray actors (`_EvalWorker(*worker_args)`),
+    calling `on_batch` with each finished batch's results as it arrives. A dead worker's batch is re-run on
+    a new actor (at most MAX_BATCH_RETRIES times); the restarts are added to `result.restarted_workers`,
+    also when leaving through an exception or Ctrl-C, which stops the remaining batches."""
+    import ray
+
+    from wam.datasets.collect import episode_seed
+    from wam.datasets.distributed import ActorGroup, ray_session
+
+    with ray_session(num_cpus=workers, address=ray_address):
+        n_cpu = ray.available_resources().get("CPU", 1)
+        cpus_per = min(1.0, max(0.01, n_cpu / workers))
+        Worker = ray.remote(num_cpus=cpus_per)(_EvalWorker)
+        fault, interrupt_after = faults.die_on("evaluate"), faults.interrupt_after()
+        group = ActorGroup(
+            lambda: Worker.remote(*worker_args, max(1, int(cpus_per)), fault), min(workers, len(batches)),
+            MAX_BATCH_RETRIES, describe=lambda key: f"{key[0]} episodes {list(key[1])}",
+            give_up=lambda key: (f"workers died {MAX_BATCH_RETRIES + 1} times on {key[0]} episodes {list(key[1])}; "
+                                 "see the Ray logs (out of memory?) and resume with the same command"))
+        queue = list(batches)
+
+        def submit(ai: int, game: str, idxs: list[int]) -> None:
+            seeds = [episode_seed(seed, game, j) for j in idxs]
+            rec = [video and j == 0 for j in idxs]
+            group.submit(ai, (game, tuple(idxs)), lambda actor: actor.run.remote(game, idxs, seeds, rec))
+
+        try:
+            for ai in range(len(group.actors)):
+                submit(ai, *queue.pop(0))
+            finished_batches = 0
+            while group:
+                ai, (game, _), (results, env_settings) = group.next()
+                result.env_settings.setdefault(game, env_settings)
+                on_batch(results)
+                finished_batches += 1
+                if interrupt_after is not None and finished_batches >= interrupt_after:
+                    raise KeyboardInterrupt
+                if queue:
+                    submit(ai, *queue.pop(0))
+        finally:  # also on Ctrl-C: stop the workers' remaining batches
+            result.restarted_workers += group.restarts
+            group.kill()
+
+
+def _checked_epsilon(protocol: str, games: Sequence[str], episodes: int, workers: int, envs_per_worker: int,
+                    max_steps: int | None, epsilon: float | None) -> float:
+    """The evaluation epsilon (the protocol's unless given), after checking every argument of `evaluate`."""
+    from wam.datasets.atari import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if not games:
+        raise WamError("give at least one --game")
+    if episodes < 1 or workers < 1 or envs_per_worker < 1:
+        raise WamError(f"--episodes, --workers and --envs-per-worker must be >= 1 (got {episodes}, {workers}, "
+                       f"{envs_per_worker})")
+    if max_steps is not None and max_steps < 1:
+        raise WamError(f"--max-steps must be >= 1, got {max_steps}")
+    eps = PROTOCOLS[protocol].eval_epsilon if epsilon is None else float(epsilon)
+    if not 0.0 <= eps <= 1.0:
+        raise WamError(f"--epsilon must lie in [0, 1], got {eps}")
+    return eps
+
+
+def _resumed_records(out: Path, settings: dict[str, Any], games: list[str]) -> dict[tuple[str, int], EpisodeRecord]:
+    """The episodes an earlier run of the same evaluation left in `out` (none for a new one); a WamError if
+    `out` holds an evaluation with other settings. Drops a row torn by a crash, rewrites the table with the
+    current columns, and merges the earlier checkpoint ids into `settings`."""
+    csv_path, settings_path = out / "episodes.csv", out / "eval_config.json"
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return {}
+    old = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    old_ids = old.get("checkpoint_ids", {})
+    same = all(old.get(k) == settings[k] for k in SETTINGS_KEYS if k != "checkpoint_ids") and all(
+        old_ids.get(g, settings["checkpoint_ids"][g]) == settings["checkpoint_ids"][g] for g in games)
+    if not same:
+        raise WamError(f"{out} holds an evaluation with other settings ({settings_path}); "
+                       "use another --out or the same settings to resume it")
+    _drop_torn_tail(csv_path)
+    records = {(r.game, r.episode): r for r in read_episodes(csv_path)}
+    _write_sorted_csv(csv_path, list(records.values()))  # the current columns, before rows are appended
+    log.info("resuming %s: %d episodes already evaluated", out, len(records))
+    settings["checkpoint_ids"] = {**old_ids, **settings["checkpoint_ids"]}
+    return records
 
 
 def _results_json(result: EvalResult, settings: dict[str, Any], games: list[str], episodes: int, workers: int,

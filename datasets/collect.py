@@ -161,49 +161,18 @@ def collect(
     import ray
     from tqdm import tqdm
 
-    from wam.datasets.atari import PROTOCOLS, canonical_game
     from wam.datasets.distributed import ActorGroup, ray_session
-    from wam.datasets.policies import make_policy
-    from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+    from wam.datasets.store import Episode
 
-    if (steps is None) == (episodes is None):
-        raise WamError("give exactly one of --steps or --episodes")
-    if (steps is not None and steps <= 0) or (episodes is not None and episodes <= 0):
-        raise WamError("--steps/--episodes must be positive")
-    if not 0.0 <= epsilon <= 1.0:
-        raise WamError(f"--epsilon must lie in [0, 1], got {epsilon}")
-    if workers < 1:
-        raise WamError(f"--workers must be at least 1, got {workers}")
-    if not games:
-        raise WamError("give at least one --game")
-    if protocol not in PROTOCOLS:
-        raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    games = list(dict.fromkeys(canonical_game(g) for g in games))
-    for g in games:  # fail fast (e.g. scripted policy missing for a game) before starting Ray
-        make_policy(policy, g, epsilon=epsilon)
-    from importlib.metadata import version
-
-    name = dataset_name(policy, epsilon)
+    games = _checked_games(games, policy, epsilon, steps, episodes, workers, protocol)
     per_game_steps = None if steps is None else -(-steps // len(games))
     jobs: list[_GameJob] = []
     summary = CollectSummary()
     t0 = time.perf_counter()
     try:
         for g in games:
-            provenance = {"game": g, "protocol": protocol, "policy": policy, "epsilon": float(epsilon),
-                          "seed": int(seed), "ale_py_version": version("ale-py"), "collector": "wam data collect"}
-            store = TrajectoryStore.create(dataset_dir(out, g, name), game=g, provenance=provenance, exist_ok=True)
-            if int(store.provenance.get("seed", seed)) != seed:
-                raise WamError(f"{dataset_dir(out, g, name)} was collected with --seed {store.provenance['seed']}; "
-                               f"resume with the same seed or choose another --out")
-            done_steps, done_eps = int(store.num_steps), int(store.num_episodes)
-            summary.datasets.append(str(dataset_dir(out, g, name)))
-            job = _GameJob(g, store, None, done_eps, done_steps, done_eps, per_game_steps, episodes,
-                           next_submit=done_eps, next_write=done_eps)
-            if (per_game_steps is not None and done_steps >= per_game_steps) or \
-               (episodes is not None and done_eps >= episodes):
-                job.finished = True
-            jobs.append(job)
+            jobs.append(_open_job(g, out, policy, epsilon, protocol, seed, per_game_steps, episodes))
+            summary.datasets.append(str(jobs[-1].store.directory))
         todo = [j for j in jobs if not j.finished]
         if not todo:
             log.info("nothing to collect: %s already complete", out)
@@ -274,6 +243,54 @@ def collect(
                 j.writer.__exit__(None, None, None)
         summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _checked_games(games: Sequence[str], policy: str, epsilon: float, steps: int | None, episodes: int | None,
+                   workers: int, protocol: str) -> list[str]:
+    """The canonical names of `games` (duplicates dropped), after checking every argument of `collect` and
+    building each game's policy once (a scripted policy missing for a game fails here, before Ray starts)."""
+    from wam.datasets.atari import PROTOCOLS, canonical_game
+    from wam.datasets.policies import make_policy
+
+    if (steps is None) == (episodes is None):
+        raise WamError("give exactly one of --steps or --episodes")
+    if (steps is not None and steps <= 0) or (episodes is not None and episodes <= 0):
+        raise WamError("--steps/--episodes must be positive")
+    if not 0.0 <= epsilon <= 1.0:
+        raise WamError(f"--epsilon must lie in [0, 1], got {epsilon}")
+    if workers < 1:
+        raise WamError(f"--workers must be at least 1, got {workers}")
+    if not games:
+        raise WamError("give at least one --game")
+    if protocol not in PROTOCOLS:
+        raise WamError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    games = list(dict.fromkeys(canonical_game(g) for g in games))
+    for g in games:
+        make_policy(policy, g, epsilon=epsilon)
+    return games
+
+
+def _open_job(game: str, out: str | Path, policy: str, epsilon: float, protocol: str, seed: int,
+              target_steps: int | None, target_episodes: int | None) -> _GameJob:
+    """The dataset of `game` under `out` (created, or reopened to resume: then it must have the same seed),
+    and how far its collection has come."""
+    from importlib.metadata import version
+
+    from wam.datasets.store import TrajectoryStore, dataset_dir
+
+    path = dataset_dir(out, game, dataset_name(policy, epsilon))
+    provenance = {"game": game, "protocol": protocol, "policy": policy, "epsilon": float(epsilon),
+                  "seed": int(seed), "ale_py_version": version("ale-py"), "collector": "wam data collect"}
+    store = TrajectoryStore.create(path, game=game, provenance=provenance, exist_ok=True)
+    if int(store.provenance.get("seed", seed)) != seed:
+        raise WamError(f"{path} was collected with --seed {store.provenance['seed']}; "
+                       f"resume with the same seed or choose another --out")
+    done_steps, done_eps = int(store.num_steps), int(store.num_episodes)
+    job = _GameJob(game, store, None, done_eps, done_steps, done_eps, target_steps, target_episodes,
+                   next_submit=done_eps, next_write=done_eps)
+    job.finished = ((target_steps is not None and done_steps >= target_steps)
+                    or (target_episodes is not None and done_eps >= target_episodes))
+    return job
 
 
 def _write_ready(job: _GameJob, Episode, seed_fn, seed: int, summary: CollectSummary, bar, by_steps: bool) -> None:

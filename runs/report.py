@@ -348,160 +348,205 @@ def write_report(dirs: list[Path], out: Path, reps: int = 2000, seed: int = 0) -
 
     if evals:
         games = sorted({g for e in evals for g in e.summary["games"]})
-        md += ["## Evaluations", ""]
-        rows = []
-        for e in evals:
-            f, agg = e.first, e.summary["hns_aggregates"]
-            n_games = len(e.summary["games"])
-            rows.append([e.label + ("" if e.status == "complete" else f" ({e.status})"), f.agent,
-                         f"`{f.checkpoint_id}`" if f.checkpoint_id else "-", f.protocol, f"{f.epsilon:g}",
-                         e.plan_label(), str(f.max_steps), str(n_games), str(len(e.records)),
-                         _fmt_iv(agg.get("iqm"), 3), _fmt_iv(agg.get("mean"), 3), _fmt_iv(agg.get("median"), 3),
-                         _fmt_iv(agg.get("optimality_gap"), 3)])
-            data["evaluations"][e.label] = {"path": str(e.path), "status": e.status, "agent": f.agent,
-                                            "agent_spec": f.agent_spec, "checkpoint_id": f.checkpoint_id,
-                                            "protocol": f.protocol, "epsilon": f.epsilon, "plan": e.plan_label(),
-                                            "max_steps": f.max_steps, "summary": e.summary}
-        md += _md_table(["evaluation", "agent", "checkpoint", "protocol", "ε", "planning", "cap", "games",
-                         "episodes", "IQM HNS", "mean HNS", "median HNS", "optimality gap"], rows)
-        from wam.datasets.atari import PROTOCOLS
-
-        capped = [e for e in evals if e.first.protocol in PROTOCOLS
-                  and e.first.max_steps < PROTOCOLS[e.first.protocol].max_agent_steps]
-        for e in capped:
-            md += [f"**{e.label}: episodes capped at {e.first.max_steps} agent steps** (protocol "
-                   f"{e.first.protocol}: {PROTOCOLS[e.first.protocol].max_agent_steps}); its scores are not "
-                   "comparable with full-length evaluations or published numbers.", ""]
-        missing = sorted({g for e in evals for g in e.summary["games_without_hns"]})
-        if missing:
-            md += [f"No human/random reference for {', '.join(missing)}: raw scores only, left out of HNS "
-                   "aggregates.", ""]
-        if any(e.summary["hns_aggregates"] for e in evals):
-            _iqm_plot(out / "iqm.png", evals)
-            md += ["![IQM HNS](iqm.png)", ""]
-
-        md += ["## Per-game scores", ""]
-        for g in games:
-            rows = []
-            for e in evals:
-                s = e.summary["games"].get(g)
-                if s is None:
-                    continue
-                r = s["return"]
-                rows.append([e.label, str(s["episodes"]), _fmt_iv(r, 2), f"{r['median']:.2f}", f"{r['std']:.2f}",
-                             _fmt_iv(s["hns"], 3), f"{s['length_mean']:.1f}", str(s["truncated"])])
-            md += [f"### {g}", ""]
-            md += _md_table(["evaluation", "episodes", "mean return", "median", "std", "HNS", "mean length",
-                             "capped"], rows)
-        if len(evals) > 1:
-            md += ["### Mean return, game x evaluation", ""]
-            rows = [[g] + [f"{e.summary['games'][g]['return']['point']:.2f}" if g in e.summary["games"] else "-"
-                           for e in evals] for g in games]
-            md += _md_table(["game"] + [e.label for e in evals], rows)
-        _bar_plot(out / "per_game_return.png", evals, games, "return", "raw return")
-        md += ["![per-game returns](per_game_return.png)", ""]
-        if any(e.summary["games_with_hns"] for e in evals):
-            _bar_plot(out / "per_game_hns.png", evals, [g for g in games if any(
-                g in e.summary["games_with_hns"] for e in evals)], "hns", "HNS")
-            md += ["![per-game HNS](per_game_hns.png)", ""]
-
-        shares = _action_shares(evals, games)
-        if shares:
-            data["action_shares"] = shares
-            md += ["## Actions played", "",
-                   "Share of each legal action over every step of the evaluation's episodes (ε's random actions "
-                   "included). An agent that copies its data's most frequent action, or sticks to one, shows here.",
-                   ""]
-            for g, per in shares.items():
-                names = list(next(iter(per.values())))
-                md += [f"### {g}", ""]
-                md += _md_table(["evaluation", *names], [[label, *(f"{v:.0%}" for v in row.values())]
-                                                         for label, row in per.items()])
-            _action_plot(out / "actions.png", shares)
-            md += ["![actions played](actions.png)", ""]
-
-        pairs = _plan_pairs(evals)
-        if pairs:
-            md += ["## Planning vs no planning", ""]
-            rows = []
-            data["planning"] = []
-            for a, b in pairs:
-                common = _common_hns_games(a, b)
-                if not common:
-                    continue
-                d = _difference(a, b, common, reps, seed)
-                per_game = ", ".join(f"{g}: {a.summary['games'][g]['return']['point']:.1f} → "
-                                     f"{b.summary['games'][g]['return']['point']:.1f}" for g in common)
-                changed = _plan_changed_share(b.records)
-                rows.append([a.first.agent_spec, b.plan_label(), a.label, b.label, _fmt_iv(d, 3), per_game,
-                             "-" if changed is None else f"{100 * changed:.1f} %"])
-                data["planning"].append({"without": a.label, "with": b.label, "iqm_difference": d, "games": common,
-                                         "plan_changed_share": changed})
-            md += _md_table(["agent", "planning", "without", "with", "Δ IQM HNS (with − without)",
-                             "mean return per game (without → with)", "decisions planning changed"], rows)
-        if len(evals) > 1:
-            md += ["## Agent comparisons", "",
-                   "IQM HNS of the column evaluation minus the row evaluation over their common games "
-                   "(95 % CI from independent stratified bootstraps; an interval excluding 0 is a difference "
-                   "the episodes support).", ""]
-            rows = []
-            data["comparisons"] = []
-            for a, b in itertools.combinations(evals, 2):
-                common = _common_hns_games(a, b)
-                if not common:
-                    continue
-                d = _difference(a, b, common, reps, seed)
-                rows.append([a.label, b.label, str(len(common)), _fmt_iv(d, 3)])
-                data["comparisons"].append({"a": a.label, "b": b.label, "games": common, "iqm_difference": d})
-            md += _md_table(["a", "b", "games", "IQM HNS b − a"], rows)
-
-        videos = [(e, v) for e in evals for v in e.videos]
-        if videos:
-            md += ["## Videos", ""]
-            md += [f"- {e.label}: [{v.name}]({os.path.relpath(v, out.resolve())})" for e, v in videos]
-            md += [""]
-
+        md += _evaluations_md(evals, out, data)
+        md += _per_game_md(evals, games, out)
+        md += _actions_md(evals, games, out, data)
+        md += _planning_md(evals, data, reps, seed)
+        md += _comparisons_md(evals, data, reps, seed)
+        md += _videos_md(evals, out)
     if runs:
-        md += ["## Training runs", ""]
-        rows = []
-        for run in runs:
-            keys = _curve_keys(run.rows)
-            last = run.rows[-1] if run.rows else {}
-            final = ", ".join(f"{k}={last[k]:.4g}" for k in keys if isinstance(last.get(k), (int, float)))
-            rows.append([run.label, str(len(run.rows)), str(last.get("step", len(run.rows))), final or "-"])
-            data["runs"][run.label] = {"path": str(run.path), "records": len(run.rows), "final": {
-                k: last[k] for k in keys if isinstance(last.get(k), (int, float))}}
-        md += _md_table(["run", "records", "last step", "final values"], rows)
-        for run in runs:
-            keys = _curve_keys(run.rows)
-            if keys:
-                name = f"curves_{_slug(run.label)}.png"
-                _curves_plot(out / name, run, keys)
-                md += [f"![training curves of {run.label}]({name})", ""]
-        fidelity = _tokenizer_fidelity(runs)
-        if fidelity:
-            from wam.worldmodel.tokenizer_train import gains_text
-
-            data["tokenizer_fidelity"] = fidelity
-            md += ["## Tokenizer fidelity (held-out frames)", "",
-                   "Foreground: pixels more than 24 grey levels from the game's median training frame (the objects); "
-                   "the gain is the reconstruction's PSNR on them minus the median frame's (docs/tokenizer.md).", ""]
-            md += _md_table(["run", "step", "PSNR (dB)", "mean frame (dB)", "foreground gain over the median frame"],
-                            [[f["run"], f["step"], f"{f['heldout_psnr']:.2f}", f"{f['baseline_psnr']:.2f}",
-                              gains_text(f["fg_gain"]) or "n/a"]
-                             for f in fidelity])
-        grids = [(run, g) for run in runs for g in run.recon_grids]
-        if grids:
-            md += ["## Tokenizer reconstructions", ""]
-            for run, g in grids:
-                name = f"recon_{_slug(run.label)}_{g.name}"
-                shutil.copyfile(g, out / name)
-                md += [f"{run.label}: ![{g.name}]({name})", ""]
+        md += _runs_md(runs, out, data)
 
     (out / "report.md").write_text("\n".join(md))
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     log.info("wrote %s", out / "report.md")
     return data
+
+
+def _evaluations_md(evals: list[EvalInput], out: Path, data: dict[str, Any]) -> list[str]:
+    """The table of evaluations with their HNS aggregates, the notes on capped episodes and missing references,
+    and the IQM plot."""
+    md: list[str] = []
+    md += ["## Evaluations", ""]
+    rows = []
+    for e in evals:
+        f, agg = e.first, e.summary["hns_aggregates"]
+        n_games = len(e.summary["games"])
+        rows.append([e.label + ("" if e.status == "complete" else f" ({e.status})"), f.agent,
+                     f"`{f.checkpoint_id}`" if f.checkpoint_id else "-", f.protocol, f"{f.epsilon:g}",
+                     e.plan_label(), str(f.max_steps), str(n_games), str(len(e.records)),
+                     _fmt_iv(agg.get("iqm"), 3), _fmt_iv(agg.get("mean"), 3), _fmt_iv(agg.get("median"), 3),
+                     _fmt_iv(agg.get("optimality_gap"), 3)])
+        data["evaluations"][e.label] = {"path": str(e.path), "status": e.status, "agent": f.agent,
+                                        "agent_spec": f.agent_spec, "checkpoint_id": f.checkpoint_id,
+                                        "protocol": f.protocol, "epsilon": f.epsilon, "plan": e.plan_label(),
+                                        "max_steps": f.max_steps, "summary": e.summary}
+    md += _md_table(["evaluation", "agent", "checkpoint", "protocol", "ε", "planning", "cap", "games",
+                     "episodes", "IQM HNS", "mean HNS", "median HNS", "optimality gap"], rows)
+    from wam.datasets.atari import PROTOCOLS
+
+    capped = [e for e in evals if e.first.protocol in PROTOCOLS
+              and e.first.max_steps < PROTOCOLS[e.first.protocol].max_agent_steps]
+    for e in capped:
+        md += [f"**{e.label}: episodes capped at {e.first.max_steps} agent steps** (protocol "
+               f"{e.first.protocol}: {PROTOCOLS[e.first.protocol].max_agent_steps}); its scores are not "
+               "comparable with full-length evaluations or published numbers.", ""]
+    missing = sorted({g for e in evals for g in e.summary["games_without_hns"]})
+    if missing:
+        md += [f"No human/random reference for {', '.join(missing)}: raw scores only, left out of HNS "
+               "aggregates.", ""]
+    if any(e.summary["hns_aggregates"] for e in evals):
+        _iqm_plot(out / "iqm.png", evals)
+        md += ["![IQM HNS](iqm.png)", ""]
+    return md
+
+
+def _per_game_md(evals: list[EvalInput], games: list[str], out: Path) -> list[str]:
+    """Per game: each evaluation's returns and HNS, the game x evaluation table and the bar plots."""
+    md: list[str] = []
+    md += ["## Per-game scores", ""]
+    for g in games:
+        rows = []
+        for e in evals:
+            s = e.summary["games"].get(g)
+            if s is None:
+                continue
+            r = s["return"]
+            rows.append([e.label, str(s["episodes"]), _fmt_iv(r, 2), f"{r['median']:.2f}", f"{r['std']:.2f}",
+                         _fmt_iv(s["hns"], 3), f"{s['length_mean']:.1f}", str(s["truncated"])])
+        md += [f"### {g}", ""]
+        md += _md_table(["evaluation", "episodes", "mean return", "median", "std", "HNS", "mean length",
+                         "capped"], rows)
+    if len(evals) > 1:
+        md += ["### Mean return, game x evaluation", ""]
+        rows = [[g] + [f"{e.summary['games'][g]['return']['point']:.2f}" if g in e.summary["games"] else "-"
+                       for e in evals] for g in games]
+        md += _md_table(["game"] + [e.label for e in evals], rows)
+    _bar_plot(out / "per_game_return.png", evals, games, "return", "raw return")
+    md += ["![per-game returns](per_game_return.png)", ""]
+    if any(e.summary["games_with_hns"] for e in evals):
+        _bar_plot(out / "per_game_hns.png", evals, [g for g in games if any(
+            g in e.summary["games_with_hns"] for e in evals)], "hns", "HNS")
+        md += ["![per-game HNS](per_game_hns.png)", ""]
+    return md
+
+
+def _actions_md(evals: list[EvalInput], games: list[str], out: Path, data: dict[str, Any]) -> list[str]:
+    """The share of each legal action each evaluation played, per game, with its plot."""
+    md: list[str] = []
+    shares = _action_shares(evals, games)
+    if shares:
+        data["action_shares"] = shares
+        md += ["## Actions played", "",
+               "Share of each legal action over every step of the evaluation's episodes (ε's random actions "
+               "included). An agent that copies its data's most frequent action, or sticks to one, shows here.",
+               ""]
+        for g, per in shares.items():
+            names = list(next(iter(per.values())))
+            md += [f"### {g}", ""]
+            md += _md_table(["evaluation", *names], [[label, *(f"{v:.0%}" for v in row.values())]
+                                                     for label, row in per.items()])
+        _action_plot(out / "actions.png", shares)
+        md += ["![actions played](actions.png)", ""]
+    return md
+
+
+def _planning_md(evals: list[EvalInput], data: dict[str, Any], reps: int, seed: int) -> list[str]:
+    """Each agent with planning against the same agent without: the IQM difference and the decisions changed."""
+    md: list[str] = []
+    pairs = _plan_pairs(evals)
+    if pairs:
+        md += ["## Planning vs no planning", ""]
+        rows = []
+        data["planning"] = []
+        for a, b in pairs:
+            common = _common_hns_games(a, b)
+            if not common:
+                continue
+            d = _difference(a, b, common, reps, seed)
+            per_game = ", ".join(f"{g}: {a.summary['games'][g]['return']['point']:.1f} → "
+                                 f"{b.summary['games'][g]['return']['point']:.1f}" for g in common)
+            changed = _plan_changed_share(b.records)
+            rows.append([a.first.agent_spec, b.plan_label(), a.label, b.label, _fmt_iv(d, 3), per_game,
+                         "-" if changed is None else f"{100 * changed:.1f} %"])
+            data["planning"].append({"without": a.label, "with": b.label, "iqm_difference": d, "games": common,
+                                     "plan_changed_share": changed})
+        md += _md_table(["agent", "planning", "without", "with", "Δ IQM HNS (with − without)",
+                         "mean return per game (without → with)", "decisions planning changed"], rows)
+    return md
+
+
+def _comparisons_md(evals: list[EvalInput], data: dict[str, Any], reps: int, seed: int) -> list[str]:
+    """The IQM HNS difference of every pair of evaluations over their common games."""
+    md: list[str] = []
+    if len(evals) > 1:
+        md += ["## Agent comparisons", "",
+               "IQM HNS of the column evaluation minus the row evaluation over their common games "
+               "(95 % CI from independent stratified bootstraps; an interval excluding 0 is a difference "
+               "the episodes support).", ""]
+        rows = []
+        data["comparisons"] = []
+        for a, b in itertools.combinations(evals, 2):
+            common = _common_hns_games(a, b)
+            if not common:
+                continue
+            d = _difference(a, b, common, reps, seed)
+            rows.append([a.label, b.label, str(len(common)), _fmt_iv(d, 3)])
+            data["comparisons"].append({"a": a.label, "b": b.label, "games": common, "iqm_difference": d})
+        md += _md_table(["a", "b", "games", "IQM HNS b − a"], rows)
+    return md
+
+
+def _videos_md(evals: list[EvalInput], out: Path) -> list[str]:
+    """Links to the recorded videos."""
+    md: list[str] = []
+    videos = [(e, v) for e in evals for v in e.videos]
+    if videos:
+        md += ["## Videos", ""]
+        md += [f"- {e.label}: [{v.name}]({os.path.relpath(v, out.resolve())})" for e, v in videos]
+        md += [""]
+    return md
+
+
+def _runs_md(runs: list[RunInput], out: Path, data: dict[str, Any]) -> list[str]:
+    """Training runs: final values, curves, the tokenizer's fidelity and its reconstruction grids."""
+    md: list[str] = []
+    md += ["## Training runs", ""]
+    rows = []
+    for run in runs:
+        keys = _curve_keys(run.rows)
+        last = run.rows[-1] if run.rows else {}
+        final = ", ".join(f"{k}={last[k]:.4g}" for k in keys if isinstance(last.get(k), (int, float)))
+        rows.append([run.label, str(len(run.rows)), str(last.get("step", len(run.rows))), final or "-"])
+        data["runs"][run.label] = {"path": str(run.path), "records": len(run.rows), "final": {
+            k: last[k] for k in keys if isinstance(last.get(k), (int, float))}}
+    md += _md_table(["run", "records", "last step", "final values"], rows)
+    for run in runs:
+        keys = _curve_keys(run.rows)
+        if keys:
+            name = f"curves_{_slug(run.label)}.png"
+            _curves_plot(out / name, run, keys)
+            md += [f"![training curves of {run.label}]({name})", ""]
+    fidelity = _tokenizer_fidelity(runs)
+    if fidelity:
+        from wam.worldmodel.tokenizer_train import gains_text
+
+        data["tokenizer_fidelity"] = fidelity
+        md += ["## Tokenizer fidelity (held-out frames)", "",
+               "Foreground: pixels more than 24 grey levels from the game's median training frame (the objects); "
+               "the gain is the reconstruction's PSNR on them minus the median frame's (docs/tokenizer.md).", ""]
+        md += _md_table(["run", "step", "PSNR (dB)", "mean frame (dB)", "foreground gain over the median frame"],
+                        [[f["run"], f["step"], f"{f['heldout_psnr']:.2f}", f"{f['baseline_psnr']:.2f}",
+                          gains_text(f["fg_gain"]) or "n/a"]
+                         for f in fidelity])
+    grids = [(run, g) for run in runs for g in run.recon_grids]
+    if grids:
+        md += ["## Tokenizer reconstructions", ""]
+        for run, g in grids:
+            name = f"recon_{_slug(run.label)}_{g.name}"
+            shutil.copyfile(g, out / name)
+            md += [f"{run.label}: ![{g.name}]({name})", ""]
+    return md
 
 
 def _tokenizer_fidelity(runs: list[RunInput]) -> list[dict[str, Any]]:
