@@ -64,12 +64,12 @@ def _median_time(fn, reps: int) -> float:
 def _speed_one(preset: str, precision: str, frames: np.ndarray, peak: float, reps: int) -> dict[str, Any]:
     """Train and encode throughput of one preset in one precision."""
     from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer
-    from wam.worldmodel.tokenizer_train import _make_optimizer
+    from wam.worldmodel.tokenizer_train import make_optimizer
 
     cfg = TokenizerConfig.from_preset(preset)
     model = build_tokenizer(cfg)
     flops = model.flops_per_frame()
-    opt = _make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     batch = torch.from_numpy(frames[np.random.default_rng(0).integers(0, len(frames), cfg.batch_size)])
     enc = torch.from_numpy(frames[:256])
 

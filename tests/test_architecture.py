@@ -86,3 +86,15 @@ def test_no_top_level_datasets_module(tmp_path):
     origin, name = r.stdout.split()
     assert name == "wam.datasets"
     assert origin == "none" or str(ROOT) not in origin, f"installing wam put a top-level `datasets` on the path: {origin}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A module's `_private` names are its own: another module that needs one gets a public name instead."""
+    crossing = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wam."):
+                    crossing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                                 if a.name.startswith("_")]
+    assert not crossing, "private names imported across modules:\n" + "\n".join(crossing)

@@ -378,7 +378,7 @@ def lr_at(step: int, cfg: TokenizerConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _make_optimizer(model: VQTokenizer, cfg: TokenizerConfig) -> torch.optim.AdamW:
+def make_optimizer(model: VQTokenizer, cfg: TokenizerConfig) -> torch.optim.AdamW:
     """AdamW: weight decay on conv kernels only (not biases, norms, the pixel bias or the codebook)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     def decays(name: str, p: torch.nn.Parameter) -> bool:
@@ -454,7 +454,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
     titles = [s.game for s in stores]
     splits = split_episodes(stores, cfg.holdout_fraction)
     model = build_tokenizer(cfg).to(device)
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
 
     if ckpt is None:
         torch.manual_seed(cfg.seed)

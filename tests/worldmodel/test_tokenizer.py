@@ -366,9 +366,9 @@ def test_background_bank_mixes_learned_screens_and_changes_the_id():
         without = bank.decoder(z)
     assert torch.allclose(with_bank - without, torch.full_like(without, 0.5), atol=1e-6)
     # weight decay never pulls the learned screens towards black
-    from wam.worldmodel.tokenizer_train import _make_optimizer
+    from wam.worldmodel.tokenizer_train import make_optimizer
 
-    opt = _make_optimizer(bank, dataclasses.replace(bank.cfg, weight_decay=0.1))
+    opt = make_optimizer(bank, dataclasses.replace(bank.cfg, weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(bank.decoder.backgrounds) not in decayed and id(bank.decoder.net[0].weight) in decayed
 
