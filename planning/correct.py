@@ -176,6 +176,24 @@ class _TokenSource:
         return tok
 
 
+def _publish_targets(tmp: Path, out: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Write the rows and attributes to `tmp`, make it durable and rename it to `out` (atomic: a crash leaves
+    the old file or the new one)."""
+    from wam.datasets.files import fsync_path
+
+    with h5py.File(tmp, "w") as f:
+        for name in ROW_FIELDS:
+            a = arrays[name]
+            chunks = (min(len(a), 4096), *a.shape[1:])
+            f.create_dataset(name, data=a, chunks=chunks, compression="gzip", compression_opts=4,
+                             fletcher32=True, shuffle=True)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    fsync_path(tmp)
+    os.replace(tmp, out)
+    fsync_path(out.parent, directory=True)
+
+
 # ------------------------------------------------------------------------------------- correct
 def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike],
                      out: str | os.PathLike, settings: PlannerSettings, context: int = 0, stride: int = 1,
@@ -275,22 +293,7 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
                                      "episodes": int(s.num_episodes), "steps": int(s.num_steps),
                                      "tokenizer_id": s.tokenizer_id()} for s in stores]),
         }
-        with h5py.File(tmp, "w") as f:
-            for name in ROW_FIELDS:
-                a = arrays[name]
-                chunks = (min(len(a), 4096), *a.shape[1:])
-                f.create_dataset(name, data=a, chunks=chunks, compression="gzip", compression_opts=4,
-                                 fletcher32=True, shuffle=True)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _publish_targets(tmp, out, arrays, attrs)
     finally:
         if tmp.exists():
             tmp.unlink()
