@@ -346,38 +346,13 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
     """Build everything a process needs and train (single process, or one rank of a DDP run)."""
     finetune = isinstance(cfg, FinetuneConfig)
     command = "finetune" if finetune else "pretrain"
-    if not cfg.out:
-        raise WamError(f"give the run directory with --out (wam {command})")
-    for flag, value in (("--steps", cfg.train.steps), ("--batch-size", cfg.batch_size), ("--n-step", cfg.loss.n_step)):
-        if value < 1:
-            raise WamError(f"{flag} must be at least 1, got {value}")
+    _check_run_options(cfg, command)
     run = RunDir(cfg.out)
     ckpt = load_checkpoint(run.latest(), kind=CHECKPOINT_KIND) if cfg.resume and run.latest() else None
     if cfg.resume and ckpt is None:
         log.info("--resume: no checkpoint in %s yet, starting a fresh run", run.path)
     torch.manual_seed(cfg.seed)
-    pretrained: WorldActionModel | None = None
-    tokenizer_path = cfg.tokenizer
-    if ckpt is not None:
-        model_cfg = config_from_dict(WorldActionModelConfig, ckpt["config"]["model"])
-        tokenizer_path = tokenizer_path or ckpt.get("tokenizer", {}).get("path", "")
-    elif finetune and cfg.from_run != "scratch":
-        if not cfg.from_run:
-            raise WamError("give the pretrained run with --from RUN (or --from scratch)")
-        pretrained, pre_ckpt = WorldActionModel.from_checkpoint(cfg.from_run)
-        model_cfg = pretrained.cfg
-        tokenizer_path = tokenizer_path or pre_ckpt.get("tokenizer", {}).get("path", "")
-    else:
-        if finetune and not cfg.tokenizer and tuple(cfg.data) != (SYNTHETIC,):
-            raise WamError("--from scratch needs --tokenizer RUN (there is no pretrained run to take it from)")
-        model_cfg = cfg.model
-    if finetune and not cfg.game:
-        raise WamError("give the new game with --game NAME")
-    if cfg.q_targets and objective_name(cfg.loss) == "bc":
-        raise WamError("--q-targets (distillation toward corrected Q) does not apply to --objective bc; "
-                       "use --objective jowa or q-only")
-    if cfg.q_targets and tuple(cfg.data) == (SYNTHETIC,):
-        raise WamError("--q-targets needs the datasets the targets were planned on, not --data synthetic")
+    model_cfg, pretrained, tokenizer_path = _starting_point(cfg, ckpt)
     synthetic_games = (cfg.game,) if finetune else model_cfg.games or ("Synthetic",)
     pieces, vocab = _data_pieces(
         cfg, model_cfg.horizon, model_cfg.vocab_size, tokenizer_path, cfg.train.device, rank, world,
@@ -436,6 +411,40 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
         close = getattr(pieces.source, "close", None)
         if close is not None:
             close()
+
+
+def _check_run_options(cfg: PretrainConfig | FinetuneConfig, command: str) -> None:
+    """One clear error for options that cannot train, before anything is loaded."""
+    if not cfg.out:
+        raise WamError(f"give the run directory with --out (wam {command})")
+    for flag, value in (("--steps", cfg.train.steps), ("--batch-size", cfg.batch_size), ("--n-step", cfg.loss.n_step)):
+        if value < 1:
+            raise WamError(f"{flag} must be at least 1, got {value}")
+    if isinstance(cfg, FinetuneConfig) and not cfg.game:
+        raise WamError("give the new game with --game NAME")
+    if cfg.q_targets and objective_name(cfg.loss) == "bc":
+        raise WamError("--q-targets (distillation toward corrected Q) does not apply to --objective bc; "
+                       "use --objective jowa or q-only")
+    if cfg.q_targets and tuple(cfg.data) == (SYNTHETIC,):
+        raise WamError("--q-targets needs the datasets the targets were planned on, not --data synthetic")
+
+
+def _starting_point(cfg: PretrainConfig | FinetuneConfig, ckpt: dict | None
+                    ) -> tuple[WorldActionModelConfig, WorldActionModel | None, str]:
+    """(model config, pretrained model or None, tokenizer path) of a run: a resumed run's own, a fine-tuning
+    run's pretrained model's, or the command line's for a new model."""
+    tokenizer_path = cfg.tokenizer
+    if ckpt is not None:
+        return (config_from_dict(WorldActionModelConfig, ckpt["config"]["model"]), None,
+                tokenizer_path or ckpt.get("tokenizer", {}).get("path", ""))
+    if isinstance(cfg, FinetuneConfig) and cfg.from_run != "scratch":
+        if not cfg.from_run:
+            raise WamError("give the pretrained run with --from RUN (or --from scratch)")
+        pretrained, pre_ckpt = WorldActionModel.from_checkpoint(cfg.from_run)
+        return pretrained.cfg, pretrained, tokenizer_path or pre_ckpt.get("tokenizer", {}).get("path", "")
+    if isinstance(cfg, FinetuneConfig) and not cfg.tokenizer and tuple(cfg.data) != (SYNTHETIC,):
+        raise WamError("--from scratch needs --tokenizer RUN (there is no pretrained run to take it from)")
+    return cfg.model, None, tokenizer_path
 
 
 def _calibration_hook(model: WorldActionModel, cfg: PretrainConfig | FinetuneConfig,
