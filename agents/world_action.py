@@ -267,11 +267,12 @@ class WorldActionAgent:
         and a window longer than `plan_context`, the state returned is that of its last `plan_context` frames
         (encoded again from position 0), where the planner's imagination starts."""
         game_ids = self._game_ids(obs_t.shape[0])
-        out, model_state = self.model(obs_t, act_t, game_ids)
+        # acting reads only Q and the prior: the observation, reward and termination heads are skipped
+        out, model_state = self.model(obs_t, act_t, game_ids, world_model=False)
         t = obs_t.shape[1]
         if self.planner is not None and t > self.plan_context:
             keep = self.plan_context
-            _, model_state = self.model(obs_t[:, t - keep:], act_t[:, t - keep:], game_ids)
+            _, model_state = self.model(obs_t[:, t - keep:], act_t[:, t - keep:], game_ids, world_model=False)
         return model_state, out.q_logits[:, -1], None if out.prior_logits is None else out.prior_logits[:, -1]
 
     def _episode_groups(self, state: WorldActionState, tokens: np.ndarray) -> list[tuple[np.ndarray, Any]]:

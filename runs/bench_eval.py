@@ -11,13 +11,19 @@ Figures, each against a reference measured in the same run:
    emulator (`ale.act`, no preprocessing) measured in the same run, and the 1-worker marginal rate
    against the in-process loop, i.e. what Ray and the parent cost per step.
 
-Only the random agent exists in this version; greedy and planning agents need the world-action
-model and are benchmarked once it is there. The machine is shared and has 2 cores: timings are
-noisy; the JSON keeps every run.
+3. **Model agents** (issue 19 §4): agent steps/s of the `debug` world-action agent (untrained weights: the
+   speed does not depend on them), greedy and planning (K = 2, H = 2), in the in-process loop with 1 torch
+   thread (a per-core figure) over 1, 4, 16 and 64 environments stepped in lockstep (`--envs-per-worker`),
+   and where the time goes: the emulator (the random agent's loop over as many environments), the
+   tokenizer's `encode`, and the rest (model calls, planning, Python per step). Targets per core: greedy
+   >= 1,000 agent steps/s, planning >= 100.
+
+The machine is shared and has 2 cores: timings are noisy; the JSON keeps every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -25,7 +31,8 @@ from pathlib import Path
 
 GAME = "Pong"
 """Random Pong: long episodes (about 800 agent steps uncapped), real frames."""
-TARGETS = {"scaling_2_over_1": 1.8}
+TARGETS = {"scaling_2_over_1": 1.8, "greedy_steps_per_s": 1000.0, "planning_steps_per_s": 100.0}
+ENVS = (1, 4, 16, 64)
 
 
 def _in_process_rate(steps: int, seed: int) -> dict:
@@ -84,6 +91,66 @@ def _eval_rate(root: Path, workers: int, budgets: tuple[int, int], cap: int, see
             "marginal_steps_per_s": best["marginal_steps_per_s"]}
 
 
+class _TimedTokenizer:
+    """The agent's tokenizer, with the seconds spent in `encode` added up."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seconds = tokenizer, 0.0
+
+    def encode(self, frames):
+        t0 = time.perf_counter()
+        out = self.tokenizer.encode(frames)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _model_agent_rates(envs: tuple[int, ...], cap: int, seed: int) -> list[dict]:
+    """Steps/s of greedy and planning `debug` agents over `envs` lockstep environments, with the time split
+    into emulator, tokenizer and the rest (1 torch thread)."""
+    import torch
+
+    from wam.agents.base import load_agent
+    from wam.agents.evaluate import play_episodes
+    from wam.agents.world_action import WorldActionAgent
+    from wam.datasets.atari import legal_action_mask, make_env
+    from wam.planning.beam import PlannerSettings
+    from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig
+    from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    legal = legal_action_mask(GAME)
+    tokenizer = build_tokenizer(TokenizerConfig.from_preset("debug")).eval()
+    model = WorldActionModel(dataclasses.replace(WorldActionModelConfig.from_preset("debug"), games=(GAME,),
+                                                 vocab_size=tokenizer.cfg.codebook_size))
+    rows = []
+    try:
+        for n in envs:
+            seeds = [seed + i for i in range(n)]
+
+            def play(agent, n=n, seeds=seeds) -> float:
+                env_list = [make_env(GAME, seed=s, max_episode_steps=cap) for s in seeds]
+                t0 = time.perf_counter()
+                play_episodes(agent, env_list, legal, seeds, 0.0)
+                return time.perf_counter() - t0
+
+            emulator_s = play(load_agent("random", GAME))  # the loop and the emulator alone
+            row = {"envs": n, "steps": n * cap, "emulator_s": emulator_s}
+            for mode, plan in (("greedy", None), ("planning", PlannerSettings(beam_width=2, horizon=2))):
+                timed = _TimedTokenizer(tokenizer)
+                agent = WorldActionAgent(model, timed, GAME, plan=plan)
+                seconds = play(agent)
+                row[mode] = {"seconds": seconds, "steps_per_s": n * cap / seconds,
+                             "share_emulator": min(1.0, emulator_s / seconds),
+                             "share_tokenizer": timed.seconds / seconds,
+                             "share_rest": max(0.0, 1.0 - (emulator_s + timed.seconds) / seconds)}
+            rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def run(quick: bool = False) -> dict:
     from wam.datasets.distributed import ray_session
     from wam.runs.bench import machine_info
@@ -93,13 +160,18 @@ def run(quick: bool = False) -> dict:
     try:
         raw = _raw_ale_rate(4 * cap, seed=0)
         reference = _in_process_rate(cap, seed=0)
+        agents = _model_agent_rates(ENVS[:2] if quick else ENVS, 50 if quick else 200, seed=0)
         with ray_session(num_cpus=2):
             rates = {w: _eval_rate(root, w, budgets, cap, seed=0, repeats=repeats) for w in (1, 2)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     one, two = rates[1]["marginal_steps_per_s"], rates[2]["marginal_steps_per_s"]
     scaling = two / one
+    best = {m: max(r[m]["steps_per_s"] for r in agents) for m in ("greedy", "planning")}
     return {
+        "model_agents": agents, "model_agent_best": best,
+        "meets_greedy_target": best["greedy"] >= TARGETS["greedy_steps_per_s"],
+        "meets_planning_target": best["planning"] >= TARGETS["planning_steps_per_s"],
         "game": GAME, "agent": "random", "episode_cap": cap, "episode_budgets": list(budgets), "repeats": repeats,
         "quick": quick,
         "raw_ale": raw, "in_process": reference, "workers": {str(w): r for w, r in rates.items()},
@@ -125,9 +197,30 @@ def markdown(result: dict) -> str:
         "incl. actor start-up | |",
     ]
     verdict = "met" if result["meets_scaling_target"] else "**missed**"
+    agents = result.get("model_agents", [])
+    agent_rows = ["| envs | greedy steps/s | emulator / tokenizer / rest | planning steps/s | emulator / tokenizer / rest |",
+                  "|---:|---:|---|---:|---|"]
+    for r in agents:
+        cells = []
+        for m in ("greedy", "planning"):
+            x = r[m]
+            cells += [f"{x['steps_per_s']:.0f}",
+                      f"{x['share_emulator']:.0%} / {x['share_tokenizer']:.0%} / {x['share_rest']:.0%}"]
+        agent_rows.append(f"| {r['envs']} | " + " | ".join(cells) + " |")
+    agent_text = []
+    if agents:
+        best = result["model_agent_best"]
+        verdicts = {m: "met" if result[f"meets_{m}_target"] else "**missed**" for m in ("greedy", "planning")}
+        agent_text = ["", "`debug` world-action agent on one core (1 torch thread, in-process loop, untrained "
+                      f"weights), episodes of {agents[0]['steps'] // agents[0]['envs']} steps; best greedy "
+                      f"{best['greedy']:.0f} steps/s (target >= {TARGETS['greedy_steps_per_s']:.0f}: "
+                      f"{verdicts['greedy']}), best planning K=2 H=2 {best['planning']:.0f} steps/s (target >= "
+                      f"{TARGETS['planning_steps_per_s']:.0f}: {verdicts['planning']}). Shares of the time: the "
+                      "emulator (the random agent's loop over as many environments), the tokenizer's encode, "
+                      "the rest (model calls, planning, Python).", "", *agent_rows]
     return "\n".join([
         f"Random agent on {result['game']}, episodes capped at {result['episode_cap']} agent steps, episode "
-        f"budgets {result['episode_budgets']} per worker count; scaling target {verdict}. Greedy and planning "
-        "agents need the world-action model (not measured here).", "", *rows, "",
+        f"budgets {result['episode_budgets']} per worker count; scaling target {verdict}.", "", *rows,
+        *agent_text, "",
         f"Machine: {result['machine'].get('cpu_model')} ({result['machine'].get('cpus')} CPUs), shared: noisy.",
     ])

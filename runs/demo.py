@@ -230,6 +230,39 @@ def _results_table(evals: dict[str, Path], game: str) -> str:
     return "\n".join(lines)
 
 
+Q_AGENTS = ("from scratch", "pretrained+fine-tuned")
+"""The demo's trained Q agents (greedy), which must beat random; "pretrained+fine-tuned, planning" must not
+fall below "pretrained+fine-tuned"."""
+
+
+def _mean_return(out: Path, game: str) -> dict[str, float] | None:
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["summary"]["games"].get(game, {}).get("return")
+
+
+def demo_checks(evals: dict[str, Path], game: str) -> list[tuple[str, bool]]:
+    """The demo's two conditions, each (line, holds): every trained Q agent's mean return above the upper
+    end of random's 95 % interval, and planning's mean return not below the same agent's greedy one."""
+    rnd = _mean_return(evals["random"], game)
+    checks = []
+    for label in Q_AGENTS:
+        r = _mean_return(evals[label], game)
+        if r is None or rnd is None:
+            checks.append((f"{label}: no result", False))
+            continue
+        ok = r["point"] > rnd["high"]
+        checks.append((f"{label} {r['point']:.1f} {'>' if ok else '<='} random's upper bound {rnd['high']:.1f}", ok))
+    greedy, planned = (_mean_return(evals[k], game) for k in ("pretrained+fine-tuned", "pretrained+fine-tuned, planning"))
+    if greedy is None or planned is None:
+        checks.append(("planning: no result", False))
+    else:
+        ok = planned["point"] >= greedy["point"]
+        checks.append((f"planning {planned['point']:.1f} {'>=' if ok else '<'} greedy {greedy['point']:.1f}", ok))
+    return checks
+
+
 def demo(cfg: DemoConfig) -> int:
     if cfg.fresh and cfg.out.exists():
         shutil.rmtree(cfg.out)
@@ -246,6 +279,9 @@ def demo(cfg: DemoConfig) -> int:
     ]
     run_stages(stages)
     print("\n" + _results_table(d.evals, cfg.finetune_game))
+    print("\nchecks (one seed; docs/recipes.md says how they hold across seeds):")
+    for line, ok in demo_checks(d.evals, cfg.finetune_game):
+        print(f"  [{'ok' if ok else 'MISSED'}] {line}")
     print(f"\nreport: {cfg.out / 'report' / 'report.md'}")
     return 0
 
