@@ -38,22 +38,33 @@ docs/probe.md describes them.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from wam.datasets.errors import DataError, WamError
 from wam.datasets.files import atomic_write_bytes
 from wam.datasets.store import TrajectoryStore, find_datasets
+from wam.worldmodel.probe_fit import (
+    MIN_FIT_FRAMES,
+    PROBES,
+    RIDGE_ALPHAS,
+    MlpProbe,
+    RidgeProbe,
+    Standardizer,
+    fit_mlp,
+    fit_ridge,
+    r2_score,
+    spans,
+)
+from wam.worldmodel.probe_report import ProbeReport, plot_probe, write_markdown
 from wam.worldmodel.tokenizer import VQTokenizer
 from wam.worldmodel.tokenizer_train import split_episodes
 
@@ -113,17 +124,6 @@ RAM_VARIABLES: dict[str, tuple[RamVariable, ...]] = {
 }
 """Per game (canonical CamelCase name), the object coordinates probed."""
 
-PROBES = ("token_ridge", "token_mlp", "pixel_ridge", "pixel_mlp", "constant")
-"""The probes of every variable, in table order."""
-RIDGE_ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)
-"""Ridge penalties per frame on standardised inputs (λ = α · n). The search starts in the middle of the grid
-and tries neighbours until each variable's best α on the validation split has both its neighbours tried
-(a local minimum of the validation error along the grid)."""
-PRECOMPUTE_BYTES = 1 << 30
-"""The MLP standardises its inputs once when they fit in this many bytes (float32), else every minibatch."""
-MIN_FIT_FRAMES = 10
-"""A variable defined on fewer fitting frames (or on fewer than 2 held-out frames) is not probed."""
-
 
 @dataclass
 class ProbeConfig:
@@ -162,326 +162,6 @@ class ProbeConfig:
             raise WamError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise WamError(f"lr must be positive, got {self.lr}")
-
-
-# ------------------------------------------------------------------------------------ probe math
-def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
-    """1 - SSE / SST on the given frames (SST around their own mean); NaN when y is constant or empty."""
-    y = np.asarray(y, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    if y.size == 0:
-        return float("nan")
-    sst = float(((y - y.mean()) ** 2).sum())
-    if sst <= 0.0:
-        return float("nan")
-    return 1.0 - float(((y - pred) ** 2).sum()) / sst
-
-
-def _spans(n: int, size: int):
-    for a in range(0, n, size):
-        yield a, min(n, a + size)
-
-
-class Standardizer:
-    """Per-feature mean / std of the fitting rows (float64, chunked); features with std <= `eps` are dropped.
-
-    `x` is any [N, F] tensor (uint8 pixels included); `scale` multiplies it first (1/255 for pixels).
-    """
-
-    def __init__(self, x: torch.Tensor, scale: float = 1.0, eps: float = 1e-8, chunk: int = 4096):
-        self.scale = float(scale)
-        n, f = x.shape
-        if n == 0:
-            raise ValueError("cannot standardise zero rows")
-        total = torch.zeros(f, dtype=torch.float64)
-        for a, b in _spans(n, chunk):
-            total += x[a:b].to(torch.float64).sum(0)
-        mean = total * self.scale / n
-        sq = torch.zeros(f, dtype=torch.float64)
-        for a, b in _spans(n, chunk):
-            sq += (x[a:b].to(torch.float64) * self.scale - mean).square().sum(0)
-        std = (sq / n).sqrt()
-        self.keep = torch.nonzero(std > eps).squeeze(1)
-        self.mean, self.std = mean[self.keep], std[self.keep]
-        self.in_features = f
-
-    @property
-    def features(self) -> int:
-        return int(self.keep.numel())
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Standardised [n, features] of raw rows x [n, F]."""
-        z = (x[:, self.keep].to(torch.float64) * self.scale - self.mean) / self.std
-        return z.to(dtype)
-
-
-def _mask_groups(mask: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
-    """The distinct columns of bool [N, V], each with the variables (columns) that share it."""
-    groups: dict[bytes, tuple[np.ndarray, list[int]]] = {}
-    for v in range(mask.shape[1]):
-        col = np.ascontiguousarray(mask[:, v])
-        groups.setdefault(col.tobytes(), (col, []))[1].append(v)
-    return list(groups.values())
-
-
-@dataclass
-class RidgeProbe:
-    """A fitted ridge probe: `predict(x) = standardise(x) @ weight + bias`, one column per variable."""
-
-    std: Standardizer
-    weight: torch.Tensor  # [F_kept, V] float64
-    bias: torch.Tensor  # [V] float64
-    alpha: list[float | None]
-    """The penalty chosen per variable (None: not fitted)."""
-
-    def predict(self, x: torch.Tensor, chunk: int = 2048) -> np.ndarray:
-        out = [self.std(x[a:b]) @ self.weight + self.bias for a, b in _spans(len(x), chunk)]
-        if not out:
-            return np.zeros((0, len(self.bias)))
-        return torch.cat(out).numpy()
-
-
-def fit_ridge(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray,
-              m_val: np.ndarray, scale: float = 1.0, alphas: Sequence[float] = RIDGE_ALPHAS,
-              chunk: int = 2048) -> RidgeProbe:
-    """Ridge regressions of every target column of y [N, V] on x [N, F], each on its own frames (mask [N, V]).
-
-    Inputs are standardised on the fitting rows; the intercept is not penalised. For each variable the
-    α of the grid `alphas` with the lowest validation MSE (on its masked validation rows) is kept (the middle
-    one when it has no validation rows). The search starts at the middle α and tries the untried neighbour
-    closest to it of any variable's current best until every best has both neighbours tried (a local
-    minimum along the grid; the error is normally unimodal in log α), which saves most factorisations. Targets sharing a mask are solved together: with more frames than
-    features in the primal form (the F x F Gram of the group's rows, obtained as the Gram of all fitting
-    rows minus that of the excluded ones), otherwise in the dual form (the n x n kernel); one Cholesky
-    factorisation per α.
-    """
-    std = Standardizer(x_fit, scale)
-    f, v_count = std.features, y_fit.shape[1]
-    y_fit_t, y_val_t = torch.as_tensor(y_fit, dtype=torch.float64), torch.as_tensor(y_val, dtype=torch.float64)
-    weight = torch.zeros(f, v_count, dtype=torch.float64)
-    bias = torch.full((v_count,), float("nan"), dtype=torch.float64)
-    chosen: list[float | None] = [None] * v_count
-
-    def rows_gram(idx: np.ndarray, out: torch.Tensor, sign: float) -> None:
-        for a, b in _spans(len(idx), chunk):
-            z = std(x_fit[torch.from_numpy(idx[a:b])])
-            out.addmm_(z.T, z, alpha=sign)
-
-    gram: torch.Tensor | None = None  # of all fitting rows, computed when a group first needs it
-    for group_mask, cols in _mask_groups(m_fit):
-        rows = np.flatnonzero(group_mask)
-        n = len(rows)
-        if n < 2:
-            continue
-        y_g = y_fit_t[torch.from_numpy(rows)][:, cols]  # [n, Vg]
-        ybar = y_g.mean(0)
-        if n < f:  # dual form: the n x n kernel of the centred rows
-            z = torch.cat([std(x_fit[torch.from_numpy(rows[a:b])]) for a, b in _spans(n, chunk)])
-            mu = z.mean(0)
-            z -= mu
-            kernel = z @ z.T
-            yc = y_g - ybar
-
-            def solve(lam: float, z=z, kernel=kernel, yc=yc) -> torch.Tensor:
-                k = kernel.clone()
-                k.diagonal().add_(lam)
-                chol, info = torch.linalg.cholesky_ex(k)
-                dual = torch.cholesky_solve(yc, chol) if int(info) == 0 else torch.linalg.lstsq(k, yc).solution
-                return z.T @ dual  # [F, Vg]
-        else:  # primal form: the F x F Gram of the group's rows, centred
-            excluded = np.flatnonzero(~group_mask)
-            if len(excluded) <= n:  # the Gram of all rows minus that of the (few) excluded ones
-                if gram is None:
-                    gram = torch.zeros(f, f, dtype=torch.float64)
-                    rows_gram(np.arange(len(x_fit)), gram, 1.0)
-                a_mat = gram.clone()
-                rows_gram(excluded, a_mat, -1.0)
-            else:
-                a_mat = torch.zeros(f, f, dtype=torch.float64)
-                rows_gram(rows, a_mat, 1.0)
-            sx = torch.zeros(f, dtype=torch.float64)
-            sxy = torch.zeros(f, len(cols), dtype=torch.float64)
-            for a, b in _spans(n, chunk):
-                z = std(x_fit[torch.from_numpy(rows[a:b])])
-                sx += z.sum(0)
-                sxy += z.T @ y_g[a:b]
-            mu = sx / n
-            a_mat -= n * torch.outer(mu, mu)  # centred Gram: sum (z - mu)(z - mu)^T
-            b_mat = sxy - n * torch.outer(mu, ybar)  # centred cross-products
-            diag = a_mat.diagonal().clone()
-
-            def solve(lam: float, a_mat=a_mat, b_mat=b_mat, diag=diag) -> torch.Tensor:
-                a_mat.diagonal().copy_(diag + lam)
-                chol, info = torch.linalg.cholesky_ex(a_mat)
-                return (torch.cholesky_solve(b_mat, chol) if int(info) == 0
-                        else torch.linalg.lstsq(a_mat, b_mat).solution)  # [F, Vg]
-        val_mask = torch.as_tensor(m_val[:, cols])
-        has_val = val_mask.any(0).tolist()
-        grid = sorted(alphas)
-        first = len(grid) // 2
-        tried: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # grid index -> (w, b0, val MSE)
-        todo = first
-        while True:
-            w = solve(grid[todo] * n)
-            b0 = ybar - mu @ w
-            if len(x_val):
-                pred = torch.cat([std(x_val[a:b]) @ w + b0 for a, b in _spans(len(x_val), chunk)])
-                err = ((pred - y_val_t[:, cols]).square() * val_mask).sum(0) / val_mask.sum(0).clamp_min(1)
-            else:
-                err = torch.zeros(len(cols), dtype=torch.float64)
-            tried[todo] = (w, b0, err)
-            # each variable's best so far; go on until every best has both grid neighbours tried
-            best = [min(tried, key=lambda k, j=j: (float(tried[k][2][j]), k)) if has_val[j] else first
-                    for j in range(len(cols))]
-            needed = {k for b in best for k in (b - 1, b + 1) if 0 <= k < len(grid) and k not in tried}
-            if not needed:
-                break
-            todo = min(needed, key=lambda k: (abs(k - first), k))
-        for j, c in enumerate(cols):
-            w, b0, _ = tried[best[j]]
-            weight[:, c], bias[c], chosen[c] = w[:, j], b0[j], float(grid[best[j]])
-    return RidgeProbe(std=std, weight=weight, bias=bias, alpha=chosen)
-
-
-@dataclass
-class MlpProbe:
-    """A fitted MLP probe (one hidden ReLU layer) on standardised inputs, trained on all variables at once.
-
-    Early stopping is per variable: variable v is predicted with the weights of its best validation epoch
-    (`best_epoch[v]`; `states` holds each distinct snapshot, `state_of[v]` indexes it).
-    """
-
-    std: Standardizer
-    net: nn.Sequential | None
-    """None when every input feature is constant on the fitting frames: the probe predicts the mean."""
-    y_mean: torch.Tensor  # [V] float32
-    y_std: torch.Tensor  # [V] float32
-    states: list[dict[str, torch.Tensor]]
-    state_of: list[int]
-    epochs: int
-    """Epochs trained."""
-    best_epoch: list[int]
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, chunk: int = 2048) -> np.ndarray:
-        out = self.y_mean.double().expand(len(x), -1).clone()
-        if self.net is None:
-            return out.numpy()
-        self.net.eval()
-        for k, state in enumerate(self.states):
-            cols = [v for v, s in enumerate(self.state_of) if s == k]
-            self.net.load_state_dict(state)
-            for a, b in _spans(len(x), chunk):
-                pred = self.net(self.std(x[a:b], torch.float32)) * self.y_std + self.y_mean
-                out[a:b, cols] = pred[:, cols].double()
-        return out.numpy()
-
-
-def _masked_mse(pred: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """[V]: each variable's MSE on its own frames (0 for a variable without frames)."""
-    return ((pred - y).square() * m).sum(0) / m.sum(0).clamp_min(1)
-
-
-def fit_mlp(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: torch.Tensor, y_val: np.ndarray,
-            m_val: np.ndarray, scale: float = 1.0, hidden: int = 256, epochs: int = 30, patience: int = 3,
-            batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> MlpProbe:
-    """An MLP regressing every column of y [N, V] (each on its frames, mask [N, V]) from x [N, F].
-
-    Inputs and targets are standardised on the fitting rows; the loss is the mean over variables of their
-    masked MSE. The output layer starts at zero, so the untrained network (epoch 0) predicts the training
-    mean. Adam on shuffled minibatches. Before training and after each epoch every variable's validation MSE
-    is computed; each variable keeps the weights of its best epoch (0 when training never beats the mean),
-    and training stops when no variable has improved for `patience` epochs (without validation rows all
-    `epochs` are trained and the last weights kept). Weights and shuffles come from `seed` (the global
-    RNGs are left as they were).
-    """
-    std = Standardizer(x_fit, scale)
-    y = torch.as_tensor(y_fit, dtype=torch.float32)
-    m = torch.as_tensor(m_fit, dtype=torch.float32)
-    v_count = y.shape[1]
-    count = m.sum(0).clamp_min(1)
-    y_mean = (y * m).sum(0) / count
-    y_std = (((y - y_mean).square() * m).sum(0) / count).sqrt()
-    y_std = torch.where(y_std > 0, y_std, torch.ones_like(y_std))
-    yn = (y - y_mean) / y_std
-    yv = (torch.as_tensor(y_val, dtype=torch.float32) - y_mean) / y_std
-    mv = torch.as_tensor(m_val, dtype=torch.float32)
-    if std.features == 0:
-        return MlpProbe(std=std, net=None, y_mean=y_mean, y_std=y_std, states=[], state_of=[], epochs=0,
-                        best_epoch=[0] * v_count)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = nn.Sequential(nn.Linear(std.features, hidden), nn.ReLU(), nn.Linear(hidden, v_count))
-    nn.init.zeros_(net[2].weight)  # untrained, the probe predicts the training mean (epoch 0 = the constant)
-    nn.init.zeros_(net[2].bias)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    has_val = mv.any(0)  # [V]
-    # standardise once when the float32 copies fit in PRECOMPUTE_BYTES, else per batch
-    if (len(x_fit) + len(x_val)) * std.features * 4 <= PRECOMPUTE_BYTES:
-        z_fit = torch.cat([std(x_fit[a:b], torch.float32) for a, b in _spans(len(x_fit), 4096)])
-        z_val = torch.cat([std(x_val[a:b], torch.float32) for a, b in _spans(len(x_val), 4096)]) if len(x_val) \
-            else torch.zeros(0, std.features)
-
-        def inputs(x: torch.Tensor, idx: torch.Tensor | slice, pre: torch.Tensor) -> torch.Tensor:
-            return pre[idx]
-    else:
-        z_fit = z_val = torch.zeros(0)
-
-        def inputs(x: torch.Tensor, idx: torch.Tensor | slice, pre: torch.Tensor) -> torch.Tensor:
-            return std(x[idx], torch.float32)
-
-    @torch.no_grad()
-    def val_losses() -> torch.Tensor:
-        net.eval()
-        preds = torch.cat([net(inputs(x_val, slice(a, b), z_val)) for a, b in _spans(len(x_val), 2048)])
-        net.train()
-        return _masked_mse(preds, yv, mv)
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: t.detach().clone() for k, t in net.state_dict().items()}
-
-    best = torch.full((v_count,), math.inf)
-    states: list[dict[str, torch.Tensor]] = []
-    state_of, best_epoch = [-1] * v_count, [0] * v_count
-    since, done = 0, 0
-    net.train()
-    for epoch in range(0, epochs + 1):
-        if epoch > 0:
-            order = torch.randperm(len(x_fit), generator=gen)
-            for a, b in _spans(len(order), batch_size):
-                idx = order[a:b]
-                loss = _masked_mse(net(inputs(x_fit, idx, z_fit)), yn[idx], m[idx]).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            done = epoch
-        if not bool(has_val.any()) or len(x_val) == 0:
-            continue
-        current = val_losses()
-        improved = [v for v in range(v_count) if bool(has_val[v]) and bool(current[v] < best[v])]
-        if improved:
-            states.append(snapshot())
-            for v in improved:
-                best[v], state_of[v], best_epoch[v] = current[v], len(states) - 1, epoch
-            since = 0
-        else:
-            since += 1
-            if since >= patience:
-                break
-    missing = [v for v in range(v_count) if state_of[v] < 0]  # no validation rows: the last weights
-    if missing:
-        states.append(snapshot())
-        for v in missing:
-            state_of[v], best_epoch[v] = len(states) - 1, done
-    used = sorted(set(state_of))  # drop snapshots no variable kept
-    states = [states[k] for k in used]
-    state_of = [used.index(k) for k in state_of]
-    net.eval()
-    return MlpProbe(std=std, net=net, y_mean=y_mean, y_std=y_std, states=states, state_of=state_of, epochs=done,
-                    best_epoch=best_epoch)
-
-
 # ------------------------------------------------------------------------------------ data
 @dataclass
 class Split:
@@ -519,7 +199,7 @@ def token_features(tokenizer: VQTokenizer, tokens: np.ndarray | torch.Tensor, ch
     t = torch.as_tensor(np.asarray(tokens, dtype=np.int64) if isinstance(tokens, np.ndarray) else tokens)
     out = []
     with torch.no_grad():
-        for a, b in _spans(len(t), chunk):
+        for a, b in spans(len(t), chunk):
             out.append(tokenizer.quantizer.lookup(t[a:b].to(tokenizer.device)).flatten(1).float().cpu())
     if not out:
         return torch.zeros(0, t.shape[1] * tokenizer.cfg.codebook_dim)
@@ -701,124 +381,6 @@ def probe_game(data: GameData, tokenizer: VQTokenizer, cfg: ProbeConfig,
                        "training_total": data.training_frames, "heldout_total": data.heldout_total},
             "tokens_from": data.tokens_from, "features": features,
             "seconds": {k: round(v, 2) for k, v in seconds.items()}, "variables": rows}
-
-
-# ------------------------------------------------------------------------------------ outputs
-@dataclass
-class ProbeReport:
-    """What `probe_tokenizer` wrote and found."""
-
-    out: Path
-    result: dict = field(repr=False)
-    """The contents of probe.json."""
-    seconds: float
-
-    def summary_line(self) -> str:
-        parts = []
-        for g in self.result["games"]:
-            for v in g["variables"]:
-                r = v["r2"]
-                tok = _best(r["token_ridge"], r["token_mlp"])
-                pix = _best(r["pixel_ridge"], r["pixel_mlp"])
-                parts.append(f"{g['game']} {v['name']} {_fmt(tok)}" + (f"/{_fmt(pix)}" if pix is not None else ""))
-        what = "tokens/pixels" if self.result["config"]["pixels"] else "tokens"
-        return (f"probe of tokenizer {self.result['tokenizer']['id']}: held-out R² ({what}, best of ridge and MLP) "
-                f"{'; '.join(parts)}; {self.seconds:.0f} s; wrote {self.out}/probe.md")
-
-
-def _best(a: float | None, b: float | None) -> float | None:
-    vals = [x for x in (a, b) if x is not None]
-    return max(vals) if vals else None
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def write_markdown(path: Path, result: dict) -> None:
-    tok = result["tokenizer"]
-    cfg = result["config"]
-    lines = [
-        "# State probe of a frozen tokenizer", "",
-        f"Tokenizer `{tok['id']}` (`{tok['checkpoint']}`, step {tok['step']}, codebook {tok['codebook_size']} × "
-        f"{tok['codebook_dim']}). Held-out R² of object coordinates read from RAM (AtariARI addresses), regressed "
-        f"from the frame's {tok.get('tokens_per_frame', 36)} code vectors (tokens), from the raw 84×84 pixels, and by the training mean "
-        f"(constant). Ratio = best token R² / best pixel R² (blank when the pixel R² is not positive).", "",
-        "| game | variable | token ridge R² | token MLP R² | pixel ridge R² | pixel MLP R² | constant R² | "
-        "ratio token-best/pixel-best |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    notes = []
-    for g in result["games"]:
-        for v in g["variables"]:
-            r = v["r2"]
-            ratio = "" if v["ratio"] is None else f"{v['ratio']:.2f}"
-            lines.append(f"| {g['game']} | {v['name']} (RAM[{v['address']}]) | "
-                         + " | ".join(_fmt(r[p]) for p in PROBES) + f" | {ratio} |")
-            if v["mask"]:
-                m = v["masked_frames"]
-                notes.append(f"- {g['game']} {v['name']}: {v['mask']} — {m['fit']} fitting, {m['val']} validation "
-                             f"and {m['heldout']} held-out frames left out.")
-            if v["note"]:
-                notes.append(f"- {g['game']} {v['name']}: {v['note']}.")
-    lines += ["", "## Data", ""]
-    for g in result["games"]:
-        f, e = g["frames"], g["episodes"]
-        lines.append(f"- {g['game']}: {len(g['datasets'])} dataset(s); {e['train']} training episodes ({e['val']} of "
-                     f"them for validation), {e['heldout']} held out; {f['fit']} fitting + {f['val']} validation frames "
-                     f"(of {f['training_total']} training frames), {f['heldout']} held-out frames (of "
-                     f"{f['heldout_total']}); tokens {g['tokens_from']}; features: "
-                     + ", ".join(f"{k} {n}" for k, n in g["features"].items())
-                     + "; seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in g["seconds"].items()) + ".")
-    if notes:
-        lines += ["", "## Masked frames and notes", "", *notes]
-    lines += ["", "## Settings", "",
-              f"- Held out: the last {cfg['holdout_fraction']:.0%} of each dataset's episodes (at least one); "
-              f"validation: the last {cfg['val_fraction']:.0%} of the training episodes.",
-              f"- Ridge: float64 closed form on standardised inputs, α per frame chosen on the validation split from "
-              f"{', '.join(f'{a:g}' for a in cfg['ridge_alphas'])}; fitted on the fitting frames only.",
-              f"- MLP: {cfg['hidden']} ReLU hidden units, Adam lr {cfg['lr']:g}, batch {cfg['batch_size']}, at most "
-              f"{cfg['epochs']} epochs, early stopping (patience {cfg['patience']}) on the validation split, seed "
-              f"{cfg['seed']}.",
-              f"- Frames: at most {cfg['max_frames']} training and {cfg['max_heldout_frames']} held-out frames per game.",
-              f"- Total time {result['seconds']:.1f} s.", ""]
-    atomic_write_bytes(path, "\n".join(lines).encode())
-
-
-def plot_probe(path: Path, result: dict) -> None:
-    """Grouped bars of held-out R², one group per game variable, one bar per probe (matplotlib Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels, values = [], []
-    for g in result["games"]:
-        for v in g["variables"]:
-            labels.append(f"{g['game']}\n{v['name']}")
-            values.append([v["r2"][p] for p in PROBES])
-    arr = np.array([[np.nan if x is None else x for x in row] for row in values], dtype=np.float64).reshape(-1, len(PROBES))
-    floor = -0.5
-    fig = Figure(figsize=(max(6.0, 1.3 * len(labels) + 1.5), 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / len(PROBES)
-    colours = ("#1f77b4", "#6baed6", "#d62728", "#fc9272", "#7f7f7f")
-    x = np.arange(len(labels))
-    for k, (name, colour) in enumerate(zip(PROBES, colours)):
-        ax.bar(x + (k - (len(PROBES) - 1) / 2) * width, np.clip(arr[:, k], floor, None), width,
-               label=name.replace("_", " ").replace("mlp", "MLP"), color=colour)
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylim(floor, 1.05)
-    ax.set_ylabel(f"held-out R² (clipped at {floor})")
-    ax.set_title(f"state probe of tokenizer {result['tokenizer']['id']}", fontsize=10)
-    ax.legend(fontsize=7, ncol=len(PROBES), loc="lower center", bbox_to_anchor=(0.5, 1.06), frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 # ------------------------------------------------------------------------------------ the command
 def _check_datasets(stores: Sequence[TrajectoryStore]) -> None:
     no_ram = [s for s in stores if not s.has_ram]
@@ -876,4 +438,3 @@ def probe_tokenizer(run: str | Path, data: Sequence[str | Path], out: str | Path
     write_markdown(out / "probe.md", result)
     plot_probe(out / "probe.png", result)
     return ProbeReport(out=out, result=result, seconds=result["seconds"])
-
