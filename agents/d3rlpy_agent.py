@@ -150,24 +150,7 @@ def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike
     """
     import h5py
 
-    from wam.datasets.store import TrajectoryStore, find_datasets
-
-    paths = find_datasets(list(data)) if data else []
-    if not paths:
-        raise WamError("give the training data with --data DIR (a dataset directory or a root holding datasets)")
-    stores = [TrajectoryStore.open(p) for p in paths]
-    games = sorted({s.game for s in stores})
-    if len(games) > 1:
-        by_game = "; ".join(f"{g}: {', '.join(str(s.directory) for s in stores if s.game == g)}" for g in games)
-        raise WamError(f"the datasets hold several games ({by_game}); a d3rlpy baseline is trained on one game: "
-                       "give the datasets of one game")
-    game = games[0]
-    ids = legal_ids(game)
-    for s in stores:
-        recorded = _metadata_legal_ids(s)
-        if recorded is not None and recorded != ids.tolist():
-            raise WamError(f"{s.directory} records the legal actions {recorded} for {game}, but this ALE has "
-                           f"{ids.tolist()}: the data was made with another ale-py; re-collect or re-import it")
+    stores, game, ids = _one_game(data)
     if max_transitions is not None and max_transitions < 1:
         raise WamError(f"--transitions must be >= 1, got {max_transitions}")
     if hold_out_episodes < 0:
@@ -194,19 +177,7 @@ def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike
             f0 = s0 = 0
             for s, plan in zip(stores, plans):
                 for i, t in plan:
-                    ep = s.read_episode(i)
-                    cut = t < ep.length  # cut by max_transitions: the episode goes on in the data
-                    idx = action_indices(ep.actions[:t], ids)  # [t]
-                    if (idx < 0).any():
-                        from wam.datasets.atari import ACTION_NAMES
-
-                        bad = sorted({ACTION_NAMES[a] for a in ep.actions[:t][idx < 0]})
-                        raise WamError(f"{s.directory} episode {i} plays {', '.join(bad)}, not in {game}'s legal "
-                                       f"actions ({len(ids)}); d3rlpy's head has one output per legal action")
-                    term, trunc = (False, True) if cut else (bool(ep.terminations[-1]), bool(ep.truncations[-1]))
-                    if not (term or trunc):
-                        raise WamError(f"{s.directory} episode {i} has no termination or truncation at its last "
-                                       f"step; run `wam data validate {s.directory}`")
+                    ep, idx, term, trunc = _episode_rows(s, i, t, ids, game)
                     frames[f0:f0 + t + 1] = ep.observations[:t + 1]
                     acts[s0:s0 + t] = idx
                     rews[s0:s0 + t] = np.sign(ep.rewards[:t])
@@ -237,6 +208,50 @@ def export_for_d3rlpy(data: Sequence[str | os.PathLike], path: str | os.PathLike
     return ExportSummary(path=path, game=game, legal_ids=ids.tolist(), datasets=[str(s.directory) for s in stores],
                          fingerprints=[s.fingerprint() for s in stores], episodes=int(lengths.size), steps=n_steps,
                          terminated=terminated, truncated=truncated, action_counts=counts.tolist())
+
+
+def _one_game(data: Sequence[str | os.PathLike]) -> tuple[list, str, np.ndarray]:
+    """(stores, game, legal ids) of the datasets under `data`; a WamError when there are none, when they hold
+    several games, or when one recorded other legal actions than this ALE has."""
+    from wam.datasets.store import TrajectoryStore, find_datasets
+
+    paths = find_datasets(list(data)) if data else []
+    if not paths:
+        raise WamError("give the training data with --data DIR (a dataset directory or a root holding datasets)")
+    stores = [TrajectoryStore.open(p) for p in paths]
+    games = sorted({s.game for s in stores})
+    if len(games) > 1:
+        by_game = "; ".join(f"{g}: {', '.join(str(s.directory) for s in stores if s.game == g)}" for g in games)
+        raise WamError(f"the datasets hold several games ({by_game}); a d3rlpy baseline is trained on one game: "
+                       "give the datasets of one game")
+    game = games[0]
+    ids = legal_ids(game)
+    for s in stores:
+        recorded = _metadata_legal_ids(s)
+        if recorded is not None and recorded != ids.tolist():
+            raise WamError(f"{s.directory} records the legal actions {recorded} for {game}, but this ALE has "
+                           f"{ids.tolist()}: the data was made with another ale-py; re-collect or re-import it")
+    return stores, game, ids
+
+
+def _episode_rows(store: Any, i: int, t: int, ids: np.ndarray, game: str) -> tuple[Any, np.ndarray, bool, bool]:
+    """Episode `i` of `store` cut to its first `t` steps: (the episode, its actions as indices into the legal
+    ids [t], terminated, truncated). A cut episode ends in a truncation; an illegal action or an episode
+    without an end flag is a WamError."""
+    ep = store.read_episode(i)
+    cut = t < ep.length  # cut by max_transitions: the episode goes on in the data
+    idx = action_indices(ep.actions[:t], ids)  # [t]
+    if (idx < 0).any():
+        from wam.datasets.atari import ACTION_NAMES
+
+        bad = sorted({ACTION_NAMES[a] for a in ep.actions[:t][idx < 0]})
+        raise WamError(f"{store.directory} episode {i} plays {', '.join(bad)}, not in {game}'s legal "
+                       f"actions ({len(ids)}); d3rlpy's head has one output per legal action")
+    term, trunc = (False, True) if cut else (bool(ep.terminations[-1]), bool(ep.truncations[-1]))
+    if not (term or trunc):
+        raise WamError(f"{store.directory} episode {i} has no termination or truncation at its last "
+                       f"step; run `wam data validate {store.directory}`")
+    return ep, idx, term, trunc
 
 
 # -------------------------------------------------------------------------------------- checkpoint

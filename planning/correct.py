@@ -194,6 +194,48 @@ def _publish_targets(tmp: Path, out: Path, arrays: dict[str, np.ndarray], attrs:
     fsync_path(out.parent, directory=True)
 
 
+def _stores_for(model: Any, ckpt_path: Path, data: Any) -> list:
+    """The datasets under `data`, checked against the model: every game has a task row, and token caches
+    hold as many tokens a frame as the model reads."""
+    from wam.datasets.store import TrajectoryStore, find_datasets
+
+    stores = [TrajectoryStore.open(p) for p in find_datasets(data)]
+    games = list(model.cfg.games)
+    unknown = sorted({s.game for s in stores} - set(games))
+    if unknown:
+        raise WamError(f"the data holds games {unknown} that the model has no task embedding for (model games: {games})")
+    for s in stores:
+        if s.has_tokens() and s.tokens_per_frame != model.cfg.tokens_per_obs:
+            raise WamError(f"{ckpt_path}: the model reads {model.cfg.tokens_per_obs} tokens per frame; {s.directory} "
+                           f"caches {s.tokens_per_frame}")
+    return stores
+
+
+def _plan_states(pool: PlannerPool, states: np.ndarray, request: Any, arrays: dict[str, np.ndarray], block: int,
+                 progress: bool) -> int:
+    """Plan from every state (`request(dataset, episode, step)` builds its request), `block` states per call
+    of the pool, writing each answer into row i of `arrays`; returns how often planning changed the greedy
+    action."""
+    from tqdm import tqdm
+
+    changed = 0
+    bar = tqdm(total=len(states), unit="state", desc="plan correct", disable=not progress, dynamic_ncols=True)
+    for lo in range(0, len(states), block):
+        rows = states[lo:lo + block]
+        answers: list[PlanAnswer] = pool.plan([request(*map(int, r)) for r in rows])
+        for i, a in enumerate(answers, start=lo):
+            kk = len(a.candidates)  # may be < K for games with fewer legal actions
+            arrays["action"][i] = a.action
+            arrays["candidates"][i, :kk] = a.candidates
+            arrays["candidate_q"][i, :kk] = a.candidate_q
+            arrays["raw_q"][i] = a.raw_q
+            arrays["plans"][i, :kk] = a.plans
+            changed += int(a.action != a.candidates[0])
+        bar.update(len(rows))
+    bar.close()
+    return changed
+
+
 # ------------------------------------------------------------------------------------- correct
 def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike],
                      out: str | os.PathLike, settings: PlannerSettings, context: int = 0, stride: int = 1,
@@ -208,7 +250,6 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
     from importlib.metadata import version
 
     from wam.datasets.atari import legal_action_mask
-    from wam.datasets.store import TrajectoryStore, find_datasets
     from wam.worldmodel.checkpoint import latest_checkpoint
     from wam.worldmodel.model import WorldActionModel
 
@@ -223,15 +264,8 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
         raise WamError(f"--context {context} does not fit: with --horizon {settings.horizon} the model has room for "
                        f"at most {room} frames of context")
     frames = context or room
-    stores = [TrajectoryStore.open(p) for p in find_datasets(data)]
+    stores = _stores_for(model, ckpt_path, data)
     games = list(model.cfg.games)
-    unknown = sorted({s.game for s in stores} - set(games))
-    if unknown:
-        raise WamError(f"the data holds games {unknown} that the model has no task embedding for (model games: {games})")
-    for s in stores:
-        if s.has_tokens() and s.tokens_per_frame != model.cfg.tokens_per_obs:
-            raise WamError(f"{ckpt_path}: the model reads {model.cfg.tokens_per_obs} tokens per frame; {s.directory} "
-                           f"caches {s.tokens_per_frame}")
     tokens = _TokenSource(stores, ckpt.get("tokenizer", {}) or {})
     game_of = [games.index(s.game) for s in stores]
     legal_of = [np.asarray(legal_action_mask(s.game), dtype=bool) for s in stores]
@@ -264,22 +298,7 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
     arrays = {name: np.asarray(a).astype(_DTYPES[name]) for name, a in arrays.items()}
     try:
         with PlannerPool(model, settings, workers=workers, batch_size=batch_size, ray_address=ray_address) as pool:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, unit="state", desc="plan correct", disable=not progress, dynamic_ncols=True)
-            for lo in range(0, n, block):
-                rows = states[lo:lo + block]
-                answers: list[PlanAnswer] = pool.plan([request(*map(int, r)) for r in rows])
-                for i, a in enumerate(answers, start=lo):
-                    kk = len(a.candidates)  # may be < K for games with fewer legal actions
-                    arrays["action"][i] = a.action
-                    arrays["candidates"][i, :kk] = a.candidates
-                    arrays["candidate_q"][i, :kk] = a.candidate_q
-                    arrays["raw_q"][i] = a.raw_q
-                    arrays["plans"][i, :kk] = a.plans
-                    summary.changed += int(a.action != a.candidates[0])
-                bar.update(len(rows))
-            bar.close()
+            summary.changed = _plan_states(pool, states, request, arrays, block, progress)
             summary.restarted_workers = pool.stats.restarted_workers
         attrs = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wam_version": version("wam"),
