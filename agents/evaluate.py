@@ -303,7 +303,7 @@ def evaluate(
     video: bool = False,
     progress: bool = True,
     max_steps: int | None = None,
-    envs_per_worker: int = 1,
+    envs_per_worker: int = 4,
     agent_kwargs: dict[str, Any] | None = None,
     bootstrap_reps: int = 2000,
     bootstrap_seed: int = 0,
@@ -389,15 +389,25 @@ def evaluate(
         appender.close()
         result.seconds = time.perf_counter() - t0
         result.records = sorted(records.values(), key=lambda r: (r.game, r.episode))
-        if result.records:
-            _write_sorted_csv(csv_path, result.records)
-        result.summary = summarize(result.records, reps=bootstrap_reps, seed=bootstrap_seed) if result.records else {}
-        atomic_write_json(out / "results.json", _results_json(result, settings, games, episodes, workers,
-                                                              envs_per_worker))
-        if not result.complete:
-            log.warning("evaluation in %s stopped early: %d episodes on disk; run the same command to resume",
-                        out, len(result.records))
+        settings = {**settings, "games": games, "episodes": episodes, "workers": workers,
+                    "envs_per_worker": envs_per_worker}
+        _write_results(result, settings, bootstrap_reps, bootstrap_seed)
     return result
+
+
+def _write_results(result: EvalResult, settings: dict[str, Any], reps: int, seed: int) -> None:
+    """The final episodes.csv (sorted), the summary with its bootstrap intervals and results.json (also after
+    an interruption: then its status says so and a warning tells how to resume)."""
+    from wam.datasets.files import atomic_write_json
+
+    out = result.out_dir
+    if result.records:
+        _write_sorted_csv(out / "episodes.csv", result.records)
+    result.summary = summarize(result.records, reps=reps, seed=seed) if result.records else {}
+    atomic_write_json(out / "results.json", _results_json(result, settings))
+    if not result.complete:
+        log.warning("evaluation in %s stopped early: %d episodes on disk; run the same command to resume",
+                    out, len(result.records))
 
 
 def _run_batches(batches: list[tuple[str, list[int]]], workers: int, ray_address: str | None,
@@ -489,12 +499,10 @@ def _resumed_records(out: Path, settings: dict[str, Any], games: list[str]) -> d
     return records
 
 
-def _results_json(result: EvalResult, settings: dict[str, Any], games: list[str], episodes: int, workers: int,
-                  envs_per_worker: int) -> dict[str, Any]:
+def _results_json(result: EvalResult, settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "status": "complete" if result.complete else "interrupted",
-        "settings": {**settings, "games": games, "episodes": episodes, "workers": workers,
-                     "envs_per_worker": envs_per_worker},
+        "settings": settings,
         "env_settings": {g: asdict(s) for g, s in result.env_settings.items()},
         "summary": result.summary,
         "episodes_on_disk": len(result.records),

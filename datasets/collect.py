@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -158,11 +159,7 @@ def collect(
     episode is re-run on a new worker and counted once; after `MAX_EPISODE_RETRIES` restarts on one episode
     collection stops with a `WamError` (the episodes written before it stay in the dataset).
     """
-    import ray
     from tqdm import tqdm
-
-    from wam.datasets.distributed import ActorGroup, ray_session
-    from wam.datasets.store import Episode
 
     games = _checked_games(games, policy, epsilon, steps, episodes, workers, protocol)
     per_game_steps = None if steps is None else -(-steps // len(games))
@@ -184,58 +181,8 @@ def collect(
                  else sum(j.target_episodes - j.episodes_done for j in todo))
         bar = tqdm(total=total, unit="step" if steps is not None else "ep", disable=not progress,
                    desc=f"collect {'+'.join(games)}", dynamic_ncols=True)
-        with ray_session(num_cpus=workers, address=ray_address):
-            n_cpu = ray.available_resources().get("CPU", 1)
-            cpus_per = min(1.0, max(0.01, n_cpu / workers))
-            Runner = ray.remote(num_cpus=cpus_per)(_EpisodeRunner)
-            fault = faults.die_on("collect")
-            group = ActorGroup(
-                lambda: Runner.remote(protocol, policy, epsilon, fault), workers, MAX_EPISODE_RETRIES,
-                describe=lambda key: f"{key[0]} episode {key[1]}",
-                give_up=lambda key: (f"workers died {MAX_EPISODE_RETRIES + 1} times on {key[0]} episode {key[1]} "
-                                     f"(seed {episode_seed(seed, *key)}); the episodes before it are saved in "
-                                     f"{out}, see the Ray worker logs for the crash"))
-
-            def submit(ai: int) -> bool:
-                live = [j for j in todo if j.wants_more()]
-                if not live:
-                    return False
-                # keep a bounded number of episodes per game ahead of the writer
-                live.sort(key=lambda j: j.next_submit - j.next_write)
-                j = live[0]
-                if steps is not None and j.next_submit - j.next_write >= 2 * workers:
-                    return False
-                idx = j.next_submit
-                j.next_submit += 1
-                game, ep_seed = j.game, episode_seed(seed, j.game, idx)
-                group.submit(ai, (game, idx), lambda actor: actor.run.remote(game, idx, ep_seed))
-                return True
-
-            def feed_idle() -> None:
-                """Give work to every actor that has none (one may have been left idle by the look-ahead cap)."""
-                busy = group.busy()
-                for ai in range(workers):
-                    if ai not in busy:
-                        submit(ai)
-
-            feed_idle()
-            by_game = {j.game: j for j in todo}
-            try:
-                while group:
-                    _, (game, idx), (_, _, arrays) = group.next()
-                    job = by_game[game]
-                    if not job.finished:
-                        job.pending[idx] = arrays
-                        _write_ready(job, Episode, episode_seed, seed, summary, bar, steps is not None)
-                    if job.finished:  # drop surplus episodes of a finished game
-                        job.pending.clear()
-                    feed_idle()
-                    bar.set_postfix(eps=summary.episodes,
-                                    ret=f"{np.mean(summary.returns):.1f}" if summary.returns else "-",
-                                    sps=f"{summary.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
-            finally:
-                summary.restarted_workers += group.restarts
-                group.kill()
+        _run_collection(todo, workers, ray_address, (protocol, policy, epsilon), seed, out, steps is not None,
+                        summary, bar, t0)
         bar.close()
     finally:
         for j in jobs:
@@ -243,6 +190,70 @@ def collect(
                 j.writer.__exit__(None, None, None)
         summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _run_collection(todo: list[_GameJob], workers: int, ray_address: str | None, runner_args: tuple, seed: int,
+                    out: str | Path, by_steps: bool, summary: CollectSummary, bar: Any, t0: float) -> None:
+    """Play the episodes the jobs in `todo` still want on `workers` Ray actors (`_EpisodeRunner(*runner_args)`),
+    writing each game's episodes in index order as they arrive; a dead actor's episode is re-run on a new one.
+    Collecting by steps keeps at most 2 x `workers` episodes of a game ahead of its writer."""
+    import ray
+
+    from wam.datasets.distributed import ActorGroup, ray_session
+    from wam.datasets.store import Episode
+
+    with ray_session(num_cpus=workers, address=ray_address):
+        n_cpu = ray.available_resources().get("CPU", 1)
+        cpus_per = min(1.0, max(0.01, n_cpu / workers))
+        Runner = ray.remote(num_cpus=cpus_per)(_EpisodeRunner)
+        fault = faults.die_on("collect")
+        group = ActorGroup(
+            lambda: Runner.remote(*runner_args, fault), workers, MAX_EPISODE_RETRIES,
+            describe=lambda key: f"{key[0]} episode {key[1]}",
+            give_up=lambda key: (f"workers died {MAX_EPISODE_RETRIES + 1} times on {key[0]} episode {key[1]} "
+                                 f"(seed {episode_seed(seed, *key)}); the episodes before it are saved in "
+                                 f"{out}, see the Ray worker logs for the crash"))
+
+        def submit(ai: int) -> bool:
+            live = [j for j in todo if j.wants_more()]
+            if not live:
+                return False
+            # keep a bounded number of episodes per game ahead of the writer
+            live.sort(key=lambda j: j.next_submit - j.next_write)
+            j = live[0]
+            if by_steps and j.next_submit - j.next_write >= 2 * workers:
+                return False
+            idx = j.next_submit
+            j.next_submit += 1
+            game, ep_seed = j.game, episode_seed(seed, j.game, idx)
+            group.submit(ai, (game, idx), lambda actor: actor.run.remote(game, idx, ep_seed))
+            return True
+
+        def feed_idle() -> None:
+            """Give work to every actor that has none (one may have been left idle by the look-ahead cap)."""
+            busy = group.busy()
+            for ai in range(workers):
+                if ai not in busy:
+                    submit(ai)
+
+        feed_idle()
+        by_game = {j.game: j for j in todo}
+        try:
+            while group:
+                _, (game, idx), (_, _, arrays) = group.next()
+                job = by_game[game]
+                if not job.finished:
+                    job.pending[idx] = arrays
+                    _write_ready(job, Episode, episode_seed, seed, summary, bar, by_steps)
+                if job.finished:  # drop surplus episodes of a finished game
+                    job.pending.clear()
+                feed_idle()
+                bar.set_postfix(eps=summary.episodes,
+                                ret=f"{np.mean(summary.returns):.1f}" if summary.returns else "-",
+                                sps=f"{summary.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
+        finally:
+            summary.restarted_workers += group.restarts
+            group.kill()
 
 
 def _checked_games(games: Sequence[str], policy: str, epsilon: float, steps: int | None, episodes: int | None,

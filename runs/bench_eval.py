@@ -80,7 +80,7 @@ def _eval_rate(root: Path, workers: int, budgets: tuple[int, int], cap: int, see
     for k in range(repeats):
         runs = []
         for i, episodes in enumerate(budgets):
-            res = evaluate("random", [GAME], episodes=episodes, workers=workers, seed=seed, max_steps=cap,
+            res = evaluate("random", [GAME], episodes=episodes, workers=workers, seed=seed, max_steps=cap, envs_per_worker=1,
                            out_dir=root / f"w{workers}-{k}-{i}", progress=False)
             runs.append({"episodes": episodes, "steps": res.steps, "seconds": res.seconds})
         (s0, t0), (s1, t1) = ((r["steps"], r["seconds"]) for r in runs)

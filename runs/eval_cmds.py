@@ -41,8 +41,9 @@ class EvalConfig:
     """Record the first episode of each game as a video (MP4, or GIF where MP4 cannot be encoded)."""
     max_steps: int | None = None
     """Cap every episode at this many agent steps (below the protocol's cap; for tests and demos)."""
-    envs_per_worker: int = 1
-    """Episodes each worker plays in lockstep (batched agent calls; useful for model agents)."""
+    envs_per_worker: int = 4
+    """Episodes each worker plays in lockstep (one batched agent call per step). `wam bench eval`, debug model
+    on one core: greedy 319 steps/s with 1, 558 with 4; planning 36 with 1, 94 with 4, 175 with 16."""
     seed: int = 0
     """Seed: episode j of game g is seeded from (seed, g, j), whatever the number of workers."""
     out: Path = Path("eval")
