@@ -39,6 +39,8 @@ import numpy as np
 
 from wam.agents.base import Agent, load_agent
 from wam.agents.metrics import EPISODE_COLUMNS, EpisodeRecord, read_episodes, summarize
+from wam.agents.play import VIDEO_MAX_FRAMES, play_episodes
+from wam.agents.video import write_video
 from wam.datasets import faults
 from wam.datasets.errors import WamError
 from wam.datasets.faults import DieOn
@@ -46,10 +48,6 @@ from wam.planning.beam import PlannerSettings
 
 log = logging.getLogger(__name__)
 
-AGENT_STREAM = 0x5EED_A6E7
-"""Mixed into an episode's seed to seed the agent's generator (so it differs from the env's stream)."""
-VIDEO_MAX_FRAMES = 5000
-"""Frames kept for a video (84x84 each); a longer episode's video shows its start."""
 MAX_BATCH_RETRIES = 3
 """Restarts of a dead worker for the same batch before evaluation gives up."""
 SETTINGS_KEYS = ("agent_spec", "protocol", "epsilon", "plan", "max_steps", "seed", "checkpoint_ids", "agent_kwargs")
@@ -103,79 +101,6 @@ class EvalResult:
     @property
     def steps_per_second(self) -> float:
         return self.steps / self.seconds if self.seconds > 0 else 0.0
-
-
-def agent_rng(seed: int) -> np.random.Generator:
-    """The agent's generator for the episode seeded with `seed`."""
-    return np.random.default_rng([AGENT_STREAM, int(seed)])
-
-
-def play_episodes(agent: Agent, envs: Sequence, legal: np.ndarray, seeds: Sequence[int], epsilon: float,
-                  record: Sequence[bool] | None = None, video_max_frames: int = VIDEO_MAX_FRAMES
-                  ) -> list[tuple[float, int, bool, dict[str, np.ndarray] | None, tuple[int, ...], int | None]]:
-    """Play one episode in each env (seeded by `seeds`) in lockstep; per env (return, length, truncated, recording,
-    action counts: how often each of the 18 actions was played, epsilon's included, and how many of the agent's
-    decisions its planner changed from the greedy choice: None for an agent whose info has no `plan_changed`).
-
-    legal: bool [18] (the game's mask). `record[i]` keeps env i's frames, actions and Q-values (if the
-    agent's info has `q_values`), up to `video_max_frames` frames.
-    """
-    from wam.datasets.policies import uniform_legal_action
-
-    n = len(envs)
-    assert len(seeds) == n and n > 0, f"{len(seeds)} seeds for {n} envs"
-    record = list(record) if record is not None else [False] * n
-    legal_rows = np.broadcast_to(np.asarray(legal, dtype=bool), (n, legal.shape[-1]))  # [N, 18]
-    rngs = [agent_rng(s) for s in seeds]
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])  # [N, 84, 84]
-    state = agent.reset(agent.init_state(n), np.ones(n, dtype=bool), rngs)
-    active = np.ones(n, dtype=bool)
-    returns = np.zeros(n, dtype=np.float64)
-    lengths = np.zeros(n, dtype=np.int64)
-    truncated = np.zeros(n, dtype=bool)
-    counts = np.zeros((n, legal_rows.shape[-1]), dtype=np.int64)
-    changed = np.zeros(n, dtype=np.int64)
-    planned = False
-    rec: list[dict[str, list] | None] = [
-        {"frames": [obs[i].copy()], "actions": [], "q_values": []} if record[i] else None for i in range(n)
-    ]
-    while active.any():
-        ram = np.stack([env.unwrapped.ale.getRAM() for env in envs])  # [N, 128]
-        actions, state, info = agent.act(state, obs, legal_rows, rngs, ram=ram)
-        actions = np.asarray(actions, dtype=np.int64).copy()  # [N]
-        q = info.get("q_values")
-        if "plan_changed" in info:
-            planned = True
-            changed[active] += np.asarray(info["plan_changed"], dtype=bool)[active]
-        for i in np.flatnonzero(active):
-            if epsilon > 0.0 and rngs[i].random() < epsilon:
-                actions[i] = uniform_legal_action(legal_rows[i], rngs[i])
-            o, r, term, trunc, _ = envs[i].step(int(actions[i]))
-            counts[i, actions[i]] += 1
-            obs[i] = o
-            returns[i] += r
-            lengths[i] += 1
-            r_i = rec[i]
-            if r_i is not None and len(r_i["frames"]) < video_max_frames:
-                r_i["frames"].append(o.copy())
-                r_i["actions"].append(int(actions[i]))
-                if q is not None:
-                    r_i["q_values"].append(np.asarray(q[i], dtype=np.float32))
-            if term or trunc:
-                active[i] = False
-                truncated[i] = bool(trunc) and not term
-        if hasattr(agent, "record_actions"):  # tell history-keeping agents what epsilon actually played
-            state = agent.record_actions(state, actions)
-    out = []
-    for i in range(n):
-        recording = None
-        if rec[i] is not None:
-            recording = {"frames": np.stack(rec[i]["frames"]).astype(np.uint8),
-                         "actions": np.asarray(rec[i]["actions"], dtype=np.int64),
-                         "q_values": np.stack(rec[i]["q_values"]) if rec[i]["q_values"] else None}
-        out.append((float(returns[i]), int(lengths[i]), bool(truncated[i]), recording, tuple(counts[i].tolist()),
-                    int(changed[i]) if planned else None))
-    return out
 
 
 class _EvalWorker:
@@ -510,64 +435,3 @@ def _results_json(result: EvalResult, settings: dict[str, Any]) -> dict[str, Any
                 "agent_steps_per_s": result.steps_per_second, "restarted_workers": result.restarted_workers},
         "videos": {g: str(Path(p).relative_to(result.out_dir)) for g, p in result.videos.items()},
     }
-
-
-# ------------------------------------------------------------------------------------------ videos
-def _video_frames(frames: np.ndarray, actions: np.ndarray, q_values: np.ndarray | None, game: str,
-                  scale: int = 4) -> list[np.ndarray]:
-    """BGR uint8 frames: the 84x84 observation upscaled, and a bar chart of the Q-values when given."""
-    import cv2
-
-    from wam.datasets.atari import ACTION_NAMES, legal_action_mask
-
-    legal = np.flatnonzero(legal_action_mask(game))
-    side = 84 * scale
-    panel_w = 300 if q_values is not None else 0
-    out = []
-    for t, frame in enumerate(frames):
-        img = np.zeros((side, side + panel_w, 3), dtype=np.uint8)
-        img[:, :side] = cv2.resize(frame, (side, side), interpolation=cv2.INTER_NEAREST)[..., None]
-        a = int(actions[t]) if t < len(actions) else -1
-        label = f"{game} t={t}" + (f" a={ACTION_NAMES[a]}" if a >= 0 else "")
-        cv2.putText(img, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
-        if q_values is not None and t < len(q_values):
-            q = q_values[t][legal]
-            lo, hi = float(np.min(q)), float(np.max(q))
-            span = max(hi - lo, 1e-6)
-            row_h = min(24, max(8, (side - 20) // max(len(legal), 1)))
-            for k, act in enumerate(legal):
-                y = 20 + k * row_h
-                w = int(10 + 120 * (float(q[k]) - lo) / span)
-                colour = (0, 200, 0) if act == a else (180, 180, 180)
-                cv2.rectangle(img, (side + 100, y), (side + 100 + w, y + row_h - 2), colour, -1)
-                cv2.putText(img, f"{ACTION_NAMES[act][:12]}", (side + 4, y + row_h - 3), cv2.FONT_HERSHEY_SIMPLEX,
-                            0.3, (255, 255, 255), 1, cv2.LINE_AA)
-                cv2.putText(img, f"{float(q[k]):.2f}", (side + 100 + w + 4, y + row_h - 3), cv2.FONT_HERSHEY_SIMPLEX,
-                            0.3, (255, 255, 255), 1, cv2.LINE_AA)
-        out.append(img)
-    return out
-
-
-def write_video(stem: Path, frames: np.ndarray, actions: np.ndarray, q_values: np.ndarray | None, game: str,
-                fps: int = 15) -> Path:
-    """Write an MP4 (OpenCV, mp4v) of an episode, or a GIF (Pillow) where OpenCV cannot encode MP4; returns the path."""
-    import cv2
-
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    images = _video_frames(frames, actions, q_values, game)
-    h, w = images[0].shape[:2]
-    path = stem.with_suffix(".mp4")
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if writer.isOpened():
-        for img in images:
-            writer.write(img)
-        writer.release()
-        log.info("wrote %s (%d frames, mp4v)", path, len(images))
-        return path
-    from PIL import Image
-
-    path = stem.with_suffix(".gif")
-    log.warning("OpenCV cannot write MP4 here; writing %s with Pillow instead", path)
-    pil = [Image.fromarray(img[..., ::-1]) for img in images]
-    pil[0].save(path, save_all=True, append_images=pil[1:], duration=int(1000 / fps), loop=0)
-    return path
