@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -32,12 +31,9 @@ import numpy as np
 import tyro
 
 from wam.datasets.errors import WamError
+from wam.runs.report_plots import action_plot, bar_plot, curve_keys, curves_plot, iqm_plot
 
 log = logging.getLogger(__name__)
-
-MAX_CURVES = 8
-"""Metrics plotted per training run (the first ones found, `loss`-like names first)."""
-
 
 @dataclass
 class ReportConfig:
@@ -187,61 +183,7 @@ def _plan_pairs(evals: list[EvalInput]) -> list[tuple[EvalInput, EvalInput]]:
     return pairs
 
 
-# ------------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _bar_plot(path: Path, evals: list[EvalInput], games: list[str], key: str, ylabel: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(games) * max(1, len(evals)) ** 0.5 + 2), 3.6))
-    width = 0.8 / max(len(evals), 1)
-    x = np.arange(len(games))
-    for k, e in enumerate(evals):
-        pts, errs = [], [[], []]
-        for g in games:
-            s = e.summary["games"].get(g)
-            iv = (s or {}).get(key)
-            if iv is None:
-                pts.append(np.nan)
-                errs[0].append(0.0)
-                errs[1].append(0.0)
-            else:
-                pts.append(iv["point"])
-                errs[0].append(iv["point"] - iv["low"])
-                errs[1].append(iv["high"] - iv["point"])
-        ax.bar(x + (k - (len(evals) - 1) / 2) * width, pts, width, yerr=errs, capsize=3, label=e.label)
-    ax.set_xticks(x, games, rotation=20)
-    ax.set_ylabel(ylabel)
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{ylabel} per game (mean, 95% bootstrap CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _iqm_plot(path: Path, evals: list[EvalInput]) -> None:
-    plt = _plt()
-    rows = [(e.label, e.summary["hns_aggregates"]["iqm"]) for e in evals if e.summary["hns_aggregates"]]
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
-    y = np.arange(len(rows))
-    pts = [iv["point"] for _, iv in rows]
-    err = [[iv["point"] - iv["low"] for _, iv in rows], [iv["high"] - iv["point"] for _, iv in rows]]
-    ax.errorbar(pts, y, xerr=err, fmt="o", capsize=4)
-    ax.set_yticks(y, [label for label, _ in rows])
-    ax.set_xlabel("IQM human-normalised score (95% stratified-bootstrap CI)")
-    ax.axvline(0.0, color="grey", linewidth=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
+# ------------------------------------------------------------------------------------------ helpers
 def _action_shares(evals: list, games: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """game -> evaluation label -> legal action name -> share of the steps played (only evaluations whose
     episodes.csv records action counts)."""
@@ -258,70 +200,6 @@ def _action_shares(evals: list, games: list[str]) -> dict[str, dict[str, dict[st
             share = total / max(total.sum(), 1.0)
             out.setdefault(g, {})[e.label] = {ACTION_NAMES[a]: float(share[a]) for a in legal}
     return out
-
-
-def _action_plot(path: Path, shares: dict[str, dict[str, dict[str, float]]]) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(len(shares), 1, figsize=(10, 2.8 * len(shares)), squeeze=False)
-    for ax, (g, per) in zip(axes[:, 0], shares.items()):
-        names = list(next(iter(per.values())))
-        x = np.arange(len(names))
-        width = 0.8 / len(per)
-        for i, (label, row) in enumerate(per.items()):
-            ax.bar(x + (i - (len(per) - 1) / 2) * width, list(row.values()), width, label=label)
-        ax.set_xticks(x, names, rotation=60, fontsize=6)
-        ax.set_ylabel("share of steps", fontsize=7)
-        ax.set_title(f"{g}: actions played", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _curve_keys(rows: list[dict[str, Any]]) -> list[str]:
-    keys: dict[str, None] = {}
-    for r in rows:
-        for k, v in r.items():
-            if k.startswith(("fg_psnr/", "fg_baseline_psnr/", "fg_gain/")):  # per game: in the fidelity table
-                continue
-            if k not in ("step", "time", "epoch", "wall_time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                keys.setdefault(k, None)
-    ordered = sorted(keys, key=lambda k: (_curve_rank(k), k))
-    return ordered[:MAX_CURVES]
-
-
-_Q_CURVES = ("q_data", "td_target_mean", "q_gap_frequent")
-
-
-def _curve_rank(key: str) -> int:
-    """Which curves a report shows first: losses and held-out figures, then the Q diagnostics, then the rest."""
-    if key in ("loss", "td_loss", "wm_loss", "bc_loss", "heldout_psnr", "fg_gain_min"):
-        return 0
-    if key in _Q_CURVES or key.startswith("q_mc_gap"):
-        return 1
-    if "loss" in key:
-        return 2
-    return 3 if key.endswith("_acc") or key.startswith("fg_") else 4
-
-
-def _curves_plot(path: Path, run: RunInput, keys: list[str]) -> None:
-    plt = _plt()
-    cols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.5 * nrows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(r.get("step", i), r[k]) for i, r in enumerate(run.rows) if isinstance(r.get(k), (int, float))]
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, linewidth=1)
-        ax.set_title(k, fontsize=8)
-        ax.set_xlabel("step", fontsize=7)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.suptitle(f"training curves: {run.label}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _slug(label: str) -> str:
@@ -396,7 +274,7 @@ def _evaluations_md(evals: list[EvalInput], out: Path, data: dict[str, Any]) -> 
         md += [f"No human/random reference for {', '.join(missing)}: raw scores only, left out of HNS "
                "aggregates.", ""]
     if any(e.summary["hns_aggregates"] for e in evals):
-        _iqm_plot(out / "iqm.png", evals)
+        iqm_plot(out / "iqm.png", evals)
         md += ["![IQM HNS](iqm.png)", ""]
     return md
 
@@ -422,10 +300,10 @@ def _per_game_md(evals: list[EvalInput], games: list[str], out: Path) -> list[st
         rows = [[g] + [f"{e.summary['games'][g]['return']['point']:.2f}" if g in e.summary["games"] else "-"
                        for e in evals] for g in games]
         md += _md_table(["game"] + [e.label for e in evals], rows)
-    _bar_plot(out / "per_game_return.png", evals, games, "return", "raw return")
+    bar_plot(out / "per_game_return.png", evals, games, "return", "raw return")
     md += ["![per-game returns](per_game_return.png)", ""]
     if any(e.summary["games_with_hns"] for e in evals):
-        _bar_plot(out / "per_game_hns.png", evals, [g for g in games if any(
+        bar_plot(out / "per_game_hns.png", evals, [g for g in games if any(
             g in e.summary["games_with_hns"] for e in evals)], "hns", "HNS")
         md += ["![per-game HNS](per_game_hns.png)", ""]
     return md
@@ -446,7 +324,7 @@ def _actions_md(evals: list[EvalInput], games: list[str], out: Path, data: dict[
             md += [f"### {g}", ""]
             md += _md_table(["evaluation", *names], [[label, *(f"{v:.0%}" for v in row.values())]
                                                      for label, row in per.items()])
-        _action_plot(out / "actions.png", shares)
+        action_plot(out / "actions.png", shares)
         md += ["![actions played](actions.png)", ""]
     return md
 
@@ -514,7 +392,7 @@ def _runs_md(runs: list[RunInput], out: Path, data: dict[str, Any]) -> list[str]
     md += ["## Training runs", ""]
     rows = []
     for run in runs:
-        keys = _curve_keys(run.rows)
+        keys = curve_keys(run.rows)
         last = run.rows[-1] if run.rows else {}
         final = ", ".join(f"{k}={last[k]:.4g}" for k in keys if isinstance(last.get(k), (int, float)))
         rows.append([run.label, str(len(run.rows)), str(last.get("step", len(run.rows))), final or "-"])
@@ -522,10 +400,10 @@ def _runs_md(runs: list[RunInput], out: Path, data: dict[str, Any]) -> list[str]
             k: last[k] for k in keys if isinstance(last.get(k), (int, float))}}
     md += _md_table(["run", "records", "last step", "final values"], rows)
     for run in runs:
-        keys = _curve_keys(run.rows)
+        keys = curve_keys(run.rows)
         if keys:
             name = f"curves_{_slug(run.label)}.png"
-            _curves_plot(out / name, run, keys)
+            curves_plot(out / name, run, keys)
             md += [f"![training curves of {run.label}]({name})", ""]
     fidelity = _tokenizer_fidelity(runs)
     if fidelity:

@@ -94,12 +94,12 @@ def test_cli_report(inputs, tmp_path):
 
 def test_curves_show_the_q_diagnostics_of_a_jowa_run():
     """A jowa run logs ~20 figures; the 8 curves drawn keep the losses and the Q diagnostics, not lr or grad_norm."""
-    from wam.runs.report import MAX_CURVES, _curve_keys
+    from wam.runs.report_plots import MAX_CURVES, curve_keys
 
     row = {k: 1.0 for k in ("loss", "td_loss", "td_kl", "q_data", "td_target_mean", "td_target_std", "td_target_max",
                             "q_next_max", "cql_loss", "illegal_data_actions", "q_gap_frequent", "wm_loss", "obs_ce",
                             "reward_ce", "termination_ce", "obs_acc", "reward_acc", "grad_norm", "lr", "tokens_per_s")}
-    keys = _curve_keys([{"step": 1, **row}])
+    keys = curve_keys([{"step": 1, **row}])
     assert len(keys) == MAX_CURVES
     assert {"loss", "td_loss", "wm_loss", "q_data", "td_target_mean", "q_gap_frequent", "cql_loss"} <= set(keys)
     assert "lr" not in keys and "grad_norm" not in keys
