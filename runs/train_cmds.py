@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import numpy as np
 import torch
 import tyro
 
@@ -36,13 +35,14 @@ from wam.datasets.batch import Batch
 from wam.datasets.config import preset_value
 from wam.datasets.errors import WamError
 from wam.worldmodel.checkpoint import RunDir, config_from_dict, config_to_dict, load_checkpoint
-from wam.worldmodel.losses import LossConfig, QTargetBatch, WorldActionObjective, objective_name
+from wam.worldmodel.losses import LossConfig, WorldActionObjective, objective_name
 from wam.worldmodel.model import CHECKPOINT_KIND, FREEZABLE_PARTS, WorldActionModel, WorldActionModelConfig
 from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig, TrainResult, resolve_device
 
 if TYPE_CHECKING:
-    from wam.datasets.sampler import SegmentSampler
-    from wam.planning.correct import QTargets
+    pass
+
+from wam.runs.distill import q_target_source
 
 log = logging.getLogger(__name__)
 
@@ -233,95 +233,6 @@ def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_pa
             int(tokenizer.cfg.codebook_size))
 
 
-class QTargetSource:
-    """A `SegmentSampler` whose batches carry distillation targets: `QTargetBatch`es.
-
-    For every sampled step found in the corrected-Q file (matched by resolved dataset path, episode
-    and step), the planned Q of each root candidate becomes the target of that action
-    (`q_target` [B, H, 18], `q_target_mask` [B, H, 18]); other steps and actions carry no target.
-    Position and resume are the sampler's (the targets are a function of the batch's origins).
-    """
-
-    _STEP_BITS, _EPISODE_BITS = 24, 24  # key = (dataset << 48) | (episode << 24) | step
-
-    def __init__(self, sampler: SegmentSampler, targets: QTargets) -> None:
-        from wam.datasets.store import TrajectoryStore
-
-        self.sampler, self.targets = sampler, targets
-        target_paths = [str(Path(d["path"]).resolve()) for d in targets.datasets]
-        # target-file dataset index -> sampler dataset index (-1: not sampled)
-        to_sampler = np.full(max(len(target_paths), 1), -1, np.int64)
-        matched = []
-        for d, path in enumerate(sampler.datasets):
-            key = str(Path(path).resolve())
-            if key not in target_paths:
-                log.info("q-targets: no targets for dataset %s (its steps train without distillation)", path)
-                continue
-            td = target_paths.index(key)
-            with TrajectoryStore.open(path) as store:
-                game = store.game
-            if targets.datasets[td].get("game", game) != game:
-                raise WamError(f"dataset {path} holds game {game} but the --q-targets file planned it as "
-                               f"{targets.datasets[td]['game']}; re-run `wam plan correct` on this data")
-            to_sampler[td] = d
-            matched.append(path)
-        if not matched:
-            raise WamError(f"the --q-targets file covers none of the training datasets (it holds "
-                           f"{target_paths}); write it with `wam plan correct` on the same --data")
-        d = to_sampler[targets.dataset.astype(np.int64)] if len(targets) else np.zeros(0, np.int64)
-        keep = d >= 0
-        episode, step = targets.episode.astype(np.int64)[keep], targets.step.astype(np.int64)[keep]
-        if len(step) and (episode.max() >= 1 << self._EPISODE_BITS or step.max() >= 1 << self._STEP_BITS):
-            raise WamError(f"q-targets: episode {episode.max()} or step {step.max()} too large to index")
-        keys = self._key(d[keep], episode, step)
-        order = np.argsort(keys, kind="stable")
-        self._keys, self._rows = keys[order], np.flatnonzero(keep)[order]  # sorted keys, their file rows
-        log.info("q-targets: %d planned states for %d of %d dataset(s)", len(self._keys), len(matched),
-                 len(sampler.datasets))
-
-    @classmethod
-    def _key(cls, dataset: np.ndarray, episode: np.ndarray, step: np.ndarray) -> np.ndarray:
-        return (dataset << (cls._EPISODE_BITS + cls._STEP_BITS)) | (episode << cls._STEP_BITS) | step
-
-    def targets_for(self, index: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_target [B, H, 18] float32 and q_target_mask [B, H, 18] bool of batch `index` of the sampler."""
-        dataset, episode, start = self.sampler.segment_origins(index)
-        b, h = batch.actions.shape
-        steps = start[:, None] + np.arange(h)  # [B, H]
-        keys = self._key(dataset[:, None], episode[:, None], steps)  # [B, H]
-        pos = np.searchsorted(self._keys, keys).clip(max=max(len(self._keys) - 1, 0))
-        found = batch.mask.numpy().copy()
-        if len(self._keys):
-            found &= self._keys[pos] == keys
-        else:
-            found[:] = False
-        rows = self._rows[pos] if len(self._rows) else np.zeros_like(pos)
-        cand = self.targets.candidates[rows].astype(np.int64)  # [B, H, K]
-        cand_q = self.targets.candidate_q[rows].astype(np.float32)  # [B, H, K]
-        ok = found[:, :, None] & (cand >= 0) & np.isfinite(cand_q)  # [B, H, K]
-        q = np.zeros((b, h, 18), np.float32)
-        mask = np.zeros((b, h, 18), bool)
-        bi, ti, ki = np.nonzero(ok)
-        q[bi, ti, cand[bi, ti, ki]] = cand_q[bi, ti, ki]
-        mask[bi, ti, cand[bi, ti, ki]] = True
-        return torch.from_numpy(q), torch.from_numpy(mask)
-
-    def sample(self) -> QTargetBatch:
-        index = self.sampler.state_dict()["next_batch"]
-        batch = self.sampler.sample()
-        q, mask = self.targets_for(index, batch)
-        return QTargetBatch(**vars(batch), q_target=q, q_target_mask=mask)
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def close(self) -> None:
-        self.sampler.close()
-
-
 def _with_game_map(transform: Callable[[Batch], Batch] | None, source_games: list[str],
                    model_games: tuple[str, ...]) -> Callable[[Batch], Batch] | None:
     """Map the source's game ids onto the model's task rows (and apply `transform` first)."""
@@ -388,7 +299,7 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
         objective = WorldActionObjective(model, cfg.loss)
         source, q_targets_meta = pieces.source, {}
         if cfg.q_targets:
-            source, q_targets_meta = _q_target_source(pieces.source, cfg.q_targets)
+            source, q_targets_meta = q_target_source(pieces.source, cfg.q_targets)
             pieces.source = source  # closed below
         meta = {"kind": CHECKPOINT_KIND, "command": command, "tokenizer": pieces.tokenizer_meta,
                 "config": {"model": model.config_dict(), "loss": config_to_dict(cfg.loss),
@@ -477,16 +388,6 @@ def _calibration_hook(model: WorldActionModel, cfg: PretrainConfig | FinetuneCon
         return out
 
     return evaluate
-
-
-def _q_target_source(sampler: SegmentSampler, path: str) -> tuple[QTargetSource, dict[str, Any]]:
-    """Wrap the sampler so its batches carry the corrected Q of `path`; the file's identity for the checkpoint."""
-    from wam.planning.correct import load_q_targets
-
-    targets = load_q_targets(path)
-    source = QTargetSource(sampler, targets)
-    return source, {"path": str(Path(path).resolve()), "content_sha256": str(targets.attrs.get("content_sha256", "")),
-                    "states": len(targets)}
 
 
 def _dispatch(cfg: PretrainConfig | FinetuneConfig) -> int:

@@ -331,7 +331,7 @@ def _write_q_targets(path: Path, directory: Path, game: str, values: dict[tuple[
 def test_finetune_distils_corrected_q_targets(workspace):
     from wam.datasets.sampler import SegmentSampler
     from wam.planning.correct import load_q_targets
-    from wam.runs.train_cmds import QTargetSource
+    from wam.runs.distill import QTargetSource
 
     freeway = workspace["freeway"]
     lengths = TrajectoryStore.open(freeway).episode_lengths()
