@@ -46,7 +46,7 @@ def machine_info() -> dict[str, object]:
 
     info: dict[str, object] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                                "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    from wam.worldmodel.trainer import bf16_is_fast, cpu_flags
+    from wam.worldmodel.device import bf16_is_fast, cpu_flags
 
     try:
         text = Path("/proc/cpuinfo").read_text()

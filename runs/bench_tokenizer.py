@@ -125,7 +125,7 @@ def _quality(preset: str, dirs: list[Path], steps: int, work: Path) -> dict[str,
 
 def run(quick: bool = False) -> dict:
     from wam.runs.bench import machine_info
-    from wam.worldmodel.trainer import bf16_is_fast, matmul_peak_flops
+    from wam.worldmodel.device import bf16_is_fast, matmul_peak_flops
 
     load_before = os.getloadavg()
     peaks = {"fp32": matmul_peak_flops(torch.float32)}

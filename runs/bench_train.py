@@ -162,7 +162,7 @@ def time_full(preset: str, core: str, precision: str, steps: int, warmup: int, d
 def run(quick: bool = False) -> dict:
     from wam.runs.bench import machine_info
     from wam.worldmodel.cores import available_cores
-    from wam.worldmodel.trainer import bf16_is_fast, matmul_peak_flops
+    from wam.worldmodel.device import bf16_is_fast, matmul_peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps, warmup = (3, 1) if quick else (8, 2)

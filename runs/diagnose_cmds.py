@@ -170,8 +170,8 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
 def diagnose(args: DiagnoseArgs) -> int:
     """`wam diagnose`."""
     from wam.datasets.files import atomic_write_json
+    from wam.worldmodel.device import resolve_device
     from wam.worldmodel.model import WorldActionModel
-    from wam.worldmodel.trainer import resolve_device
 
     if not args.out:
         raise WamError("give the output directory with --out DIR")

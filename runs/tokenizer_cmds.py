@@ -98,9 +98,9 @@ def train(args: TokenizerTrainArgs) -> int:
 
 def tokenize(args: TokenizeArgs) -> int:
     """`wam tokenize`."""
+    from wam.worldmodel.device import resolve_device
     from wam.worldmodel.tokenizer import load_tokenizer
     from wam.worldmodel.tokenizer_train import encode_datasets
-    from wam.worldmodel.trainer import resolve_device
 
     model = load_tokenizer(args.tokenizer, device=resolve_device(args.device))
     s = encode_datasets(model, args.data, batch_size=args.batch_size, progress=args.progress)

@@ -35,9 +35,11 @@ from wam.datasets.batch import Batch
 from wam.datasets.config import preset_value
 from wam.datasets.errors import WamError
 from wam.worldmodel.checkpoint import RunDir, config_from_dict, config_to_dict, load_checkpoint
+from wam.worldmodel.device import resolve_device
 from wam.worldmodel.losses import LossConfig, WorldActionObjective, objective_name
 from wam.worldmodel.model import CHECKPOINT_KIND, FREEZABLE_PARTS, WorldActionModel, WorldActionModelConfig
-from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig, TrainResult, resolve_device
+from wam.worldmodel.synthetic import SyntheticTokenSource
+from wam.worldmodel.trainer import Trainer, TrainerConfig, TrainResult
 
 if TYPE_CHECKING:
     pass

@@ -398,8 +398,8 @@ def _check_datasets(stores: Sequence[TrajectoryStore]) -> None:
 def probe_tokenizer(run: str | Path, data: Sequence[str | Path], out: str | Path, cfg: ProbeConfig | None = None,
                     device: str = "cpu", say: Callable[[str], None] = lambda s: None) -> ProbeReport:
     """Probe the newest checkpoint of tokenizer run `run` on the datasets `data`; write probe.json/.md/.png to `out`."""
+    from wam.worldmodel.device import resolve_device
     from wam.worldmodel.tokenizer import load_tokenizer
-    from wam.worldmodel.trainer import resolve_device
 
     cfg = cfg or ProbeConfig()
     t_start = time.perf_counter()

@@ -51,6 +51,7 @@ from wam.worldmodel.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from wam.worldmodel.device import resolve_device
 from wam.worldmodel.tokenizer import (
     CHECKPOINT_KIND,
     FRAME_SIZE,
@@ -61,7 +62,7 @@ from wam.worldmodel.tokenizer import (
     load_tokenizer,
     psnr,
 )
-from wam.worldmodel.trainer import StopFlag, resolve_device
+from wam.worldmodel.trainer import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +516,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         return result
 
     eval_step = int(ckpt["summary"].get("eval_step", step)) if ckpt is not None and ckpt.get("summary") else step
-    from wam.worldmodel.trainer import resolve_precision
+    from wam.worldmodel.device import resolve_precision
 
     precision = resolve_precision({"none": "fp32"}.get(cfg.autocast, cfg.autocast), device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"

@@ -31,12 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from wam.datasets.batch import Batch
 from wam.worldmodel.checkpoint import RunDir, config_to_dict, rng_state, set_rng_state
+from wam.worldmodel.device import (
+    matmul_peak_flops,
+    resolve_device,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,47 +93,6 @@ class TrainerConfig:
     """Measure the matmul peak at start and show model-FLOPs utilisation."""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
-    """Whether bf16 matmuls run natively on `device`: a CUDA GPU that supports bf16, or a CPU with AVX-512-bf16 or
-    AMX-bf16. Elsewhere (an AVX2-only CPU) PyTorch emulates them, ~100x slower than fp32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """`auto` -> bf16 where `bf16_is_fast(device)`, else fp32; an explicit bf16 on a device without it is kept
-    (with a warning: it is slow there)."""
-    fast = bf16_is_fast(device)
-    if precision == "auto":
-        return "bf16" if fast else "fp32"
-    if precision == "bf16" and not fast:
-        log.warning("bf16 on %s without native bf16 matmuls (no AVX-512-bf16/AMX): expect ~100x slower steps than "
-                    "fp32; use --precision fp32 or auto", device)
-    return precision
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; a bare `cuda` gets the current device's index."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def make_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on parameters with >= 2 dims, none on biases/norm scales."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,26 +114,6 @@ def lr_factor(step: int, cfg: TrainerConfig) -> float:
     if cfg.schedule == "linear":
         return 1 - (1 - floor) * progress
     return 1.0
-
-
-def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n matmul in `dtype` (the reference MFU divides by)."""
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)  # a private generator: measuring must not move the global RNG
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def batch_tokens(batch: Batch) -> int:
@@ -418,63 +361,3 @@ class Trainer:
                 bar.close()
         elapsed = time.perf_counter() - t_start
         return TrainResult(self.step, logs, path, tok_total / max(elapsed, 1e-9), wait_total / max(elapsed, 1e-9))
-
-
-# ------------------------------------------------------------------------------- synthetic data
-class SyntheticTokenSource:
-    """Random token segments, a pure function of (seed, batch index): for smoke tests and benchmarks.
-
-    Batch k of the *global* batch (`batch_size` rows) is drawn from a generator seeded with
-    (seed, k); a process of rank r among `world_size` returns its `batch_size // world_size` rows,
-    so data-parallel workers together see exactly the single-process batch. `num_segments` > 0
-    draws the rows from that many fixed segments (a tiny dataset a model can overfit).
-    """
-
-    def __init__(self, batch_size: int, horizon: int, vocab_size: int, games: tuple[str, ...] = ("Synthetic",),
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_segments: int = 0,
-                 n_legal: int = 18, tokens_per_obs: int = 36) -> None:
-        assert batch_size % world_size == 0, f"batch {batch_size} does not split over {world_size} workers"
-        self.batch_size, self.horizon, self.vocab_size = batch_size, horizon, vocab_size
-        self.games = list(games)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_segments, self.n_legal, self.tokens_per_obs = num_segments, n_legal, tokens_per_obs
-        self.next_batch = 0
-        self._pool = self._draw(np.random.default_rng([seed, 2**31]), num_segments) if num_segments else None
-
-    def _draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-        h = self.horizon
-        return {
-            "obs": rng.integers(0, self.vocab_size, (n, h + 1, self.tokens_per_obs)),
-            "actions": rng.integers(0, self.n_legal, (n, h)),
-            "rewards": rng.choice(np.array([-1.0, 0.0, 0.0, 1.0], dtype=np.float32), (n, h)),
-            "terminations": rng.random((n, h)) < 0.05,
-            "game_ids": rng.integers(0, len(self.games), (n,)),
-        }
-
-    def sample(self) -> Batch:
-        rng = np.random.default_rng([self.seed, self.next_batch])
-        self.next_batch += 1
-        if self._pool is not None:
-            idx = rng.integers(0, self.num_segments, self.batch_size)
-            data = {k: v[idx] for k, v in self._pool.items()}
-        else:
-            data = self._draw(rng, self.batch_size)
-        per = self.batch_size // self.world_size
-        rows = slice(self.rank * per, (self.rank + 1) * per)
-        b, h = per, self.horizon
-        legal = torch.zeros(b, 18, dtype=torch.bool)
-        legal[:, : self.n_legal] = True
-        return Batch(obs=torch.from_numpy(data["obs"][rows]).long(), actions=torch.from_numpy(data["actions"][rows]).long(),
-                     rewards=torch.from_numpy(data["rewards"][rows]), terminations=torch.from_numpy(data["terminations"][rows]),
-                     truncations=torch.zeros(b, h, dtype=torch.bool), mask=torch.ones(b, h, dtype=torch.bool),
-                     game_ids=torch.from_numpy(data["game_ids"][rows]).long(), legal_actions=legal,
-                     next_action=torch.full((b,), -1, dtype=torch.long))
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "next_batch": self.next_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.next_batch = int(state["seed"]), int(state["next_batch"])
-
-    def close(self) -> None:
-        pass

@@ -26,9 +26,10 @@ from wam.runs.train_cmds import PretrainConfig
 from wam.worldmodel.checkpoint import RunDir, config_to_dict, save_checkpoint
 from wam.worldmodel.losses import LossConfig, WorldActionObjective
 from wam.worldmodel.model import CHECKPOINT_KIND, WamState, WorldActionModel, WorldActionModelConfig
+from wam.worldmodel.synthetic import SyntheticTokenSource
 from wam.worldmodel.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
 from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer
-from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig
+from wam.worldmodel.trainer import Trainer, TrainerConfig
 
 GAMES = ("Breakout", "Pong")
 LEGAL = legal_action_mask("Pong").copy()  # bool [18]

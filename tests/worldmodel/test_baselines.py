@@ -20,7 +20,8 @@ from wam.worldmodel.losses import (
     world_action_loss,
 )
 from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig, WorldActionOutput
-from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig
+from wam.worldmodel.synthetic import SyntheticTokenSource
+from wam.worldmodel.trainer import Trainer, TrainerConfig
 
 
 def tiny_model(**kw) -> WorldActionModel:

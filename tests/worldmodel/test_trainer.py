@@ -12,7 +12,8 @@ import torch
 from wam.worldmodel.checkpoint import RunDir, load_checkpoint
 from wam.worldmodel.losses import LossConfig, WorldActionObjective
 from wam.worldmodel.model import CHECKPOINT_KIND, WorldActionModel, WorldActionModelConfig
-from wam.worldmodel.trainer import SyntheticTokenSource, Trainer, TrainerConfig, lr_factor
+from wam.worldmodel.synthetic import SyntheticTokenSource
+from wam.worldmodel.trainer import Trainer, TrainerConfig, lr_factor
 
 
 def make_trainer(run: RunDir | None, steps: int = 6, dropout: float = 0.1, seed: int = 0, **trainer_kw) -> Trainer:
@@ -127,19 +128,19 @@ def test_evaluate_hook_joins_metrics_rows(tmp_path):
 def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch, caplog):
     """auto -> bf16 on a CPU with AVX-512-bf16 or AMX, fp32 on an AVX2-only one; an explicit bf16 there is kept with a
     warning; the paper presets ask for auto, so no default picks bf16 on an AVX2-only CPU."""
-    import wam.worldmodel.trainer as trainer_mod
+    import wam.worldmodel.device as device_mod
     from wam.runs.train_cmds import PretrainConfig
 
-    monkeypatch.setattr(trainer_mod, "cpu_flags", lambda: {"avx2", "fma"})
-    assert not trainer_mod.bf16_is_fast("cpu")
-    assert trainer_mod.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(device_mod, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not device_mod.bf16_is_fast("cpu")
+    assert device_mod.resolve_precision("auto", "cpu") == "fp32"
     with caplog.at_level("WARNING"):
-        assert trainer_mod.resolve_precision("bf16", "cpu") == "bf16"
+        assert device_mod.resolve_precision("bf16", "cpu") == "bf16"
     assert "100x slower" in caplog.text
     for flag in ("avx512_bf16", "amx_bf16"):
-        monkeypatch.setattr(trainer_mod, "cpu_flags", lambda flag=flag: {"avx2", flag})
-        assert trainer_mod.resolve_precision("auto", "cpu") == "bf16"
-    assert trainer_mod.resolve_precision("fp32", "cpu") == "fp32"
+        monkeypatch.setattr(device_mod, "cpu_flags", lambda flag=flag: {"avx2", flag})
+        assert device_mod.resolve_precision("auto", "cpu") == "bf16"
+    assert device_mod.resolve_precision("fp32", "cpu") == "fp32"
     for name in ("jowa-40m", "jowa-70m", "jowa-150m"):
         assert PretrainConfig.from_preset(name).train.precision == "auto"
-    assert "avx2" in trainer_mod.cpu_flags() or not trainer_mod.cpu_flags()  # the real reader parses /proc/cpuinfo
+    assert "avx2" in device_mod.cpu_flags() or not device_mod.cpu_flags()  # the real reader parses /proc/cpuinfo
