@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from wam.datasets.errors import WamError
 
@@ -58,6 +59,11 @@ class DemoConfig:
     """Segments per optimiser step of fine-tuning, from-scratch and BC. The `debug` preset's 8 left the
     from-scratch Q agent at -21 on Pong (it never returned the ball); 32 segments for 800 steps gave -9
     (docs/recipes.md, "The demo")."""
+    plan_backup: Literal["leaf", "mean"] = "leaf"
+    """Backup of the planning row (`wam eval --plan-backup`): `leaf` (JOWA's: imagined rewards plus the leaf's
+    value) or `mean` (wam's default). On the demo's Pong, fine-tuned model, seeds 0 and 1: leaf -7.7 / -5.8
+    against greedy -10.2 / -7.7, mean -9.0 / -9.5 (docs/recipes.md); on Boxing mean did better (docs/planning.md).
+    JOWA too chooses its planner's settings per game."""
     eval_episodes: int = 6
     """Evaluation episodes per agent."""
     eval_max_steps: int = 1000
@@ -188,7 +194,8 @@ class _Demo:
             "from scratch": (runs / "scratch", []),
             "pretrained+fine-tuned": (runs / "finetune", []),
             "pretrained+fine-tuned, planning": (runs / "finetune", ["--plan", "beam", "--beam-width", "2",
-                                                                    "--horizon", "2"]),
+                                                                    "--horizon", "2", "--plan-backup",
+                                                                    self.cfg.plan_backup]),
         }
         for label, (agent, extra) in agents.items():
             out = self.p("eval", label.replace(" ", "_").replace(",", "").replace("+", "_").replace("(", "")
