@@ -45,6 +45,7 @@ import tyro
 
 from wam.agents.metrics import seed_diff_ci, seed_mean_ci
 from wam.datasets.errors import WamError
+from wam.runs.claims import behaviour_data_returns, claims_markdown, episode_rows, verdict
 from wam.runs.jobs import Job, finished, run_jobs
 
 
@@ -131,37 +132,6 @@ class RecipeConfig:
             raise WamError(f"--calibration-episodes must be >= 0, got {self.calibration_episodes}")
         if not 1 <= self.until <= 5:
             raise WamError(f"--until names a stage from 1 to 5, got {self.until}")
-
-
-# ---------------------------------------------------------------------------------------- claims
-def _records(path: Path) -> list[dict[str, Any]]:
-    with open(path / "episodes.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def behaviour_data_returns(data: Path, cap: int) -> np.ndarray:
-    """Return of every behaviour-data episode over its first `cap` steps (episodes cut shorter by the end of
-    collection, not by the game, are left out: their return is not comparable)."""
-    from wam.datasets.store import TrajectoryStore
-
-    store = TrajectoryStore.open(data)
-    try:
-        out = []
-        for i, n in enumerate(store.episode_lengths()):
-            n = int(n)
-            if n < cap and not bool(store.read_window(i, n - 1, n, "terminations")[0]):
-                continue
-            out.append(float(store.read_window(i, 0, min(n, cap), "rewards").sum()))
-        return np.asarray(out, dtype=np.float64)
-    finally:
-        store.close()
-
-
-def verdict(low: float, point: float, threshold: float = 0.0, strict: bool = True) -> str:
-    ok = point > threshold if strict else point >= threshold
-    if not ok:
-        return "does not hold"
-    return "holds, supported by the CI" if low > threshold else "holds (point estimate; the CI includes 0)"
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -312,7 +282,7 @@ class Recipe:
             "d3rlpy_discrete_cql": [f"cql-{g.lower()}-seed{s}" for s in c.seeds for g in self.games],
         }
         for label, names in groups.items():
-            rows = [r for n in names if self.p("eval", n, "episodes.csv").is_file() for r in _records(self.p("eval", n))]
+            rows = [r for n in names if self.p("eval", n, "episodes.csv").is_file() for r in episode_rows(self.p("eval", n))]
             if not rows:
                 continue
             # episode indices must be unique per game within one evaluation
@@ -332,10 +302,10 @@ class Recipe:
         cap = c.eval_max_steps
 
         def returns(name: str, game: str) -> np.ndarray:
-            return np.asarray([float(r["return"]) for r in _records(self.p("eval", name)) if r["game"] == game])
+            return np.asarray([float(r["return"]) for r in episode_rows(self.p("eval", name)) if r["game"] == game])
 
         def hns(name: str, game: str) -> np.ndarray:
-            return np.asarray([float(r["hns"]) for r in _records(self.p("eval", name)) if r["game"] == game])
+            return np.asarray([float(r["hns"]) for r in episode_rows(self.p("eval", name)) if r["game"] == game])
 
         def agent_groups(game: str, plan: bool, fn=returns) -> list[np.ndarray]:
             kind = ("pretrained" if game in c.pretrain_games else "finetune") + ("-plan" if plan else "")
@@ -409,60 +379,6 @@ class Recipe:
             if (probe / name).is_file():
                 shutil.copyfile(probe / name, rdir / name)
         return str(rdir / "claims.md")
-
-
-def _f(x: Sequence[float], digits: int = 1) -> str:
-    return f"{x[0]:.{digits}f} [{x[1]:.{digits}f}, {x[2]:.{digits}f}]"
-
-
-def claims_markdown(claims: dict[str, Any], cfg: RecipeConfig) -> str:
-    """The claims of the `small` recipe as a Markdown section (tables with 95 % CIs and verdicts)."""
-    cap = claims["cap_steps"]
-    lines = [
-        "# `small` recipe: does it learn?", "",
-        f"Seeds {claims['seeds']}; every return is over the first {cap} agent steps of an episode (the evaluation "
-        "cap), for the agents and for the behaviour data alike. Brackets: 95 % bootstrap CIs (seeds resampled, "
-        "then episodes within each seed, so they carry seed-to-seed variance; 3 seeds make them coarse). Agent = the model pretrained on "
-        f"{' + '.join(cfg.pretrain_games)} (those games) or fine-tuned from it on {cfg.finetune_game}, acting "
-        "greedily on its Q (ε = 0.001).", "",
-        "## 1. Agent vs its behaviour data", "",
-        "| game | role | random | behaviour policy (ε = 0.001) | behaviour data | agent | agent with planning "
-        "| agent − data | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for g, r in claims["games"].items():
-        lines.append(f"| {g} | {r['role']} | {_f(r['random_return'])} | {_f(r['behaviour_policy_return'])} | "
-                     f"{_f(r['behaviour_data_return'])} (n={r['behaviour_data_episodes']}) | "
-                     f"{_f(r['agent_return'])} (n={r['agent_episodes']}) | {_f(r['agent_planning_return'])} | "
-                     f"{_f(r['agent_minus_data'])} | {r['verdict']} |")
-    b = claims["beats_data"]
-    lines += ["", f"**Claim: above its data on at least 2 of 3 games — "
-              f"{'HOLDS' if b['holds'] else 'DOES NOT HOLD'}** ({b['games_above']} of {b['of']}).", "",
-              "## 2. Planning vs no planning", "",
-              f"Mean over games of HNS with − without planning (beam K = {cfg.beam_width}, H = {cfg.plan_horizon}): "
-              f"{_f(claims['planning']['hns_with_minus_without'], 3)}.", "",
-              f"**Claim: planning at least as good as no planning on average — "
-              f"{claims['planning']['verdict']}.**", "",
-              "## 3. Pretrained + fine-tuned vs from scratch", "",
-              f"On {cfg.finetune_game} ({cfg.transitions} transitions, {cfg.finetune_steps} steps each): "
-              f"fine-tuned {_f(claims['pretraining']['finetuned_return'])}, from scratch "
-              f"{_f(claims['pretraining']['scratch_return'])}, difference "
-              f"{_f(claims['pretraining']['finetuned_minus_scratch_return'])}.", "",
-              f"**Claim: pretrained + fine-tuned above from scratch — "
-              f"{claims['pretraining']['verdict']}.**", ""]
-    peer = claims.get("peer", {})
-    lines += ["## 4. wam vs d3rlpy DiscreteCQL on the same data", ""]
-    if not peer.get("games"):
-        lines += ["Not measured: the baseline needs `.venv-baselines` (`make baselines`) and `--baseline`.", ""]
-    else:
-        lines += [f"DiscreteCQL (d3rlpy 2.8.1, its Atari settings, {peer['steps']} gradient steps, one training seed; "
-                  "docs/baselines.md) on the data each agent trains on, scored by the same evaluation.", "",
-                  "| game | DiscreteCQL | agent − DiscreteCQL | verdict |", "|---|---|---|---|"]
-        lines += [f"| {g} | {_f(v['cql_return'])} | {_f(v['agent_minus_cql'])} | {v['verdict']} |"
-                  for g, v in peer["games"].items()]
-        lines += ["", f"**Claim: at or above DiscreteCQL on every game — "
-                  f"{'HOLDS' if peer['holds'] else 'DOES NOT HOLD'}.**", ""]
-    return "\n".join(lines)
 
 
 def recipe(cfg: RecipeConfig) -> int:

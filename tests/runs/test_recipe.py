@@ -11,14 +11,10 @@ import pytest
 from wam.agents.metrics import seed_diff_ci, seed_mean_ci
 from wam.datasets.errors import WamError
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
+from wam.runs.claims import behaviour_data_returns, verdict
 from wam.runs.cli import parse_command, run_command
 from wam.runs.jobs import Job, run_jobs
-from wam.runs.recipe import (
-    Recipe,
-    RecipeConfig,
-    behaviour_data_returns,
-    verdict,
-)
+from wam.runs.recipe import Recipe, RecipeConfig
 
 
 def _episode(rewards: list[float], terminated: bool) -> Episode:
@@ -197,7 +193,7 @@ def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatc
     assert claims["planning"]["hns_with_minus_without"][0] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
     assert claims["pretraining"]["finetuned_minus_scratch_return"][0] == pytest.approx(2.5)
     assert claims["pretraining"]["verdict"] == "holds, supported by the CI"
-    from wam.runs.recipe import claims_markdown
+    from wam.runs.claims import claims_markdown
 
     text = claims_markdown(claims, cfg)
     assert "DOES NOT HOLD** (1 of 3)" in text and "| Freeway | pretraining |" in text
