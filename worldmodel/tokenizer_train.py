@@ -28,22 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from wam.datasets.errors import DataError, WamError
-from wam.datasets.files import atomic_write_bytes
-from wam.datasets.store import TrajectoryStore, find_datasets
+from wam.datasets.errors import WamError
+from wam.datasets.store import TrajectoryStore
 from wam.worldmodel.checkpoint import (
     RunDir,
     config_to_dict,
@@ -52,15 +49,23 @@ from wam.worldmodel.checkpoint import (
     set_rng_state,
 )
 from wam.worldmodel.device import resolve_device
+from wam.worldmodel.frame_pool import FramePool, heldout_frames, resolve_data, split_episodes
+from wam.worldmodel.tokenize_cache import EncodeSummary, encode_datasets
 from wam.worldmodel.tokenizer import (
     CHECKPOINT_KIND,
-    FRAME_SIZE,
     TokenizerConfig,
     VQTokenizer,
     build_tokenizer,
-    foreground_fidelity,
     load_tokenizer,
-    psnr,
+)
+from wam.worldmodel.tokenizer_eval import (
+    PLOT_FRAMES,
+    EvalResult,
+    evaluate,
+    fg_gains,
+    gains_text,
+    plot_reconstructions,
+    plot_selection,
 )
 from wam.worldmodel.trainer import StopFlag
 
@@ -68,284 +73,9 @@ log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10
 """Steps between two rows of training averages in metrics.jsonl."""
-PLOT_FRAMES = 8
-"""Held-out frames shown in each reconstruction grid."""
 
 __all__ = ["EncodeSummary", "EvalResult", "FramePool", "TrainResult", "encode_datasets", "fg_gains", "gains_text",
            "load_tokenizer", "split_episodes", "train_tokenizer"]
-
-
-# ------------------------------------------------------------------------------------------ data
-def split_episodes(stores: Sequence[TrajectoryStore], holdout_fraction: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per dataset: (training episode ids, held-out episode ids); the held-out ones are the last episodes.
-
-    A dataset of E >= 2 episodes holds out max(1, round(fraction * E)) of them; a single-episode dataset
-    only trains. At least one episode over all datasets must be held out, and one trained on.
-    """
-    splits = []
-    for s in stores:
-        e = s.num_episodes
-        n_out = 0 if e < 2 else min(e - 1, max(1, round(holdout_fraction * e)))
-        splits.append((np.arange(e - n_out), np.arange(e - n_out, e)))
-    if not any(len(h) for _, h in splits):
-        raise DataError("tokenizer training holds out whole episodes for evaluation, but every dataset has fewer "
-                        "than 2 episodes; collect more episodes (e.g. `wam data collect --episodes 10`)")
-    if not any(len(t) for t, _ in splits):
-        raise DataError("no training episodes left after holding out the evaluation episodes")
-    return splits
-
-
-class FramePool:
-    """Training frames in RAM, as a list of windows `(dataset, episode, start, stop)` and their frames.
-
-    When every training frame fits in `capacity`, the windows are whole episodes and never change;
-    otherwise they are random `window`-frame windows (dataset by frame count, episode by length, start
-    uniform) and `refresh` replaces a share of them. `state_dict` holds the windows, so a resumed run
-    reloads exactly the same frames.
-    """
-
-    def __init__(self, stores: Sequence[TrajectoryStore], train_episodes: Sequence[np.ndarray], capacity: int,
-                 window: int, rng: np.random.Generator, windows: np.ndarray | None = None):
-        self.stores, self.capacity, self.window = list(stores), int(capacity), int(window)
-        self.lengths = [s.episode_lengths()[ep] + 1 for s, ep in zip(self.stores, train_episodes)]  # frames
-        self.train_episodes = [np.asarray(ep, dtype=np.int64) for ep in train_episodes]
-        self.total_frames = int(sum(int(n.sum()) for n in self.lengths))
-        self.fits = self.total_frames <= self.capacity
-        if windows is None:
-            windows = self._all_windows() if self.fits else self._random_windows(max(1, capacity // window), rng)
-        self.windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)  # [W, 4]
-        self.frames, self.dataset_of = self._load(self.windows)
-        log.info("frame pool: %d frames in RAM (%s) of %d training frames", len(self.frames),
-                 "all episodes" if self.fits else f"{len(self.windows)} random windows of {window}", self.total_frames)
-
-    def _all_windows(self) -> np.ndarray:
-        rows = [(d, ep, 0, n) for d, (eps, ns) in enumerate(zip(self.train_episodes, self.lengths))
-                for ep, n in zip(eps.tolist(), ns.tolist())]
-        return np.array(rows, dtype=np.int64).reshape(-1, 4)
-
-    def _random_windows(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        per_dataset = np.array([n.sum() for n in self.lengths], dtype=np.float64)
-        rows = np.zeros((count, 4), dtype=np.int64)
-        for k in range(count):
-            d = int(rng.choice(len(per_dataset), p=per_dataset / per_dataset.sum()))
-            lengths = self.lengths[d]
-            j = int(rng.choice(len(lengths), p=lengths / lengths.sum()))
-            n = int(lengths[j])
-            start = int(rng.integers(0, max(1, n - self.window + 1)))
-            rows[k] = (d, self.train_episodes[d][j], start, min(n, start + self.window))
-        return rows
-
-    def _load(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = int((windows[:, 3] - windows[:, 2]).sum())
-        frames = np.empty((n, FRAME_SIZE, FRAME_SIZE), dtype=np.uint8)  # [N, 84, 84]
-        dataset_of = np.empty(n, dtype=np.int64)
-        at = 0
-        for d, ep, start, stop in windows.tolist():
-            frames[at:at + stop - start] = self.stores[d].read_window(ep, start, stop, "observations")
-            dataset_of[at:at + stop - start] = d
-            at += stop - start
-        return frames, dataset_of
-
-    def refresh(self, fraction: float, rng: np.random.Generator) -> None:
-        """Replace `fraction` of the windows by new random ones (no-op when every frame is in RAM)."""
-        if self.fits:
-            return
-        k = max(1, int(len(self.windows) * fraction))
-        replace = rng.choice(len(self.windows), size=k, replace=False)
-        self.windows[replace] = self._random_windows(k, rng)
-        self.frames, self.dataset_of = self._load(self.windows)
-
-    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """([B, 84, 84] uint8 frames, [B] dataset index) drawn uniformly (with replacement) from the pool."""
-        idx = rng.integers(0, len(self.frames), size=batch_size)
-        return self.frames[idx], self.dataset_of[idx]
-
-    def median_frames(self, games: Sequence[str], max_frames: int = 4096) -> np.ndarray:
-        """[n_datasets, 84, 84] uint8: each dataset gets the per-pixel median frame of its *game* (all the
-        pool's frames of the datasets of that game, or `max_frames` of them drawn evenly): the background
-        that foreground fidelity and the foreground-weighted loss measure objects against."""
-        out = np.zeros((len(self.stores), FRAME_SIZE, FRAME_SIZE), dtype=np.uint8)
-        for game in dict.fromkeys(games):
-            members = [d for d, g in enumerate(games) if g == game]
-            idx = np.flatnonzero(np.isin(self.dataset_of, members))
-            if not len(idx):
-                continue
-            if len(idx) > max_frames:
-                idx = idx[np.linspace(0, len(idx) - 1, num=max_frames).round().astype(np.int64)]
-            med = np.median(self.frames[idx], axis=0).round().astype(np.uint8)
-            out[members] = med
-        return out
-
-    def mean_frames(self) -> np.ndarray:
-        """[n_datasets, 84, 84] float32 in [0, 1]: each dataset's per-pixel mean frame over the pool."""
-        out = np.zeros((len(self.stores), FRAME_SIZE, FRAME_SIZE), dtype=np.float64)
-        for d in range(len(self.stores)):
-            sel = self.frames[self.dataset_of == d]
-            if len(sel):
-                out[d] = sel.mean(axis=0, dtype=np.float64) / 255.0
-        return out.astype(np.float32)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"windows": torch.from_numpy(self.windows.copy())}
-
-
-def heldout_frames(stores: Sequence[TrajectoryStore], heldout: Sequence[np.ndarray], count: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(frames uint8 [M, 84, 84], dataset index [M]): up to `count` frames spread evenly over every dataset's
-    held-out episodes (an equal share per dataset that has any)."""
-    with_heldout = [d for d, h in enumerate(heldout) if len(h)]
-    share = max(1, count // len(with_heldout))
-    frames, owner = [], []
-    for d in with_heldout:
-        s = stores[d]
-        lengths = s.episode_lengths()[heldout[d]] + 1  # frames per held-out episode
-        total = int(lengths.sum())
-        picks = np.unique(np.linspace(0, total - 1, num=min(share, total)).round().astype(np.int64))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        for j, ep in enumerate(heldout[d].tolist()):
-            local = picks[(picks >= starts[j]) & (picks < starts[j] + lengths[j])] - starts[j]
-            if len(local):
-                obs = s.read_window(ep, int(local[0]), int(local[-1]) + 1, "observations")
-                frames.append(obs[local - local[0]])
-                owner.append(np.full(len(local), d, dtype=np.int64))
-    return np.concatenate(frames), np.concatenate(owner)
-
-
-# ------------------------------------------------------------------------------------ evaluation
-@dataclass
-class EvalResult:
-    """Held-out figures of one evaluation."""
-
-    psnr: float
-    """PSNR (dB) of the reconstructions of the held-out frames (one MSE over all their pixels)."""
-    baseline_psnr: float
-    """PSNR (dB) of predicting each held-out frame by its dataset's mean training frame."""
-    usage: float
-    """Fraction of the codebook that occurs in the held-out frames' tokens."""
-    perplexity: float
-    """exp(entropy) of the held-out token distribution."""
-    psnr_per_dataset: list[float]
-    """Held-out PSNR of each dataset (NaN for a dataset without held-out episodes)."""
-    fg_psnr: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Per game: PSNR (dB) of the reconstructions over the held-out foreground pixels (docs/tokenizer.md)."""
-    fg_baseline_psnr: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Per game: PSNR of the game's median training frame over the same pixels."""
-    fg_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Per game: fraction of the held-out pixels that are foreground."""
-
-    @property
-    def fg_gain(self) -> dict[str, float]:
-        """Per game: foreground gain over the median frame (dB), fg_psnr - fg_baseline_psnr."""
-        return {g: self.fg_psnr[g] - self.fg_baseline_psnr[g] for g in self.fg_psnr}
-
-    @property
-    def fg_gain_min(self) -> float:
-        """The smallest per-game foreground gain (dB): the game whose objects the tokens keep worst."""
-        gains = [v for v in self.fg_gain.values() if math.isfinite(v)]
-        return min(gains) if gains else float("nan")
-
-    def metrics(self) -> dict[str, float]:
-        out = {"heldout_psnr": self.psnr, "baseline_psnr": self.baseline_psnr, "heldout_usage": self.usage,
-               "heldout_perplexity": self.perplexity}
-        if self.fg_psnr:
-            out["fg_gain_min"] = self.fg_gain_min
-            for g, v in self.fg_gain.items():
-                out[f"fg_gain/{g}"] = v
-                out[f"fg_psnr/{g}"] = self.fg_psnr[g]
-                out[f"fg_baseline_psnr/{g}"] = self.fg_baseline_psnr[g]
-        return out
-
-    def fg_text(self) -> str:
-        """e.g. "foreground gain over the median frame: Pong +8.1 dB, Boxing +6.3 dB"."""
-        if not self.fg_psnr:
-            return "no foreground figures"
-        return "foreground gain over the median frame: " + gains_text(self.fg_gain)
-
-
-def fg_gains(metrics: dict[str, Any]) -> dict[str, float]:
-    """The per-game foreground gains (`fg_gain/<game>` keys) of a metrics row or a checkpoint's summary."""
-    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("fg_gain/")}
-
-
-def gains_text(gains: dict[str, float]) -> str:
-    """"Boxing +9.3 dB, Pong +10.0 dB"."""
-    return ", ".join(f"{g} {v:+.1f} dB" for g, v in gains.items())
-
-
-@torch.no_grad()
-def evaluate(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray, mean_frames: np.ndarray,
-             batch_size: int = 256, median_frames: np.ndarray | None = None, games: Sequence[str] | None = None
-             ) -> tuple[EvalResult, torch.Tensor]:
-    """Encode/decode held-out `frames` [M, 84, 84] (fp32, eval mode); returns the figures and the reconstructions.
-
-    With `median_frames` (uint8 [n_datasets, 84, 84]) and `games` (the game of each dataset), the foreground
-    fidelity of each game is measured too (`foreground_fidelity`, threshold `model.cfg.foreground_threshold`).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        tokens = model.encode(frames, batch_size=batch_size)  # [M, 36]
-        recon = model.decode(tokens, batch_size=batch_size).cpu()  # [M, 84, 84]
-    finally:
-        model.train(was_training)
-    target = torch.from_numpy(frames).float() / 255.0
-    sq = (recon - target).pow(2).flatten(1).mean(1)  # [M]
-    base_sq = (torch.from_numpy(mean_frames[owner]) - target).pow(2).flatten(1).mean(1)  # [M]
-    counts = torch.bincount(tokens.flatten().cpu(), minlength=model.cfg.codebook_size).double()
-    probs = counts / counts.sum()
-    perplexity = float(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
-    per_dataset = [psnr(sq[torch.from_numpy(owner == d)].mean()) if (owner == d).any() else float("nan")
-                   for d in range(len(mean_frames))]
-    fg_psnr, fg_base, fg_frac = {}, {}, {}
-    if median_frames is not None and games is not None:
-        for game in dict.fromkeys(games[d] for d in np.unique(owner)):
-            sel = np.isin(owner, [d for d, g in enumerate(games) if g == game])
-            fid = foreground_fidelity(frames[sel], recon[torch.from_numpy(sel)], median_frames[owner[sel]],
-                                      model.cfg.foreground_threshold)
-            fg_psnr[game], fg_base[game], fg_frac[game] = fid.psnr, fid.background_psnr, fid.fraction
-    result = EvalResult(psnr=psnr(sq.mean()), baseline_psnr=psnr(base_sq.mean()),
-                        usage=float((counts > 0).double().mean()), perplexity=perplexity,
-                        psnr_per_dataset=per_dataset, fg_psnr=fg_psnr, fg_baseline_psnr=fg_base,
-                        fg_fraction=fg_frac)
-    return result, recon
-
-
-def plot_reconstructions(path: Path, frames: np.ndarray, recon: torch.Tensor, step: int, result: EvalResult,
-                         titles: Sequence[str]) -> None:
-    """Write a PNG: held-out frames (top row) above their reconstructions (bottom row)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(frames)
-    fig = Figure(figsize=(1.6 * n, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, n, squeeze=False)
-    for j in range(n):
-        for row, img in ((0, frames[j] / 255.0), (1, recon[j].numpy())):
-            ax = axes[row][j]
-            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[0][j].set_title(titles[j], fontsize=7)
-    axes[0][0].set_ylabel("held-out", fontsize=8)
-    axes[1][0].set_ylabel("reconstruction", fontsize=8)
-    fig.suptitle(f"step {step}: held-out PSNR {result.psnr:.2f} dB (mean-frame baseline "
-                 f"{result.baseline_psnr:.2f} dB), codebook usage {result.usage:.0%}\n{result.fg_text()}",
-                 fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _plot_selection(owner: np.ndarray, count: int) -> np.ndarray:
-    """Indices of `count` held-out frames, round-robin over datasets, spread over each dataset's frames (the
-    centres of equal parts, so no grid shows an episode's identical first frames side by side)."""
-    per = [np.flatnonzero(owner == d) for d in np.unique(owner)]
-    want = [max(1, count // len(per) + (k < count % len(per))) for k in range(len(per))]
-    picks = [idx[((np.arange(min(w, len(idx))) + 0.5) * len(idx) / min(w, len(idx))).astype(np.int64)]
-             for idx, w in zip(per, want)]
-    return np.concatenate(picks)[:count]
 
 
 # -------------------------------------------------------------------------------------- training
@@ -401,12 +131,6 @@ def _rng_from_json(text: str) -> np.random.Generator:
     return rng
 
 
-def _resolve_data(data: Sequence[str | Path]) -> list[Path]:
-    if not data:
-        raise WamError("no datasets given; pass --data DIR [DIR ...] (dataset directories or roots holding them)")
-    return find_datasets(list(data))
-
-
 def _same_data(paths: Sequence[Path], fingerprints: list[str] | None) -> bool:
     """True when the datasets at `paths` hold what the run was trained on (moved or copied since)."""
     if not fingerprints or len(fingerprints) != len(paths):
@@ -436,7 +160,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         ckpt = load_checkpoint(latest, kind=CHECKPOINT_KIND)
         cfg = TokenizerConfig.from_stored(ckpt["config"])
         stored_data = [Path(p) for p in ckpt["data"]]
-        paths = _resolve_data(data) if data else stored_data
+        paths = resolve_data(data) if data else stored_data
         if [p.resolve() for p in paths] != [p.resolve() for p in stored_data] and not _same_data(
                 paths, ckpt.get("data_fingerprints")):
             raise WamError(f"--resume: the run was trained on {[str(p) for p in stored_data]}, not "
@@ -448,7 +172,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         log.info("training to step %d (the config says %d)", steps, cfg.steps)
         cfg = dataclasses.replace(cfg, steps=steps)
     if not resume:
-        paths = _resolve_data(data)
+        paths = resolve_data(data)
 
     device = resolve_device(cfg.device)
     stores = [TrajectoryStore.open(p) for p in paths]
@@ -485,7 +209,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
 
     fingerprints = [st.fingerprint() for st in stores]  # saved with every checkpoint (moved-data resume)
     eval_frames, eval_owner = heldout_frames(stores, [h for _, h in splits], cfg.eval_frames)
-    plot_idx = _plot_selection(eval_owner, PLOT_FRAMES)
+    plot_idx = plot_selection(eval_owner, PLOT_FRAMES)
     log.info("tokenizer: %d datasets, %d training frames, %d held-out evaluation frames, device %s, autocast %s",
              len(stores), pool.total_frames, len(eval_frames), device, cfg.autocast)
 
@@ -591,79 +315,3 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
                        codebook_size=cfg.codebook_size, model=model)
 
 
-# -------------------------------------------------------------------------------------- encoding
-@dataclass
-class EncodeSummary:
-    """What `encode_datasets` did."""
-
-    tokenizer_id: str
-    datasets: list[Path]
-    encoded: list[Path]
-    """Datasets whose cache was written (or completed) now."""
-    skipped: list[Path]
-    """Datasets already fully cached by this tokenizer."""
-    frames: int
-    """Frames encoded now."""
-    usage: float | None
-    """Fraction of the codebook occurring in the frames encoded now (None when nothing was encoded)."""
-    seconds: float
-
-
-def encode_datasets(tokenizer: VQTokenizer, dirs: Sequence[str | Path], batch_size: int = 256,
-                    progress: bool = True) -> EncodeSummary:
-    """Encode every frame of the datasets `dirs` into their token caches (uint16, tagged with the tokenizer id).
-
-    Idempotent: a dataset fully cached by this tokenizer is skipped, one partly cached by it (episodes
-    appended since) gets the missing episodes. A dataset cached by another tokenizer raises DataError
-    before anything is encoded. Encoding runs in fp32, eval mode, on the tokenizer's device.
-    """
-    t0 = time.perf_counter()
-    paths = _resolve_data(dirs)
-    tid = tokenizer.tokenizer_id()
-    stores = [TrajectoryStore.open(p) for p in paths]
-    clash = [(s.directory, s.tokenizer_id()) for s in stores if s.tokenizer_id() not in (None, tid)]
-    if clash:
-        detail = "; ".join(f"{d} holds tokens of tokenizer {other}" for d, other in clash)
-        raise DataError(f"{detail}, not of {tid}: a dataset holds the tokens of one tokenizer. Tokenize a copy of "
-                        f"the dataset, or name the tokenizer that made the cache")
-    todo = [(s, s.episodes_without_tokens()) for s in stores]
-    total = int(sum(int((s.episode_lengths()[eps] + 1).sum()) for s, eps in todo if eps))
-    was_training = tokenizer.training
-    tokenizer.eval()
-    counts = torch.zeros(tokenizer.cfg.codebook_size, dtype=torch.int64)
-    encoded, skipped, frames_done = [], [], 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="tokenize", unit="frame", dynamic_ncols=True)
-
-    def episodes(reader: TrajectoryStore, ids: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-        nonlocal frames_done
-        lengths = reader.episode_lengths()
-        for i in ids:
-            obs = reader.read_window(i, 0, int(lengths[i]) + 1, "observations")  # [T+1, 84, 84]
-            tokens = tokenizer.encode(obs, batch_size=batch_size).cpu()  # [T+1, 36]
-            counts.add_(torch.bincount(tokens.flatten(), minlength=tokenizer.cfg.codebook_size))
-            frames_done += len(obs)
-            if bar is not None:
-                bar.update(len(obs))
-            yield i, tokens.numpy().astype(np.uint16)
-
-    try:
-        for store, ids in todo:
-            if not ids:
-                log.info("%s: token cache of %s already complete; skipped", store.directory, tid)
-                skipped.append(store.directory)
-                continue
-            with TrajectoryStore.open(store.directory) as reader:  # a separate handle: the writer swaps files
-                store.write_tokens(episodes(reader, ids), tid)
-            encoded.append(store.directory)
-            log.info("%s: encoded %d episode(s) with tokenizer %s", store.directory, len(ids), tid)
-    finally:
-        tokenizer.train(was_training)
-        if bar is not None:
-            bar.close()
-    usage = float((counts > 0).double().mean()) if frames_done else None
-    return EncodeSummary(tokenizer_id=tid, datasets=paths, encoded=encoded, skipped=skipped, frames=frames_done,
-                         usage=usage, seconds=time.perf_counter() - t0)
