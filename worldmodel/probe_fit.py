@@ -176,32 +176,44 @@ def fit_ridge(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: 
                 chol, info = torch.linalg.cholesky_ex(a_mat)
                 return (torch.cholesky_solve(b_mat, chol) if int(info) == 0
                         else torch.linalg.lstsq(a_mat, b_mat).solution)  # [F, Vg]
+        def fitted(alpha: float, n=n, solve=solve, ybar=ybar, mu=mu) -> tuple[torch.Tensor, torch.Tensor]:
+            w = solve(alpha * n)
+            return w, ybar - mu @ w
+
         val_mask = torch.as_tensor(m_val[:, cols])
-        has_val = val_mask.any(0).tolist()
-        grid = sorted(alphas)
-        first = len(grid) // 2
-        tried: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # grid index -> (w, b0, val MSE)
-        todo = first
-        while True:
-            w = solve(grid[todo] * n)
-            b0 = ybar - mu @ w
-            if len(x_val):
-                pred = torch.cat([std(x_val[a:b]) @ w + b0 for a, b in spans(len(x_val), chunk)])
-                err = ((pred - y_val_t[:, cols]).square() * val_mask).sum(0) / val_mask.sum(0).clamp_min(1)
-            else:
-                err = torch.zeros(len(cols), dtype=torch.float64)
-            tried[todo] = (w, b0, err)
-            # each variable's best so far; go on until every best has both grid neighbours tried
-            best = [min(tried, key=lambda k, j=j: (float(tried[k][2][j]), k)) if has_val[j] else first
-                    for j in range(len(cols))]
-            needed = {k for b in best for k in (b - 1, b + 1) if 0 <= k < len(grid) and k not in tried}
-            if not needed:
-                break
-            todo = min(needed, key=lambda k: (abs(k - first), k))
-        for j, c in enumerate(cols):
-            w, b0, _ = tried[best[j]]
-            weight[:, c], bias[c], chosen[c] = w[:, j], b0[j], float(grid[best[j]])
+        for j, (c, (w, b0, alpha)) in enumerate(zip(cols, _search_alpha(
+                fitted, std, x_val, y_val_t[:, cols], val_mask, alphas, chunk))):
+            weight[:, c], bias[c], chosen[c] = w[:, j], b0[j], alpha
     return RidgeProbe(std=std, weight=weight, bias=bias, alpha=chosen)
+
+
+def _search_alpha(fitted, std: Standardizer, x_val: torch.Tensor, y_val: torch.Tensor, val_mask: torch.Tensor,
+                  alphas: Sequence[float], chunk: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per target column: (weights [F, V], intercepts [V], alpha) of the fit whose alpha has the lowest masked
+    validation MSE for that column, `fitted(alpha) -> (w, b0)` solving all columns at once. The search starts
+    at the middle of the sorted grid and tries the untried neighbour closest to it of any column's current best
+    until every best has both neighbours tried; a column without validation rows takes the middle alpha."""
+    has_val = val_mask.any(0).tolist()
+    grid = sorted(alphas)
+    first = len(grid) // 2
+    tried: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # grid index -> (w, b0, val MSE)
+    todo = first
+    while True:
+        w, b0 = fitted(grid[todo])
+        if len(x_val):
+            pred = torch.cat([std(x_val[a:b]) @ w + b0 for a, b in spans(len(x_val), chunk)])
+            err = ((pred - y_val).square() * val_mask).sum(0) / val_mask.sum(0).clamp_min(1)
+        else:
+            err = torch.zeros(val_mask.shape[1], dtype=torch.float64)
+        tried[todo] = (w, b0, err)
+        # each column's best so far; go on until every best has both grid neighbours tried
+        best = [min(tried, key=lambda k, j=j: (float(tried[k][2][j]), k)) if has_val[j] else first
+                for j in range(val_mask.shape[1])]
+        needed = {k for b in best for k in (b - 1, b + 1) if 0 <= k < len(grid) and k not in tried}
+        if not needed:
+            break
+        todo = min(needed, key=lambda k: (abs(k - first), k))
+    return [(tried[b][0], tried[b][1], float(grid[b])) for b in best]
 
 
 @dataclass
