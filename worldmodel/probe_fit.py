@@ -269,15 +269,9 @@ def fit_mlp(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: to
     RNGs are left as they were).
     """
     std = Standardizer(x_fit, scale)
-    y = torch.as_tensor(y_fit, dtype=torch.float32)
     m = torch.as_tensor(m_fit, dtype=torch.float32)
-    v_count = y.shape[1]
-    count = m.sum(0).clamp_min(1)
-    y_mean = (y * m).sum(0) / count
-    y_std = (((y - y_mean).square() * m).sum(0) / count).sqrt()
-    y_std = torch.where(y_std > 0, y_std, torch.ones_like(y_std))
-    yn = (y - y_mean) / y_std
-    yv = (torch.as_tensor(y_val, dtype=torch.float32) - y_mean) / y_std
+    v_count = m.shape[1]
+    yn, yv, y_mean, y_std = _standardized_targets(y_fit, m, y_val)
     mv = torch.as_tensor(m_val, dtype=torch.float32)
     if std.features == 0:
         return MlpProbe(std=std, net=None, y_mean=y_mean, y_std=y_std, states=[], state_of=[], epochs=0,
@@ -347,9 +341,27 @@ def fit_mlp(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: to
         states.append(snapshot())
         for v in missing:
             state_of[v], best_epoch[v] = len(states) - 1, done
-    used = sorted(set(state_of))  # drop snapshots no variable kept
-    states = [states[k] for k in used]
-    state_of = [used.index(k) for k in state_of]
+    states, state_of = _kept_states(states, state_of)
     net.eval()
     return MlpProbe(std=std, net=net, y_mean=y_mean, y_std=y_std, states=states, state_of=state_of, epochs=done,
                     best_epoch=best_epoch)
+
+
+def _standardized_targets(y_fit: np.ndarray, m: torch.Tensor, y_val: np.ndarray
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fitting targets, validation targets, mean, std): each column standardised by the mean and std of its
+    masked fitting rows (a constant column keeps std 1)."""
+    y = torch.as_tensor(y_fit, dtype=torch.float32)
+    count = m.sum(0).clamp_min(1)
+    y_mean = (y * m).sum(0) / count
+    y_std = (((y - y_mean).square() * m).sum(0) / count).sqrt()
+    y_std = torch.where(y_std > 0, y_std, torch.ones_like(y_std))
+    return (y - y_mean) / y_std, (torch.as_tensor(y_val, dtype=torch.float32) - y_mean) / y_std, y_mean, y_std
+
+
+def _kept_states(states: list[dict[str, torch.Tensor]], state_of: list[int]
+                 ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """The snapshots some variable kept, and each variable's index into them."""
+    used = sorted(set(state_of))
+    return [states[k] for k in used], [used.index(k) for k in state_of]
+
