@@ -27,6 +27,7 @@ with probability epsilon the agent's action is replaced by a uniform legal actio
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import time
@@ -247,7 +248,6 @@ def evaluate(
 
     from wam.datasets.atari import PROTOCOLS, canonical_game
     from wam.datasets.files import atomic_write_json
-    from wam.datasets.scores import human_normalized
 
     eps = _checked_epsilon(protocol, games, episodes, workers, envs_per_worker, max_steps, epsilon)
     plan_settings = PlannerSettings(**plan) if isinstance(plan, dict) else plan
@@ -269,17 +269,7 @@ def evaluate(
 
     todo = {g: [j for j in range(episodes) if (g, j) not in records] for g in games}
     batches = _batches(games, todo, envs_per_worker)
-    plan_name = "beam" if plan_settings else "none"
-
-    def to_record(r: EpisodeResult) -> EpisodeRecord:
-        return EpisodeRecord(
-            game=r.game, episode=r.episode, seed=r.seed, score=r.score, length=r.length, truncated=r.truncated,
-            hns=human_normalized(r.game, r.score), protocol=protocol, epsilon=eps, plan=plan_name,
-            beam_width=plan_settings.beam_width if plan_settings else None,
-            horizon=plan_settings.horizon if plan_settings else None, max_steps=cap, agent=agents[r.game].name,
-            agent_spec=agent_spec, checkpoint_id=agents[r.game].checkpoint_id, eval_seed=int(seed),
-            action_counts=r.action_counts, plan_changed=r.plan_changed)
-
+    to_record = functools.partial(_record, agents=agents, settings=settings, plan=plan_settings)
     result = EvalResult(out_dir=out, records=[], summary={}, env_settings={}, complete=False)
     if records and (out / "results.json").is_file():  # resuming: keep what earlier workers read back
         previous = json.loads((out / "results.json").read_text()).get("env_settings", {})
@@ -318,6 +308,20 @@ def evaluate(
                     "envs_per_worker": envs_per_worker}
         _write_results(result, settings, bootstrap_reps, bootstrap_seed)
     return result
+
+
+def _record(r: EpisodeResult, agents: dict[str, Agent], settings: dict[str, Any],
+            plan: PlannerSettings | None) -> EpisodeRecord:
+    """The episodes.csv row of a played episode under the evaluation's `settings`."""
+    from wam.datasets.scores import human_normalized
+
+    return EpisodeRecord(
+        game=r.game, episode=r.episode, seed=r.seed, score=r.score, length=r.length, truncated=r.truncated,
+        hns=human_normalized(r.game, r.score), protocol=settings["protocol"], epsilon=settings["epsilon"],
+        plan="beam" if plan else "none", beam_width=plan.beam_width if plan else None,
+        horizon=plan.horizon if plan else None, max_steps=settings["max_steps"], agent=agents[r.game].name,
+        agent_spec=settings["agent_spec"], checkpoint_id=agents[r.game].checkpoint_id,
+        eval_seed=int(settings["seed"]), action_counts=r.action_counts, plan_changed=r.plan_changed)
 
 
 def _write_results(result: EvalResult, settings: dict[str, Any], reps: int, seed: int) -> None:

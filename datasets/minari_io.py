@@ -26,6 +26,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -154,6 +155,20 @@ class MinariImportSummary:
     dropped_ram: int = 0
 
 
+def _action_map(act_space: Any, n_actions: int, game: str, data_dir: Path) -> np.ndarray:
+    """Full 18-action ids of a Minari dataset's actions: itself for the full space, else the game's minimal set;
+    a DataError for any other action space."""
+    if n_actions == 18:
+        return np.arange(18, dtype=np.int64)
+    from wam.datasets.dqn_replay import minimal_action_set
+
+    action_map = minimal_action_set(game)
+    if len(action_map) != n_actions:
+        raise DataError(f"{data_dir}: action space {act_space} is neither the full 18 actions nor "
+                        f"{game}'s minimal set of {len(action_map)}")
+    return action_map
+
+
 def import_minari(src: str | os.PathLike, out: str | os.PathLike, game: str | None = None, name: str | None = None,
                   overwrite: bool = False) -> MinariImportSummary:
     """Convert the Minari Atari dataset at `src` into `<out>/atari/<game>/<name>-v0` (name: the Minari name)."""
@@ -170,15 +185,7 @@ def import_minari(src: str | os.PathLike, out: str | os.PathLike, game: str | No
     if shape not in ((210, 160, 3), (84, 84)) or getattr(obs_space, "dtype", None) != np.uint8:
         raise DataError(f"{data_dir}: observations {obs_space} are neither 210x160x3 RGB nor 84x84 grayscale uint8")
     n_actions = int(getattr(act_space, "n", 0))
-    if n_actions == 18:
-        action_map = np.arange(18, dtype=np.int64)
-    else:
-        from wam.datasets.dqn_replay import minimal_action_set
-
-        action_map = minimal_action_set(game)
-        if len(action_map) != n_actions:
-            raise DataError(f"{data_dir}: action space {act_space} is neither the full 18 actions nor "
-                            f"{game}'s minimal set of {len(action_map)}")
+    action_map = _action_map(act_space, n_actions, game, data_dir)
     src_name = re.sub(r"-v\d+$", "", str(meta.get("dataset_id", "minari")).split("/")[-1])
     directory = dataset_dir(out, game, name or src_name)
     if directory.exists():
