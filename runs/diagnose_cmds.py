@@ -56,7 +56,7 @@ def diagnose_model(model, ckpt: dict[str, Any], data: tuple[str, ...], episodes:
     """The figures of the module docstring, per game (see `diagnose`)."""
     from wam.datasets.atari import ACTION_NAMES, legal_action_mask
     from wam.datasets.store import TrajectoryStore, find_datasets
-    from wam.worldmodel.diagnostics import EpisodeTokens, episode_q, mc_returns
+    from wam.worldmodel.diagnostics import EpisodeTokens, calibration_figures, episode_q, mc_returns
 
     loss_cfg = ckpt.get("config", {}).get("loss", {})
     gamma, transform = float(loss_cfg.get("gamma", 0.99)), loss_cfg.get("reward_transform", "sign")
@@ -104,8 +104,7 @@ def diagnose_model(model, ckpt: dict[str, Any], data: tuple[str, ...], episodes:
         }
         if acc["q"]:
             q, ret = np.concatenate(acc["q"]), np.concatenate(acc["ret"])
-            row.update(q_mc_gap=float((q - ret).mean()), q_mc_abs_gap=float(np.abs(q - ret).mean()),
-                       q_data_mean=float(q.mean()), mc_return_mean=float(ret.mean()), q_mc_steps=int(len(q)),
+            row.update(calibration_figures(q, ret), q_mc_steps=int(len(q)),
                        trace_q=acc["q"][0].tolist(), trace_return=acc["ret"][0].tolist())
         else:
             row["note"] = "every episode read was cut by a cap within 1,000 steps: no Monte-Carlo return to compare with"
@@ -116,13 +115,15 @@ def diagnose_model(model, ckpt: dict[str, Any], data: tuple[str, ...], episodes:
 def _markdown(result: dict[str, Any], title: str) -> str:
     lines = [f"# Q diagnostics: {title}", "",
              f"Discount {result['gamma']}, rewards transformed by `{result['reward_transform']}` as in training. "
-             "E[Q] is read like greedy acting (a window of the last H frames). Gap > 0: over-estimation.", "",
-             "| game | steps | E[Q] data actions | MC return | mean gap | mean abs gap | frequent action | "
-             "its Q gap | greedy = data |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "E[Q] is read like greedy acting (a window of the last H frames). Gap > 0: over-estimation. A constant's "
+             "abs gap: that of predicting the mean return everywhere; an abs gap near it, and a correlation near 0, "
+             "mean Q does not follow the state.", "",
+             "| game | steps | E[Q] data actions | MC return | mean gap | mean abs gap | a constant's abs gap | "
+             "corr(Q, return) | frequent action | its Q gap | greedy = data |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for game, r in result["games"].items():
         cal = [f"{r[k]:+.2f}" if k in r else "n/a" for k in ("q_data_mean", "mc_return_mean", "q_mc_gap")]
-        cal.append(f"{r['q_mc_abs_gap']:.2f}" if "q_mc_abs_gap" in r else "n/a")
+        cal += [f"{r[k]:.2f}" if k in r else "n/a" for k in ("q_mc_abs_gap", "mc_abs_dev", "q_mc_corr")]
         lines.append(f"| {game} | {r['steps']} | {' | '.join(cal)} | {r['frequent_action']} | "
                      f"{r['q_gap_frequent']:+.2f} | {r['greedy_agrees_with_data']:.0%} |")
     lines += ["", "Action histograms (share of steps), data / greedy on the same states:", ""]

@@ -364,7 +364,7 @@ def _calibration_hook(model: WorldActionModel, cfg: PretrainConfig | FinetuneCon
                       pieces: _Pieces) -> Callable[[int], dict[str, float]]:
     """`evaluate(step)` for the trainer: Q calibration (`wam.worldmodel.diagnostics.q_calibration`) on the
     sampler's held-out episodes, flat per game: q_mc_gap/<game>, q_mc_abs_gap/<game>, q_heldout/<game>,
-    mc_return/<game>."""
+    mc_return/<game> and, where Q and the returns vary, q_mc_corr/<game>."""
     from wam.datasets.store import TrajectoryStore
     from wam.worldmodel.diagnostics import EpisodeTokens, q_calibration
 
@@ -387,6 +387,8 @@ def _calibration_hook(model: WorldActionModel, cfg: PretrainConfig | FinetuneCon
             game = model.cfg.games[gid]
             out.update({f"q_mc_gap/{game}": r["q_mc_gap"], f"q_mc_abs_gap/{game}": r["q_mc_abs_gap"],
                         f"q_heldout/{game}": r["q_data_mean"], f"mc_return/{game}": r["mc_return_mean"]})
+            if "q_mc_corr" in r:  # does Q follow the state (docs/training.md)
+                out[f"q_mc_corr/{game}"] = r["q_mc_corr"]
         return out
 
     return evaluate

@@ -114,10 +114,23 @@ def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma:
         ret = np.concatenate([b for _, b in rows])
         if len(q) == 0:
             continue
-        out[g] = {"q_mc_gap": float((q - ret).mean()), "q_mc_abs_gap": float(np.abs(q - ret).mean()),
-                  "q_data_mean": float(q.mean()), "mc_return_mean": float(ret.mean()), "q_mc_steps": float(len(q))}
+        out[g] = calibration_figures(q, ret)
     return out
 
 
-__all__ = ["TRUNCATION_MARGIN", "EpisodeTokens", "data_action_q", "discounted_returns", "episode_q", "mc_returns",
+def calibration_figures(q: np.ndarray, ret: np.ndarray) -> dict[str, float]:
+    """How E[Q] of the data actions `q` compares with their Monte-Carlo returns `ret` (same length, > 0):
+    the mean and mean absolute gap, the two means, the number of steps, the mean absolute deviation of the
+    returns from their mean (`mc_abs_dev`: the absolute gap of the best-calibrated constant, so an absolute
+    gap near it means Q does not follow the state), and the correlation of Q with the returns (`q_mc_corr`,
+    only where both vary)."""
+    out = {"q_mc_gap": float((q - ret).mean()), "q_mc_abs_gap": float(np.abs(q - ret).mean()),
+           "q_data_mean": float(q.mean()), "mc_return_mean": float(ret.mean()), "q_mc_steps": float(len(q)),
+           "mc_abs_dev": float(np.abs(ret - ret.mean()).mean())}
+    if len(q) > 1 and q.std() > 0 and ret.std() > 0:
+        out["q_mc_corr"] = float(np.corrcoef(q, ret)[0, 1])
+    return out
+
+
+__all__ = ["TRUNCATION_MARGIN", "EpisodeTokens", "calibration_figures", "data_action_q", "discounted_returns", "episode_q", "mc_returns",
            "q_calibration"]

@@ -48,3 +48,15 @@ def test_q_calibration_reads_q_like_acting_and_compares_with_returns():
     assert cal[0]["q_mc_gap"] == pytest.approx(2.0 - g0.mean(), abs=0.2)
     assert q_calibration(model, eps, 0.9, truncation_margin=None)[1]["q_mc_steps"] == 11
     assert q_calibration(model, eps, 0.9, truncation_margin=2)[1]["q_mc_steps"] == 5 + 4  # its first 6 - 2 steps
+
+
+def test_calibration_figures_against_hand_values():
+    from wam.worldmodel.diagnostics import calibration_figures
+
+    ret = np.array([0.0, 2.0, 4.0])
+    f = calibration_figures(np.array([1.0, 2.0, 3.0]), ret)
+    assert f["q_mc_gap"] == pytest.approx(0.0) and f["q_mc_abs_gap"] == pytest.approx(2 / 3)
+    assert f["mc_abs_dev"] == pytest.approx(4 / 3) and f["q_mc_corr"] == pytest.approx(1.0)
+    flat = calibration_figures(np.full(3, 2.0), ret)  # the best-calibrated constant
+    assert flat["q_mc_abs_gap"] == pytest.approx(flat["mc_abs_dev"]) and "q_mc_corr" not in flat
+    assert calibration_figures(np.array([3.0, 2.0, 1.0]), ret)["q_mc_corr"] == pytest.approx(-1.0)
