@@ -221,15 +221,21 @@ def _last_metrics(run: Path) -> str:
     return ", ".join(f"{k} {first[k]:.3f}->{last[k]:.3f}" for k in keys)
 
 
+def _game_summary(out: Path, game: str) -> dict | None:
+    """The summary of `game` in the evaluation at `out` (`results.json`); None when it has none yet."""
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["summary"]["games"].get(game, {})
+
+
 def _results_table(evals: dict[str, Path], game: str) -> str:
     lines = [f"{'agent (' + game + ', capped episodes)':<40} {'mean return [95% CI]':>30} {'HNS':>8}  episodes"]
     for label, out in evals.items():
-        path = out / "results.json"
-        if not path.exists():
+        g = _game_summary(out, game)
+        if g is None:
             lines.append(f"{label:<40} {'(missing)':>30}")
             continue
-        summary = json.loads(path.read_text())["summary"]
-        g = summary["games"].get(game, {})
         r = g.get("return", {})
         hns = (g.get("hns") or {}).get("point")
         ci = f"{r.get('point', float('nan')):.1f} [{r.get('low', float('nan')):.1f}, {r.get('high', float('nan')):.1f}]"
@@ -243,10 +249,9 @@ fall below "pretrained+fine-tuned"."""
 
 
 def _mean_return(out: Path, game: str) -> dict[str, float] | None:
-    path = out / "results.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())["summary"]["games"].get(game, {}).get("return")
+    """The mean return with its interval (`point`, `low`, `high`) of `game` in the evaluation at `out`."""
+    g = _game_summary(out, game)
+    return None if g is None else g.get("return")
 
 
 def demo_checks(evals: dict[str, Path], game: str) -> list[tuple[str, bool]]:
