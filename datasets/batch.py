@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -26,13 +26,27 @@ class Batch:
     game_ids: torch.Tensor  # [B] int64, index into the sampler's game list
     legal_actions: torch.Tensor  # [B, 18] bool, the game's minimal action set
     next_action: torch.Tensor  # [B] int64, a_H: the data action taken in the last frame o_H; -1 where o_H has none
+    mc_return: torch.Tensor | None = field(default=None, kw_only=True)
+    """[B, H] float32: each step's Monte-Carlo return G_t to its episode's end (rewards transformed and
+    discounted as the sampler was asked, `datasets.returns`); NaN where unknown (a truncated episode's
+    tail, padding). None when the sampler was not asked for returns."""
 
     @property
     def is_tokens(self) -> bool:
         return self.obs.dim() == 3
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return type(self)(**{f.name: _apply(getattr(self, f.name), lambda t: t.to(device, non_blocking=non_blocking))
+                            for f in fields(self)})
+
+    def clone(self) -> Batch:
+        """A copy whose tensors share no memory with this batch's."""
+        return type(self)(**{f.name: _apply(getattr(self, f.name), torch.Tensor.clone) for f in fields(self)})
 
     def pin_memory(self) -> Batch:
-        return type(self)(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return type(self)(**{f.name: _apply(getattr(self, f.name), torch.Tensor.pin_memory) for f in fields(self)})
+
+
+def _apply(value: torch.Tensor | None, fn):
+    return None if value is None else fn(value)
+

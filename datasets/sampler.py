@@ -44,6 +44,7 @@ import numpy as np
 from wam.datasets.atari import legal_action_mask
 from wam.datasets.batch import Batch
 from wam.datasets.errors import DataError
+from wam.datasets.returns import REWARD_TRANSFORMS
 from wam.datasets.segments import (
     OBS_FIELD,
     TOKENS_FIELD,
@@ -142,16 +143,23 @@ class SegmentSampler:
             games, sorted.
         hold_out_episodes: never draw the last N episodes of each dataset (held out for evaluation,
             see `held_out`).
+        returns: (gamma, reward transform): also give each step's Monte-Carlo return to its episode's
+            end (`Batch.mc_return`, NaN where unknown; `datasets.returns`), for mixed Monte-Carlo targets.
     """
 
     def __init__(self, datasets: Sequence[Path | str] | Path | str, horizon: int = 8, batch_size: int = 32,
                  weights: Sequence[float] | Mapping[str, float] | None = None, source: Source = "auto",
                  seed: int = 0, in_memory: bool | None = None, prefetch: int = 2,
                  max_transitions: int | None = None, game_names: Sequence[str] | None = None,
-                 hold_out_episodes: int = 0) -> None:
+                 hold_out_episodes: int = 0, returns: tuple[float, str] | None = None) -> None:
         if hold_out_episodes < 0:
             raise ValueError(f"hold_out_episodes must be >= 0, got {hold_out_episodes}")
         self.hold_out_episodes = hold_out_episodes
+        if returns is not None:
+            gamma, how = returns
+            if not 0.0 <= gamma <= 1.0 or how not in REWARD_TRANSFORMS:
+                raise ValueError(f"returns must be (gamma in [0, 1], one of {REWARD_TRANSFORMS}), got {returns}")
+        self.returns = returns
         if horizon < 1 or batch_size < 1 or prefetch < 0:
             raise ValueError(f"need horizon >= 1, batch_size >= 1, prefetch >= 0; got {horizon}, {batch_size}, {prefetch}")
         if max_transitions is not None and max_transitions < 1:
@@ -194,13 +202,15 @@ class SegmentSampler:
         self.in_memory = self._decide_in_memory(in_memory, obs_bytes)
         legal = np.stack([legal_action_mask(g) for g in self.games])  # [G, 18]
         self._source = SegmentSource(stores, table, probs, self.horizon, self.batch_size, self.seed,
-                                      self.source == "tokens", self.in_memory, obs_shape, legal)
-        self._buffers = [SegmentBuffers.allocate(self.batch_size, self.horizon, obs_shape, self.source == "tokens")
+                                      self.source == "tokens", self.in_memory, obs_shape, legal, self.returns)
+        self._buffers = [SegmentBuffers.allocate(self.batch_size, self.horizon, obs_shape, self.source == "tokens",
+                                                 self.returns is not None)
                          for _ in range(self.prefetch + 3)]
         self._batches = [buf.batch() for buf in self._buffers]
         self._fingerprint = {
             "horizon": self.horizon, "batch_size": self.batch_size, "source": self.source,
             "max_transitions": self.max_transitions, "hold_out_episodes": self.hold_out_episodes,
+            **({"returns": list(self.returns)} if self.returns is not None else {}),
             "games": list(self.games),
             "datasets": [[g, int(n)] for g, n in zip(dataset_games, self._source.dataset_steps)],
             "probs": [round(float(p), 12) for p in probs],

@@ -19,6 +19,7 @@ import torch
 from wam.datasets.atari import NUM_ACTIONS
 from wam.datasets.batch import Batch
 from wam.datasets.errors import DataError
+from wam.datasets.returns import episode_mc_returns
 from wam.datasets.store import TrajectoryStore
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,12 @@ class SegmentBuffers:
     game_ids: np.ndarray  # [B] int64
     legal_actions: np.ndarray  # [B, 18] bool
     next_action: np.ndarray  # [B] int64, a_H or -1
+    mc_return: np.ndarray | None  # [B, H] float32 G_t (NaN where unknown), when the source computes returns
     tokens_u16: np.ndarray | None  # [B, H+1, 36] uint16 scratch for token gathers from RAM
 
     @classmethod
-    def allocate(cls, batch_size: int, horizon: int, obs_shape: tuple[int, ...], tokens: bool) -> SegmentBuffers:
+    def allocate(cls, batch_size: int, horizon: int, obs_shape: tuple[int, ...], tokens: bool,
+                 returns: bool = False) -> SegmentBuffers:
         b, h = batch_size, horizon
         return cls(
             obs=np.zeros((b, h + 1, *obs_shape), np.int64 if tokens else np.uint8),
@@ -78,6 +81,7 @@ class SegmentBuffers:
             game_ids=np.zeros((b,), np.int64),
             legal_actions=np.zeros((b, NUM_ACTIONS), np.bool_),
             next_action=np.zeros((b,), np.int64),
+            mc_return=np.zeros((b, h), np.float32) if returns else None,
             tokens_u16=np.zeros((b, h + 1, *obs_shape), np.uint16) if tokens else None,
         )
 
@@ -89,6 +93,7 @@ class SegmentBuffers:
             truncations=torch.from_numpy(self.truncations), mask=torch.from_numpy(self.mask),
             game_ids=torch.from_numpy(self.game_ids), legal_actions=torch.from_numpy(self.legal_actions),
             next_action=torch.from_numpy(self.next_action),
+            mc_return=None if self.mc_return is None else torch.from_numpy(self.mc_return),
         )
 
 
@@ -179,7 +184,7 @@ class SegmentSource:
 
     def __init__(self, stores: list[TrajectoryStore], table: EpisodeTable, probs: np.ndarray,
                  horizon: int, batch_size: int, seed: int, tokens: bool, in_memory: bool,
-                 obs_shape: tuple[int, ...], legal: np.ndarray) -> None:
+                 obs_shape: tuple[int, ...], legal: np.ndarray, returns: tuple[float, str] | None = None) -> None:
         self.stores = stores
         self.table = table
         self.probs = probs  # [D] float64, sums to 1
@@ -190,6 +195,7 @@ class SegmentSource:
         self.field = TOKENS_FIELD if tokens else OBS_FIELD
         self.obs_shape = obs_shape
         self.legal = legal  # [G, 18] bool
+        self.returns = returns  # (gamma, reward transform) of the Monte-Carlo returns, or None
         num_datasets = len(stores)
         # First step row and number of steps of each dataset (episodes are grouped by dataset).
         self.dataset_steps = np.bincount(table.dataset, weights=table.length, minlength=num_datasets).astype(np.int64)
@@ -213,6 +219,13 @@ class SegmentSource:
                 out[name][off:off + n] = read_field(store, int(e), 0, int(n), name)
             if n < stored[d][e]:  # cut by max_transitions: the episode goes on in the data, so it ends truncated
                 out["truncations"][off + n - 1] = True
+        if self.returns is not None:
+            gamma, how = self.returns
+            mc = np.full(t.num_steps + 1, np.nan, np.float32)  # the sentinel row (padding) stays NaN
+            for n, off in zip(t.length, t.step_offset):
+                mc[off:off + n] = episode_mc_returns(out["rewards"][off:off + n], bool(out["truncations"][off + n - 1]),
+                                                     gamma, how)
+            out["mc_return"] = mc
         return out
 
     def _load_obs(self) -> np.ndarray:
@@ -246,6 +259,8 @@ class SegmentSource:
         np.take(self.steps["rewards"], step_rows, out=buf.rewards, mode="clip")
         np.take(self.steps["terminations"], step_rows, out=buf.terminations, mode="clip")
         np.take(self.steps["truncations"], step_rows, out=buf.truncations, mode="clip")
+        if buf.mc_return is not None:
+            np.take(self.steps["mc_return"], step_rows, out=buf.mc_return, mode="clip")
         last = starts + h  # step of frame o_H: it has an action when it lies inside the episode
         has_next = last < lengths[:, 0]
         np.take(self.steps["actions"], np.where(has_next, t.step_offset[episodes] + last, self.sentinel),

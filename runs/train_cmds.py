@@ -190,12 +190,15 @@ def _load_tokenizer(path: str, device: str) -> Any:
 def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_path: str, device: str, rank: int,
                  world: int,
                  max_transitions: int | None = None, game_names: tuple[str, ...] | None = None,
-                 synthetic_games: tuple[str, ...] = ("Synthetic",), tokens_per_obs: int = 36) -> tuple[_Pieces, int]:
+                 synthetic_games: tuple[str, ...] = ("Synthetic",), tokens_per_obs: int = 36,
+                 returns: tuple[float, str] | None = None) -> tuple[_Pieces, int]:
     """The batch source (this rank's share of the batch), the frames->tokens transform and the vocabulary."""
     if cfg.batch_size % world:
         raise WamError(f"--batch-size {cfg.batch_size} does not split over --workers {world}")
     per_rank = cfg.batch_size // world
     if tuple(cfg.data) == (SYNTHETIC,):
+        if returns is not None:
+            raise WamError("--mc-mix needs each step's Monte-Carlo return, which synthetic tokens do not have")
         assert vocab is not None, "synthetic data needs the model's vocab_size"
         src = SyntheticTokenSource(cfg.batch_size, horizon, vocab, games=synthetic_games, seed=cfg.seed,
                                    rank=rank, world_size=world, tokens_per_obs=tokens_per_obs)
@@ -213,7 +216,7 @@ def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_pa
     # every rank draws its own stream: batch k of rank r is a function of (seed + r, k)
     sampler = SegmentSampler(list(cfg.data), horizon=horizon, batch_size=per_rank, source=cfg.source,
                              seed=cfg.seed + rank, prefetch=cfg.prefetch, max_transitions=max_transitions,
-                             game_names=game_names, hold_out_episodes=cfg.calibration_episodes)
+                             game_names=game_names, hold_out_episodes=cfg.calibration_episodes, returns=returns)
     transform: Callable[[Batch], Batch] | None = None
     if sampler.source == "tokens":
         ids = {TrajectoryStore.open(p).tokenizer_id() for p in sampler.datasets}
@@ -271,7 +274,8 @@ def run_training(cfg: PretrainConfig | FinetuneConfig, rank: int = 0, world: int
         cfg, model_cfg.horizon, model_cfg.vocab_size, tokenizer_path, cfg.train.device, rank, world,
         max_transitions=cfg.transitions if finetune else None,
         game_names=(cfg.game,) if finetune else None, synthetic_games=synthetic_games,
-        tokens_per_obs=model_cfg.tokens_per_obs)
+        tokens_per_obs=model_cfg.tokens_per_obs,
+        returns=(cfg.loss.gamma, cfg.loss.reward_transform) if cfg.loss.mc_mix > 0 else None)
     try:
         if vocab != model_cfg.vocab_size and (pretrained is not None or ckpt is not None):
             raise WamError(f"the tokenizer has {vocab} codes but the model was trained with a vocabulary of "

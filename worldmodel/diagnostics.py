@@ -18,11 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wam.worldmodel.losses import transform_reward
+from wam.datasets.returns import TRUNCATION_MARGIN, episode_mc_returns
 from wam.worldmodel.model import WorldActionModel
-
-TRUNCATION_MARGIN = 1000
-"""Steps before a cap's cut left out of the calibration of a truncated episode."""
 
 
 @dataclass
@@ -41,16 +38,6 @@ class EpisodeTokens:
         ep = store.read_episode(i, tokens=True)
         return cls(obs_tokens=ep.obs_tokens, actions=ep.actions, rewards=ep.rewards, game_id=game_id,
                    truncated=bool(len(ep.truncations) and ep.truncations[-1]))
-
-
-def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
-    """G_t = sum_{k >= 0} gamma^k r_{t+k} to the end of the sequence, [T] float64."""
-    out = np.zeros(len(rewards), np.float64)
-    acc = 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        acc = float(rewards[t]) + gamma * acc
-        out[t] = acc
-    return out
 
 
 @torch.no_grad()
@@ -86,10 +73,8 @@ def mc_returns(ep: EpisodeTokens, gamma: float, reward_transform: str = "sign",
                truncation_margin: int | None = TRUNCATION_MARGIN) -> np.ndarray:
     """Discounted returns G_t of the episode's steps whose return the data knows, [T'] float64: every step, or of a
     truncated episode all but the last `truncation_margin` (None: every step). Rewards transformed as in training."""
-    n = len(ep.actions)
-    keep = n if not ep.truncated or truncation_margin is None else max(0, n - truncation_margin)
-    r = transform_reward(torch.as_tensor(np.asarray(ep.rewards, np.float32)), reward_transform).numpy()
-    return discounted_returns(r, gamma)[:keep]
+    ret = episode_mc_returns(ep.rewards, ep.truncated, gamma, reward_transform, truncation_margin)
+    return ret[~np.isnan(ret)]
 
 
 def q_calibration(model: WorldActionModel, episodes: list[EpisodeTokens], gamma: float,
@@ -132,5 +117,5 @@ def calibration_figures(q: np.ndarray, ret: np.ndarray) -> dict[str, float]:
     return out
 
 
-__all__ = ["TRUNCATION_MARGIN", "EpisodeTokens", "calibration_figures", "data_action_q", "discounted_returns", "episode_q", "mc_returns",
+__all__ = ["EpisodeTokens", "calibration_figures", "data_action_q", "episode_q", "mc_returns",
            "q_calibration"]

@@ -54,7 +54,9 @@ import torch.nn.functional as F
 
 from wam.datasets.batch import Batch
 from wam.datasets.errors import WamError
+from wam.datasets.returns import transform_reward
 from wam.worldmodel.model import WorldActionModel, WorldActionOutput
+from wam.worldmodel.targets import c51_project, data_next_action, last_frame_q, mix_mc_target, nstep_returns
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,13 @@ class LossConfig:
     expected Q, which is what an agent acts on)."""
     lambda_distill: float = 1.0
     """Weight of the distillation toward planner-corrected Q-values (used only with --q-targets FILE)."""
+    mc_mix: float = 0.0
+    """Mixed Monte-Carlo targets (Bellemare et al. 2016; Ostrovski et al. 2017): the TD target
+    distribution is mixed with weight beta = `mc_mix` with a point mass at the step's Monte-Carlo return
+    G_t (the data's discounted, transformed rewards to its episode's end; C51-projected), where the data
+    knows it (not in a truncated episode's tail). With `bootstrap="data"` both targets estimate the
+    behaviour policy's Q, the MC one without waiting for Bellman iterations to carry rewards back; with
+    `max` it pulls Q toward the data's returns. 0 = plain TD (JOWA)."""
     lambda_prior: float = 1.0
     """Weight of the behaviour prior's cross-entropy (the data action under the prior head's legal-masked
     logits); only models built with `--behaviour-prior` > 0 have that head."""
@@ -132,15 +141,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over the True entries of mask (same shape); 0 when mask is empty (keeps the graph)."""
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1.0)
-
-
-def transform_reward(rewards: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "sign":
-        return torch.sign(rewards)
-    if how == "clip":
-        return rewards.clamp(-1.0, 1.0)
-    assert how == "raw", f"unknown reward transform {how!r}"
-    return rewards
 
 
 def obs_token_labels(obs_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -194,77 +194,6 @@ def world_model_loss(out: WorldActionOutput, batch: Batch) -> tuple[torch.Tensor
                   "termination_ce": term_ce.item(), "obs_acc": acc.item(), "reward_acc": rew_acc.item()}
 
 
-def c51_project(next_probs: torch.Tensor, rewards: torch.Tensor, discounts: torch.Tensor,
-                support: torch.Tensor) -> torch.Tensor:
-    """Project the distribution of r + discount * Z onto `support` (C51, Bellemare et al. 2017).
-
-    next_probs [N, A] (rows sum to 1), rewards [N], discounts [N] (gamma * (1 - terminal)),
-    support [A] evenly spaced. Returns [N, A], rows summing to 1.
-    """
-    n, a = next_probs.shape
-    v_min, v_max = float(support[0]), float(support[-1])
-    dz = (v_max - v_min) / (a - 1)
-    tz = (rewards[:, None] + discounts[:, None] * support[None, :]).clamp(v_min, v_max)  # [N, A]
-    b = (tz - v_min) / dz
-    lower, upper = b.floor(), b.ceil()
-    lower_idx = lower.long().clamp(0, a - 1)
-    upper_idx = upper.long().clamp(0, a - 1)
-    same = (upper == lower).to(next_probs.dtype)  # b exactly on an atom: all mass to it
-    w_lower = next_probs * (upper - b + same)
-    w_upper = next_probs * (b - lower)
-    out = torch.zeros_like(next_probs)
-    out.scatter_add_(1, lower_idx, w_lower)
-    out.scatter_add_(1, upper_idx, w_upper)
-    return out
-
-
-def nstep_returns(rewards: torch.Tensor, terminations: torch.Tensor, truncations: torch.Tensor,
-                  mask: torch.Tensor, gamma: float, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n-step returns inside segments. All inputs [B, H] (rewards already transformed).
-
-    For each step t: G = sum_{j<k} gamma^j r_{t+j}, the discount gamma^k (0 when the episode terminated
-    on the way) and the frame index t+k to bootstrap from, where k <= n stops early after a
-    termination, a truncation, the last step inside the episode or the segment's last step (frame H).
-    With n = 1 this is (r_t, gamma * (1 - term_t), t + 1). Returns (G, discount, boot_index) [B, H].
-    """
-    assert n >= 1, f"n-step returns need n >= 1, got {n}"
-    b, h = rewards.shape
-    t = torch.arange(h, device=rewards.device)
-    ret = torch.zeros_like(rewards)
-    scale = torch.ones_like(rewards)  # gamma^j of the next reward to add
-    end = t.expand(b, h).clone()  # last step summed (its successor frame is the bootstrap frame)
-    terminated = torch.zeros_like(mask)
-    alive = mask.clone()
-    for j in range(n):
-        idx = (t + j).clamp(max=h - 1)
-        take = alive & (t + j < h)[None, :] & mask[:, idx]
-        ret = ret + torch.where(take, scale * rewards[:, idx], torch.zeros_like(ret))
-        scale = torch.where(take, scale * gamma, scale)
-        end = torch.where(take, idx[None, :].expand(b, h), end)
-        terminated = terminated | (take & terminations[:, idx])
-        alive = take & ~terminations[:, idx] & ~truncations[:, idx]
-    discount = scale * (~terminated).to(scale.dtype)
-    return ret, discount, end + 1
-
-
-def last_frame_q(model: WorldActionModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q logits (online, target) [B, E, 18, A] of each segment's last frame o_H read at a trained slot: the model
-    run without gradient over the window o_1..o_H (actions a_1..a_{H-1}), where o_H sits at slot H-1."""
-    with torch.no_grad():
-        out, _ = model(batch.obs[:, 1:], batch.actions[:, 1:], batch.game_ids, with_target=True, world_model=False)
-    assert out.target_q_logits is not None
-    return out.q_logits[:, -1], out.target_q_logits[:, -1]
-
-
-def data_next_action(batch: Batch, boot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(has, action) [B, H]: the data action taken at each bootstrap frame `boot` [B, H] (indices 1..H), and
-    whether there is a legal one (frame H's is `batch.next_action`; a frame outside the episode has none)."""
-    acts = torch.cat([batch.actions, batch.next_action[:, None].clamp(min=0)], 1)  # [B, H+1]
-    has = torch.cat([batch.mask, (batch.next_action >= 0)[:, None]], 1)  # [B, H+1]
-    has = has & batch.legal_actions.gather(1, acts)
-    return has.gather(1, boot), acts.gather(1, boot)
-
-
 def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: LossConfig,
             last: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Logs]:
     """C51 n-step TD with the target head; masked mean over valid steps, mean over the ensemble.
@@ -302,6 +231,8 @@ def td_loss(model: WorldActionModel, out: WorldActionOutput, batch: Batch, cfg: 
         target = c51_project(p_next.flatten(0, 2), ret[:, :, None].expand(-1, -1, e).flatten(),
                              disc[:, :, None].expand(-1, -1, e).flatten(), model.support.float())
         target = target.view_as(p_next)
+        if cfg.mc_mix > 0:
+            target = mix_mc_target(target, batch, cfg.mc_mix, model.support.float())
     ce = -(target * logp_a).sum(-1)  # [B, H, E]
     steps = q_steps(batch)  # [B, H]
     loss = masked_mean(ce, steps[:, :, None].expand_as(ce))
@@ -489,6 +420,8 @@ class WorldActionObjective(torch.nn.Module):
             raise WamError(f"--last-bootstrap must be shifted or same-pass, got {cfg.last_bootstrap!r}")
         if cfg.target_tau == 0 and cfg.target_update_every < 1:
             raise WamError(f"--target-update-every must be at least 1, got {cfg.target_update_every}")
+        if not 0.0 <= cfg.mc_mix <= 1.0:
+            raise WamError(f"--mc-mix must lie in [0, 1], got {cfg.mc_mix}")
         if cfg.critic_warmup_steps < 0:
             raise WamError(f"--critic-warmup-steps must be >= 0, got {cfg.critic_warmup_steps}")
         self.model, self.cfg = model, cfg

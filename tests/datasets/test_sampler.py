@@ -69,7 +69,7 @@ def episodes(root) -> dict[tuple[int, int], Episode]:
 
 def _batches(sampler: SegmentSampler, n: int) -> list[dict[str, np.ndarray]]:
     """n batches, copied out of the sampler's buffers."""
-    return [{k: v.numpy().copy() for k, v in vars(sampler.sample()).items()} for _ in range(n)]
+    return [{k: v.numpy().copy() for k, v in vars(sampler.sample()).items() if v is not None} for _ in range(n)]
 
 
 def _check_segment(b: dict[str, np.ndarray], i: int, episodes, games: list[str], max_len: dict | None = None) -> tuple:
@@ -190,10 +190,10 @@ def test_state_dict_resumes_exactly(root, prefetch):
 def test_a_held_batch_is_not_overwritten_by_prefetching(root):
     with SegmentSampler([root], horizon=H, batch_size=8, seed=5, prefetch=2) as s:
         prev = s.sample()
-        prev_copy = {k: v.clone() for k, v in vars(prev).items()}
+        prev_copy = {k: v.clone() for k, v in vars(prev).items() if v is not None}
         for _ in range(10):
             cur = s.sample()
-            cur_copy = {k: v.clone() for k, v in vars(cur).items()}
+            cur_copy = {k: v.clone() for k, v in vars(cur).items() if v is not None}
             time.sleep(0.02)  # the producer fills every buffer it may
             assert cur.obs.data_ptr() != prev.obs.data_ptr()
             for k in cur_copy:  # the current and the previous batch stay intact
@@ -221,6 +221,36 @@ def test_max_transitions_uses_only_the_first_transitions(root, episodes):
     cut_ends = [(b["truncations"][i] & b["mask"][i]).any() for b in batches for i in range(128)
                 if tuple(b["obs"][i, 0][0, :2]) in cut]
     assert any(cut_ends) and not all(cut_ends)
+
+
+def test_monte_carlo_returns_are_the_episodes_own_with_unknown_tails(root, episodes):
+    """`returns=(gamma, transform)`: each step's G_t is its whole episode's discounted return from that step
+    (rewards transformed), NaN on padding and on a truncated episode's last TRUNCATION_MARGIN steps."""
+    from wam.datasets.returns import TRUNCATION_MARGIN
+    gamma = 0.9
+    limit = 3 + 9 + 5  # Pong episode 2 is cut after 5 of its 17 steps: truncated (Breakout episode 1 ends there)
+    with SegmentSampler([root], horizon=H, batch_size=128, seed=4, prefetch=0, max_transitions=limit,
+                        returns=(gamma, "clip")) as s:
+        batches = _batches(s, 4)
+    assert TRUNCATION_MARGIN >= 5  # so every step of a cut episode has an unknown return
+    known = 0
+    for b in batches:
+        for i in range(128):
+            d, e, start = (int(x) for x in (b["obs"][i, 0][0, 0], b["obs"][i, 0][0, 1], b["obs"][i, 0][0, 2]))
+            n = int(b["mask"][i].sum())
+            assert np.isnan(b["mc_return"][i, n:]).all()
+            if (d, e) == (1, 2):
+                assert np.isnan(b["mc_return"][i, :n]).all()
+                continue
+            r = np.clip(episodes[d, e].rewards, -1, 1).astype(np.float64)
+            want = [sum(gamma ** k * r[t + k] for k in range(len(r) - t)) for t in range(start, start + n)]
+            np.testing.assert_allclose(b["mc_return"][i, :n], want, rtol=1e-5)
+            known += n
+    assert known > 500
+    with SegmentSampler([root], horizon=H, batch_size=8, seed=4, prefetch=0) as s:
+        assert s.sample().mc_return is None  # not asked for
+    with pytest.raises(ValueError, match="returns must be"):
+        SegmentSampler([root], horizon=H, batch_size=8, returns=(0.99, "log"))
 
 
 def test_held_out_episodes_are_never_drawn(root, episodes):

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from wam.datasets.errors import WamError
+from wam.datasets.returns import TRUNCATION_MARGIN, discounted_returns
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 from wam.runs.diagnose_cmds import DiagnoseArgs, diagnose, diagnose_model
 from wam.worldmodel.checkpoint import save_checkpoint
-from wam.worldmodel.diagnostics import TRUNCATION_MARGIN, EpisodeTokens, discounted_returns, episode_q
+from wam.worldmodel.diagnostics import EpisodeTokens, episode_q
 from wam.worldmodel.model import CHECKPOINT_KIND, WorldActionModel, WorldActionModelConfig
 
 TID = "vq-test"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wam.worldmodel.diagnostics import EpisodeTokens, data_action_q, discounted_returns, q_calibration
+from wam.datasets.returns import discounted_returns
+from wam.worldmodel.diagnostics import EpisodeTokens, data_action_q, q_calibration
 from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig
 
 

@@ -13,15 +13,14 @@ from wam.datasets.errors import WamError
 from wam.worldmodel.losses import (
     LossConfig,
     WorldActionObjective,
-    c51_project,
     cql_loss,
-    nstep_returns,
     obs_token_labels,
     td_loss,
     world_action_loss,
     world_model_loss,
 )
 from wam.worldmodel.model import WorldActionModel, WorldActionModelConfig, WorldActionOutput
+from wam.worldmodel.targets import c51_project, nstep_returns
 
 SUPPORT = torch.linspace(-10.0, 30.0, 51)  # dz = 0.8
 
@@ -139,6 +138,40 @@ def test_td_target_hand_checked_and_termination_cut():
     assert td_loss(model, _output(online3, target), batch, cfg)[0].item() > loss3.item() + 1.0
 
 
+def test_mixed_monte_carlo_target_hand_checked():
+    """mc_mix = beta mixes the TD target with a point mass at the step's Monte-Carlo return where it is known."""
+    model = tiny_model()
+    batch = make_batch(b=2, h=1)
+    batch.actions[:] = 1
+    batch.rewards[:] = torch.tensor([[2.5], [-0.1]])
+    batch.terminations[:] = torch.tensor([[False], [True]])
+    batch.legal_actions[:] = False
+    batch.legal_actions[:, :3] = True
+    target = _delta_logits([12, 13, 17, 12, 12, 50] + [12] * 12, b=2, h=2)
+    online = torch.zeros(2, 2, 1, 18, 51)
+    # TD targets (see above): row 0 = 2.8 (atom 16), row 1 = -1 (0.75 atom 11, 0.25 atom 12)
+    batch.mc_return = torch.tensor([[0.0], [float("nan")]])  # row 0: G = 0 at atom 12.5; row 1: unknown
+    _, logs = td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5, mc_mix=0.5))
+    assert logs["td_target_mean"] == pytest.approx(((0.5 * 2.8 + 0.5 * 0.0) + -1.0) / 2, abs=1e-4)
+    # online equal to the mixed target: the loss is the targets' entropies
+    online2 = torch.full((2, 2, 1, 18, 51), -30.0)
+    online2[0, 0, 0, 1, 16], online2[0, 0, 0, 1, 12], online2[0, 0, 0, 1, 13] = (math.log(0.5), math.log(0.25),
+                                                                               math.log(0.25))
+    online2[1, 0, 0, 1, 11], online2[1, 0, 0, 1, 12] = math.log(0.75), math.log(0.25)
+    loss, _ = td_loss(model, _output(online2, target), batch, LossConfig(gamma=0.5, mc_mix=0.5))
+    h0 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    h1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert loss.item() == pytest.approx((h0 + h1) / 2, abs=1e-4)
+    # beta = 1: the known step's target is the return alone
+    _, logs = td_loss(model, _output(online, target), batch, LossConfig(gamma=0.5, mc_mix=1.0))
+    assert logs["td_target_mean"] == pytest.approx((0.0 + -1.0) / 2, abs=1e-4)
+    batch.mc_return = None
+    with pytest.raises(WamError, match="Monte-Carlo return"):
+        td_loss(model, _output(online, target), batch, LossConfig(mc_mix=0.5))
+    with pytest.raises(WamError, match="--mc-mix must lie"):
+        WorldActionObjective(model, LossConfig(mc_mix=1.5))
+
+
 def test_masks_hold_padding_and_illegal_actions():
     torch.manual_seed(0)
     model = tiny_model()
@@ -155,7 +188,7 @@ def test_masks_hold_padding_and_illegal_actions():
     assert q.grad[1, 1].abs().max() == 0, "a padded step must not receive gradient"
     assert q.grad[0, 1].abs().max() > 0
     # changing the padded step's data, or the target's values at illegal actions, leaves the losses unchanged
-    b2 = Batch(**{k: v.clone() for k, v in vars(batch).items()})
+    b2 = batch.clone()
     b2.rewards[1, 1], b2.actions[1, 1], b2.terminations[1, 1] = 99.0, 3, True
     tgt2 = tgt.clone()
     tgt2[..., 4:, :] = torch.randn_like(tgt2[..., 4:, :]) * 10
@@ -180,7 +213,7 @@ def test_world_model_loss_ignores_padding():
     batch.mask[0, 1] = False
     out, _ = model(batch.obs, batch.actions, batch.game_ids)
     loss, logs = world_model_loss(out, batch)
-    b2 = Batch(**{k: v.clone() for k, v in vars(batch).items()})
+    b2 = batch.clone()
     b2.rewards[0, 1], b2.terminations[0, 1] = -5.0, True
     b2.obs[0, 2] = (b2.obs[0, 2] + 1) % 16  # the frame after the padded step
     loss2, _ = world_model_loss(out, b2)  # same logits, different labels at padded places only
