@@ -10,13 +10,16 @@
 - **Frames.** A `FramePool` keeps up to `pool_frames` training frames in RAM: every training episode when
   they fit, otherwise random windows of `pool_window` frames, a quarter of them replaced every
   `pool_refresh_interval` steps. Batches are drawn uniformly from the pool.
-- **Loop.** AdamW (warm-up, cosine decay to 10 %), gradient clipping, optional bf16 autocast, a tqdm bar,
-  `metrics.jsonl` rows (training averages every `log_interval` steps, held-out figures at evaluations),
-  a PNG grid of held-out frames beside their reconstructions every `plot_interval` steps
+- **Loop.** The generic `Trainer` (`worldmodel/trainer.py`, the world-action model's loop too) trains a
+  `TokenizerObjective` on batches of a `FrameSource`: AdamW (betas 0.9, 0.999; decay on conv kernels only),
+  linear warm-up, cosine decay to 10 %, gradient clipping, optional bf16 autocast, a tqdm bar,
+  `metrics.jsonl` rows every 10 steps (the window's training averages; the held-out figures join the row of
+  their step), a PNG grid of held-out frames beside their reconstructions every `plot_interval` steps
   (`plots/recon_step_XXXXXXXX.png`, matplotlib's Agg canvas), atomic self-describing checkpoints of kind
-  "tokenizer" (config, weights, optimizer, step, RNG states, pool and sampler state, tokenizer id, data,
-  the last evaluation). `resume=True` continues from the newest checkpoint exactly (same batches, same
-  weights as an uninterrupted run on CPU). Ctrl-C finishes the step, saves and raises KeyboardInterrupt.
+  "tokenizer" (config, weights, optimizer, schedule, step, RNG states, pool and sampler state, tokenizer id,
+  data, the last evaluation). `resume=True` continues from the newest checkpoint exactly (same batches, same
+  weights as an uninterrupted run on CPU; checkpoints of the loop before it was shared resume too). Ctrl-C
+  finishes the step, saves and raises KeyboardInterrupt.
 
 `encode_datasets(tokenizer, dirs)` writes every frame's tokens (uint16 `[T+1, 36]` per episode) into each
 dataset's token cache through `TrajectoryStore.write_tokens`, tagged with the tokenizer id. It is
@@ -26,28 +29,21 @@ and refuses, before encoding anything, datasets cached by another tokenizer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from wam.datasets.errors import WamError
 from wam.datasets.store import TrajectoryStore
-from wam.worldmodel.checkpoint import (
-    RunDir,
-    config_to_dict,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
+from wam.worldmodel.checkpoint import RunDir, config_to_dict, load_checkpoint
 from wam.worldmodel.device import resolve_device
 from wam.worldmodel.frame_pool import FramePool, heldout_frames, resolve_data, split_episodes
 from wam.worldmodel.tokenize_cache import EncodeSummary, encode_datasets
@@ -67,7 +63,8 @@ from wam.worldmodel.tokenizer_eval import (
     plot_reconstructions,
     plot_selection,
 )
-from wam.worldmodel.trainer import StopFlag
+from wam.worldmodel.trainer import Trainer, TrainerConfig
+from wam.worldmodel.trainer import make_optimizer as make_trainer_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +98,76 @@ class TrainResult:
                 f"{self.images_per_s:.0f} images/s; run {self.run_dir}")
 
 
-def lr_at(step: int, cfg: TokenizerConfig) -> float:
-    """Learning rate of (0-based) `step`: linear warm-up, then cosine from `lr` to `lr / 10` at `cfg.steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+def trainer_config(cfg: TokenizerConfig, progress: bool = True) -> TrainerConfig:
+    """The generic loop's settings for a tokenizer run: AdamW (betas 0.9, 0.999), linear warm-up, then cosine
+    from `lr` to `lr / 10` at `cfg.steps`, gradient clipping, optional bf16 autocast."""
+    return TrainerConfig(steps=cfg.steps, lr=cfg.lr, min_lr=cfg.lr * 0.1, warmup_steps=cfg.warmup_steps,
+                         schedule="cosine", weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                         grad_clip=cfg.grad_clip, precision={"none": "fp32"}.get(cfg.autocast, cfg.autocast),
+                         device=cfg.device, log_every=LOG_INTERVAL, checkpoint_every=cfg.checkpoint_interval,
+                         progress=progress)
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay on conv kernels only (not biases, norms, the pixel bias, the backgrounds or the codebook)."""
+    return p.dim() == 4 and not name.startswith(("decoder.pixel_bias", "decoder.backgrounds"))
 
 
 def make_optimizer(model: VQTokenizer, cfg: TokenizerConfig) -> torch.optim.AdamW:
-    """AdamW: weight decay on conv kernels only (not biases, norms, the pixel bias or the codebook)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    def decays(name: str, p: torch.nn.Parameter) -> bool:
-        return p.dim() == 4 and not name.startswith(("decoder.pixel_bias", "decoder.backgrounds"))
+    """The optimizer a tokenizer run trains with (`trainer_config`, `decays`)."""
+    return make_trainer_optimizer(model, trainer_config(cfg), decays)
 
-    decay = [p for n, p in params if decays(n, p)]
-    rest = [p for n, p in params if not decays(n, p)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+
+@dataclass
+class FrameBatch:
+    """Training frames and the dataset each comes from."""
+
+    frames: torch.Tensor  # [B, 84, 84] uint8
+    owner: torch.Tensor  # [B] int64, index into the run's datasets
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> FrameBatch:
+        return FrameBatch(self.frames.to(device, non_blocking=non_blocking),
+                          self.owner.to(device, non_blocking=non_blocking))
+
+
+class FrameSource:
+    """Batches drawn uniformly from a `FramePool` with a NumPy generator; when the pool holds windows, a
+    quarter of them is replaced every `refresh_every` batches. Its state (the pool's windows, the generator,
+    the batches drawn, the run's mean and median frames) goes into every checkpoint."""
+
+    def __init__(self, pool: FramePool, rng: np.random.Generator, batch_size: int, refresh_every: int,
+                 mean_frames: np.ndarray, median_frames: np.ndarray) -> None:
+        self.pool, self.rng, self.batch_size, self.refresh_every = pool, rng, batch_size, refresh_every
+        self.mean_frames, self.median_frames = mean_frames, median_frames
+        self.drawn = 0
+
+    def sample(self) -> FrameBatch:
+        if self.drawn and not self.pool.fits and self.drawn % self.refresh_every == 0:
+            self.pool.refresh(0.25, self.rng)
+        frames, owner = self.pool.sample(self.batch_size, self.rng)  # [B, 84, 84] uint8, [B]
+        self.drawn += 1
+        return FrameBatch(torch.from_numpy(frames), torch.from_numpy(np.asarray(owner, np.int64)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.pool.state_dict(), "rng": _rng_json(self.rng), "drawn": self.drawn,
+                "mean_frames": torch.from_numpy(self.mean_frames), "median_frames": torch.from_numpy(self.median_frames)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The generator and the count; the pool is built from the same state's windows (`train_tokenizer`)."""
+        self.rng = _rng_from_json(state["rng"])
+        self.drawn = int(state["drawn"])
+
+
+class TokenizerObjective(nn.Module):
+    """The tokenizer's loss on a frame batch, each frame against its game's median frame (the background)."""
+
+    def __init__(self, model: VQTokenizer, median_frames: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("median", torch.from_numpy(median_frames), persistent=False)
+
+    def forward(self, batch: FrameBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.compute_loss(batch.frames, self.median[batch.owner])
 
 
 def _rng_json(rng: np.random.Generator) -> str:
@@ -141,17 +190,9 @@ def _same_data(paths: Sequence[Path], fingerprints: list[str] | None) -> bool:
         return False
 
 
-def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str | Path, resume: bool = False,
-                    progress: bool = True, stop_at: int | None = None, steps: int | None = None) -> TrainResult:
-    """Train a tokenizer on the datasets `data` into the run directory `out`; see the module docstring.
-
-    resume: continue the run in `out` from its newest checkpoint with the run's stored config (`cfg` is
-        ignored); `data` may be empty (the run's datasets are used) or must name the same datasets.
-    steps: if given, overrides the config's `steps` (with `resume`: extends or shortens the run).
-    stop_at: stop after this step as if Ctrl-C had been pressed, but without raising (saves a checkpoint);
-        for tests and time-boxed jobs.
-    """
-    run = RunDir(out)
+def _starting_point(cfg: TokenizerConfig, data: Sequence[str | Path], run: RunDir, resume: bool, steps: int | None
+                    ) -> tuple[TokenizerConfig, list[Path], dict[str, Any] | None]:
+    """(config, dataset paths, checkpoint to resume or None) of a `train_tokenizer` call, with its clear errors."""
     ckpt = None
     if resume:
         latest = run.latest()
@@ -174,144 +215,103 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
     if not resume:
         paths = resolve_data(data)
 
+    return cfg, paths, ckpt
+
+
+def _frame_source(cfg: TokenizerConfig, stores: list[TrajectoryStore], train_splits: list, titles: list[str],
+                  ckpt: dict[str, Any] | None) -> tuple[FrameSource, dict[str, Any] | None]:
+    """The frame source of a fresh run, or of a resumed one with the checkpoint in the shared loop's form."""
+    if ckpt is None:
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, rng)
+        return FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_interval, pool.mean_frames(),
+                           pool.median_frames(titles)), None
+    state = ckpt["sampler"][0] if isinstance(ckpt["sampler"], list) else ckpt["sampler"]  # dict: the old loop's
+    state = {"drawn": int(ckpt["step"]), **state}
+    pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, _rng_from_json(state["rng"]),
+                     windows=state["windows"].numpy())
+    median = (state["median_frames"].numpy() if "median_frames" in state
+              else pool.median_frames(titles))  # checkpoints before foreground fidelity
+    source = FrameSource(pool, _rng_from_json(state["rng"]), cfg.batch_size, cfg.pool_refresh_interval,
+                         state["mean_frames"].numpy(), median)
+    return source, {**ckpt, "sampler": [state]}
+
+
+def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str | Path, resume: bool = False,
+                    progress: bool = True, stop_at: int | None = None, steps: int | None = None) -> TrainResult:
+    """Train a tokenizer on the datasets `data` into the run directory `out`; see the module docstring.
+
+    resume: continue the run in `out` from its newest checkpoint with the run's stored config (`cfg` is
+        ignored); `data` may be empty (the run's datasets are used) or must name the same datasets.
+    steps: if given, overrides the config's `steps` (with `resume`: extends or shortens the run).
+    stop_at: stop after this step as if Ctrl-C had been pressed, but without raising (saves a checkpoint);
+        for tests and time-boxed jobs.
+    """
+    run = RunDir(out)
+    cfg, paths, ckpt = _starting_point(cfg, data, run, resume, steps)
     device = resolve_device(cfg.device)
     stores = [TrajectoryStore.open(p) for p in paths]
     titles = [s.game for s in stores]
     splits = split_episodes(stores, cfg.holdout_fraction)
     model = build_tokenizer(cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
+    source, ckpt = _frame_source(cfg, stores, [t for t, _ in splits], titles, ckpt)
+    last_eval = EvalResult(**ckpt["eval"]) if ckpt is not None and ckpt.get("eval") else None
+    run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
 
-    if ckpt is None:
-        torch.manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
-        pool = FramePool(stores, [t for t, _ in splits], cfg.pool_frames, cfg.pool_window, rng)
-        mean_frames = pool.mean_frames()
-        median_frames = pool.median_frames(titles)
-        step = 0
-        last_eval: EvalResult | None = None
-        run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
-    else:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler = ckpt["sampler"]
-        rng = _rng_from_json(sampler["rng"])
-        pool = FramePool(stores, [t for t, _ in splits], cfg.pool_frames, cfg.pool_window, rng,
-                         windows=sampler["windows"].numpy())
-        mean_frames = sampler["mean_frames"].numpy()
-        median_frames = (sampler["median_frames"].numpy() if "median_frames" in sampler
-                         else pool.median_frames(titles))  # checkpoints before foreground fidelity
-        step = int(ckpt["step"])
-        last_eval = EvalResult(**ckpt["eval"]) if ckpt.get("eval") else None
-        set_rng_state(ckpt["rng"])
-        run.truncate_metrics(step)
-        run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
-        log.info("resumed tokenizer run %s at step %d", run.path, step)
-
-    fingerprints = [st.fingerprint() for st in stores]  # saved with every checkpoint (moved-data resume)
     eval_frames, eval_owner = heldout_frames(stores, [h for _, h in splits], cfg.eval_frames)
     plot_idx = plot_selection(eval_owner, PLOT_FRAMES)
     log.info("tokenizer: %d datasets, %d training frames, %d held-out evaluation frames, device %s, autocast %s",
-             len(stores), pool.total_frames, len(eval_frames), device, cfg.autocast)
+             len(stores), source.pool.total_frames, len(eval_frames), device, cfg.autocast)
+    seen = {"eval": last_eval,
+            "step": int(ckpt["summary"].get("eval_step", ckpt["step"])) if ckpt and ckpt.get("summary") else 0}
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
 
-    def save() -> Path:
-        payload = {
-            "kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": rng_state(),
-            "sampler": {**pool.state_dict(), "rng": _rng_json(rng), "mean_frames": torch.from_numpy(mean_frames),
-                        "median_frames": torch.from_numpy(median_frames)},
-            "tokenizer_id": model.tokenizer_id(), "data": [str(p) for p in paths],
-            "data_fingerprints": fingerprints,
-            "eval": dataclasses.asdict(last_eval) if last_eval else None,
-            "summary": {**last_eval.metrics(), "eval_step": eval_step} if last_eval else {},
-        }
-        return run.save(step, payload)
-
-    def run_eval() -> EvalResult:
-        nonlocal eval_step
-        result, recon = evaluate(model, eval_frames, eval_owner, mean_frames, median_frames=median_frames,
-                                 games=titles)
-        eval_step = step
-        run.log_metrics(step, result.metrics())
+    def run_eval(step: int) -> EvalResult:
+        result, recon = evaluate(model, eval_frames, eval_owner, source.mean_frames,
+                                 median_frames=source.median_frames, games=titles)
+        seen.update(eval=result, step=step)
         if step % cfg.plot_interval == 0 or step == cfg.steps:
             grid = run.path / "plots" / f"recon_step_{step:08d}.png"
             plot_reconstructions(grid, eval_frames[plot_idx], recon[plot_idx], step, result,
                                  [titles[d] for d in eval_owner[plot_idx]])
             run.log_image(step, "reconstructions", grid)
+        log.info("step %d: held-out PSNR %.2f dB (mean frame %.2f dB), usage %.0f%%; %s", step, result.psnr,
+                 result.baseline_psnr, 100 * result.usage, result.fg_text())
         return result
 
-    eval_step = int(ckpt["summary"].get("eval_step", step)) if ckpt is not None and ckpt.get("summary") else step
-    from wam.worldmodel.device import resolve_precision
+    def eval_hook(step: int) -> dict[str, float]:
+        due = step % cfg.eval_interval == 0 or step % cfg.plot_interval == 0 or step == cfg.steps
+        return run_eval(step).metrics() if due or (step == end and seen["eval"] is None) else {}
 
-    precision = resolve_precision({"none": "fp32"}.get(cfg.autocast, cfg.autocast), device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def checkpoint_extra() -> dict[str, Any]:
+        e = seen["eval"]
+        return {"tokenizer_id": model.tokenizer_id(),  # a hash of the weights as they are now
+                "eval": dataclasses.asdict(e) if e else None,
+                "summary": {**e.metrics(), "eval_step": seen["step"]} if e else {}}
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", unit="step", dynamic_ncols=True)
-    sums: dict[str, float] = {}
-    n_logged, t_window, t_start, start_step = 0, time.perf_counter(), time.perf_counter(), step
-    path: Path | None = None
-    interrupted = False
-    model.train()
+    meta = {"kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "data": [str(p) for p in paths], "data_fingerprints": [st.fingerprint() for st in stores]}
+    trainer = Trainer(TokenizerObjective(model, source.median_frames), source, trainer_config(cfg, progress),
+                      run_dir=run, checkpoint_meta=meta, evaluate=eval_hook, eval_every=1,
+                      count=lambda b: len(b.frames), unit="images", decays=decays, window_mean=True,
+                      checkpoint_extra=checkpoint_extra, desc="tokenizer")
+    if ckpt is not None:
+        trainer.load_state(ckpt)
+        log.info("resumed tokenizer run %s at step %d", run.path, trainer.step)
+    start_step = trainer.step
     try:
-        with StopFlag() as stop:
-            while step < cfg.steps:
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                frames, owner = pool.sample(cfg.batch_size, rng)  # [B, 84, 84] uint8, [B]
-                background = torch.from_numpy(median_frames[owner]).to(device)  # [B, 84, 84] uint8
-                with autocast:
-                    loss, logs = model.compute_loss(torch.from_numpy(frames).to(device), background)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                optimizer.step()
-                step += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_logged += 1
-                if step % LOG_INTERVAL == 0 or step == cfg.steps:
-                    now = time.perf_counter()
-                    row = {k: v / n_logged for k, v in sums.items()}
-                    row.update(lr=lr, images_per_s=n_logged * cfg.batch_size / max(now - t_window, 1e-9))
-                    run.log_metrics(step, row)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}",
-                                        usage=f"{row['usage']:.2f}", img_s=f"{row['images_per_s']:.0f}")
-                    sums, n_logged, t_window = {}, 0, now
-                if step % cfg.eval_interval == 0 or step % cfg.plot_interval == 0 or step == cfg.steps:
-                    last_eval = run_eval()
-                    if bar is not None:
-                        bar.write(f"step {step}: held-out PSNR {last_eval.psnr:.2f} dB (mean frame "
-                                  f"{last_eval.baseline_psnr:.2f} dB), usage {last_eval.usage:.0%}; "
-                                  f"{last_eval.fg_text()}")
-                if not pool.fits and step % cfg.pool_refresh_interval == 0:
-                    pool.refresh(0.25, rng)
-                if bar is not None:
-                    bar.update(1)
-                if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
-                    path = save()
-                if stop.requested or (stop_at is not None and step >= stop_at):
-                    interrupted = stop.requested
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    if last_eval is None and not interrupted:
-        last_eval = run_eval()
-    if path is None or path != run.checkpoint_path(step):
-        path = save()
-    if interrupted:
-        log.warning("interrupted at step %d; saved %s (continue with --resume)", step, path)
-        raise KeyboardInterrupt
-    assert last_eval is not None, "an evaluation runs before a run returns"
-    elapsed = time.perf_counter() - t_start
-    return TrainResult(run_dir=run.path, step=step, tokenizer_id=model.tokenizer_id(), eval=last_eval,
-                       checkpoint=path, images_per_s=(step - start_step) * cfg.batch_size / max(elapsed, 1e-9),
+        result = trainer.fit(until_step=end)
+    except KeyboardInterrupt:
+        log.warning("interrupted at step %d; saved a checkpoint (continue with --resume)", trainer.step)
+        raise
+    if seen["eval"] is None:  # a resumed run that was already at its end
+        run.log_metrics(trainer.step, run_eval(trainer.step).metrics())
+    path = result.checkpoint
+    if path is None or path != run.checkpoint_path(trainer.step):
+        path = trainer.save()
+    assert path is not None and seen["eval"] is not None
+    return TrainResult(run_dir=run.path, step=trainer.step, tokenizer_id=model.tokenizer_id(), eval=seen["eval"],
+                       checkpoint=path, images_per_s=result.tokens_per_s if trainer.step > start_step else 0.0,
                        codebook_size=cfg.codebook_size, model=model)
 
 

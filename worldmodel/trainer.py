@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 
 
 class BatchSource(Protocol):
-    """What the trainer reads batches from."""
+    """What the trainer reads batches from: anything with `.to(device, non_blocking)` (a `Batch`, or the
+    tokenizer's frame batches)."""
 
-    def sample(self) -> Batch: ...
+    def sample(self) -> Any: ...
 
     def state_dict(self) -> dict: ...
 
@@ -71,6 +72,8 @@ class TrainerConfig:
     """Decay from lr to min_lr after warmup."""
     weight_decay: float = 0.01
     """AdamW weight decay (matrices only; biases, norms and 1-D parameters are not decayed)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's (beta1, beta2)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     grad_accum: int = 1
@@ -93,13 +96,16 @@ class TrainerConfig:
     """Measure the matmul peak at start and show model-FLOPs utilisation."""
 
 
-def make_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on parameters with >= 2 dims, none on biases/norm scales."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+def make_optimizer(model: nn.Module, cfg: TrainerConfig,
+                   decays: Callable[[str, nn.Parameter], bool] | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on the parameters `decays(name, p)` picks (default: those with >= 2 dims, so
+    not biases or norm scales) and none on the rest."""
+    decays = decays or (lambda name, p: p.dim() >= 2)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if decays(n, p)]
+    no_decay = [p for n, p in params if not decays(n, p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def lr_factor(step: int, cfg: TrainerConfig) -> float:
@@ -168,6 +174,14 @@ class Trainer:
         evaluate: called on rank 0 with the step every `eval_every` steps (0 = never) and at the end; the flat
             dict it returns (e.g. `wam.worldmodel.diagnostics.q_calibration` figures) joins that step's
             metrics.jsonl row.
+        count: items of a batch for the throughput figure (default: sequence tokens, `batch_tokens`), logged
+            as `<unit>_per_s`.
+        unit: what `count` counts ("tokens", "images").
+        decays: which parameters get weight decay (`make_optimizer`).
+        window_mean: log, every `log_every` steps, the mean of the window's steps (else the last step's).
+        checkpoint_extra: called at every save; its dict joins the checkpoint (figures that change as the
+            run goes, e.g. the tokenizer's last evaluation).
+        desc: the progress bar's label.
     """
 
     def __init__(self, objective: nn.Module, source: BatchSource, cfg: TrainerConfig, run_dir: RunDir | None = None,
@@ -175,8 +189,14 @@ class Trainer:
                  batch_transform: Callable[[Batch], Batch] | None = None,
                  on_log: Callable[[int, dict[str, float]], None] | None = None,
                  flops_per_token: float | None = None,
-                 evaluate: Callable[[int], dict[str, float]] | None = None, eval_every: int = 0) -> None:
+                 evaluate: Callable[[int], dict[str, float]] | None = None, eval_every: int = 0,
+                 count: Callable[[Any], int] | None = None, unit: str = "tokens",
+                 decays: Callable[[str, nn.Parameter], bool] | None = None, window_mean: bool = False,
+                 checkpoint_extra: Callable[[], dict[str, Any]] | None = None, desc: str = "train") -> None:
         self.cfg = cfg
+        self.count = count or batch_tokens
+        self.rate_key = f"{unit}_per_s"
+        self.window_mean, self.checkpoint_extra, self.desc = window_mean, checkpoint_extra, desc
         self.evaluate, self.eval_every = evaluate, eval_every
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -199,7 +219,7 @@ class Trainer:
 
             self.wrapped = DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             log.info("Trainer: DDP over %d processes (rank %d)", self.world_size, self.rank)
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, cfg, decays)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.loss_trace: list[float] = []
 
@@ -213,7 +233,8 @@ class Trainer:
         return states
 
     def state_payload(self) -> dict[str, Any]:
-        return {**self.meta, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        extra = self.checkpoint_extra() if self.checkpoint_extra is not None else {}
+        return {**self.meta, **extra, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "sampler": self._source_states(),
                 "trainer": config_to_dict(self.cfg)}
 
@@ -230,8 +251,13 @@ class Trainer:
         """Restore everything a checkpoint holds; training continues exactly where it stopped."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = int(ckpt["step"])
+        if "scheduler" in ckpt:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        else:  # a checkpoint of a loop that set the learning rate itself: the schedule at its step
+            self.scheduler.last_epoch = self.step
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * lr_factor(self.step, self.cfg)
         states = ckpt["sampler"]
         if len(states) != self.world_size:
             log.warning("checkpoint was written by %d process(es), resuming with %d: data positions restart "
@@ -275,7 +301,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self._next_batch()
             wait += time.perf_counter() - t0
-            tokens += batch_tokens(batch)
+            tokens += self.count(batch)
             sync = self.world_size == 1 or i == n - 1
             ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()  # type: ignore[operator]
             with ctx:
@@ -311,8 +337,10 @@ class Trainer:
         if self.cfg.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=end, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         logs: dict[str, float] = {}
+        sums: dict[str, float] = {}  # the window's sums (window_mean)
+        n_window = 0
         path = None
         t_start, tok_total, wait_total = time.perf_counter(), 0, 0.0
         window_t, window_tok = time.perf_counter(), 0
@@ -320,6 +348,10 @@ class Trainer:
             with StopFlag() as stop:
                 while self.step < end:
                     logs, tokens, wait = self.train_step()
+                    if self.window_mean:
+                        for k, v in logs.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        n_window += 1
                     tok_total += tokens
                     window_tok += tokens
                     wait_total += wait
@@ -330,10 +362,13 @@ class Trainer:
                         evals = self.evaluate(self.step)
                     if self.step % self.cfg.log_every == 0 or self.step == end:
                         now = time.perf_counter()
+                        if self.window_mean:  # the learning rate stays the last step's
+                            logs = {**{k: v / n_window for k, v in sums.items()}, "lr": logs["lr"]}
+                            sums, n_window = {}, 0
                         logs = self._reduce_logs(logs)
-                        logs["tokens_per_s"] = window_tok / max(now - window_t, 1e-9)
+                        logs[self.rate_key] = window_tok / max(now - window_t, 1e-9)
                         if peak is not None:
-                            logs["mfu"] = logs["tokens_per_s"] * self.flops_per_token / peak
+                            logs["mfu"] = logs[self.rate_key] * self.flops_per_token / peak
                         window_t, window_tok = now, 0
                         logs.update(evals)
                         evals = {}
@@ -342,7 +377,7 @@ class Trainer:
                         if self.on_log is not None:
                             self.on_log(self.step, logs)
                         if bar is not None:
-                            post = {"loss": f"{logs['loss']:.3f}", "tok/s": f"{logs['tokens_per_s']:.0f}"}
+                            post = {"loss": f"{logs['loss']:.3f}", self.rate_key.replace("_per_s", "/s"): f"{logs[self.rate_key]:.0f}"}
                             if "mfu" in logs:
                                 post["mfu"] = f"{logs['mfu']:.1%}"
                             bar.set_postfix(post)

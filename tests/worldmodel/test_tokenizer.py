@@ -26,7 +26,14 @@ from wam.worldmodel.tokenizer import (
     foreground_weights,
     load_tokenizer,
 )
-from wam.worldmodel.tokenizer_train import FramePool, encode_datasets, split_episodes, train_tokenizer
+from wam.worldmodel.tokenizer_train import (
+    FramePool,
+    encode_datasets,
+    split_episodes,
+    train_tokenizer,
+    trainer_config,
+)
+from wam.worldmodel.trainer import lr_factor
 
 GAMES = ("Zaxxon", "TimePilot")
 EPISODES = 6  # per game; the last one is held out
@@ -259,13 +266,33 @@ def test_resume_continues_exactly(datasets, tmp_path):
     assert resumed.step == 12 and resumed.tokenizer_id == straight.tokenizer_id
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-    # the rows of the last step (training averages of steps 11-12, held-out figures) are the same
+    # the rows of the last step (training averages of steps 11-12 and the held-out figures, one row) are the same
     last = [[r for r in map(json.loads, (tmp_path / x / "metrics.jsonl").read_text().splitlines()) if r["step"] == 12]
             for x in ("a", "b")]
     strip = [[{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in rows] for rows in last]
-    assert len(strip[0]) == 2 and strip[0] == strip[1]
+    assert len(strip[0]) == 1 and {"loss", "heldout_psnr", "lr"} <= set(strip[0][0]) and strip[0] == strip[1]
     with pytest.raises(WamError, match="same --data"):
         train_tokenizer(cfg, datasets[:1], tmp_path / "b", resume=True, progress=False)
+
+
+def test_a_checkpoint_of_the_old_loop_resumes_exactly(datasets, tmp_path):
+    """Before the tokenizer trained through the shared `Trainer`, its checkpoints held the sampler state as a
+    dict and no scheduler; such a run still resumes to the weights of an uninterrupted run."""
+    cfg = _quick(TokenizerConfig.from_preset("debug"), steps=8, batch_size=8, eval_interval=4, plot_interval=8,
+                 checkpoint_interval=4, eval_frames=16, warmup_steps=3)
+    straight = train_tokenizer(cfg, datasets, tmp_path / "a", progress=False)
+    first = train_tokenizer(cfg, datasets, tmp_path / "b", progress=False, stop_at=4)
+    ckpt = load_checkpoint(first.checkpoint, kind="tokenizer")
+    state = ckpt["sampler"][0]
+    del state["drawn"]
+    for group in ckpt["optimizer"]["param_groups"]:  # the old loop set each step's rate before it: step 4 ran at lr(3)
+        group["lr"] = cfg.lr * lr_factor(3, trainer_config(cfg))
+    old = {k: v for k, v in ckpt.items() if k not in ("format_version", "scheduler", "trainer")}
+    save_checkpoint(first.checkpoint, {**old, "sampler": state})
+    resumed = train_tokenizer(cfg, [], tmp_path / "b", resume=True, progress=False)
+    assert resumed.step == 8
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_resume_accepts_moved_data_and_refuses_changed_data(datasets, tmp_path):
