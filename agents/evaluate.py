@@ -259,7 +259,7 @@ def evaluate(
     settings = {"agent_spec": agent_spec, "protocol": protocol, "epsilon": eps,
                 "plan": plan_settings.as_dict() if plan_settings else None, "max_steps": cap, "seed": int(seed),
                 "agent_kwargs": {k: agent_kwargs[k] for k in sorted(agent_kwargs)},
-                "checkpoint_ids": {g: a.checkpoint_id for g, a in agents.items()}}
+                "checkpoint_ids": {g: a.checkpoint_id for g, a in agents.items()}}  # a resume must match them
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,21 +278,8 @@ def evaluate(
     appender = _CsvAppender(csv_path)
     bar = tqdm(total=sum(len(v) for v in todo.values()), unit="ep", disable=not progress,
                desc=f"eval {agent_spec} on {'+'.join(games)}", dynamic_ncols=True)
-
-    def on_batch(results: list[EpisodeResult]) -> None:
-        new = [to_record(r) for r in results]
-        appender.write(new)
-        for r, rec in zip(results, new):
-            records[(r.game, r.episode)] = rec
-            result.steps += r.length
-            result.episodes_run += 1
-            if r.frames is not None:
-                result.videos[r.game] = str(write_video(out / "videos" / f"{r.game}_ep{r.episode}", r.frames,
-                                                        r.actions, r.q_values, r.game))
-        bar.update(len(results))
-        bar.set_postfix(ret=f"{np.mean([r.score for r in results]):.1f}",
-                        sps=f"{result.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
-
+    on_batch = functools.partial(_take_batch, to_record=to_record, appender=appender, records=records,
+                                 result=result, bar=bar, t0=t0)
     try:
         if batches:
             worker_args = (agent_spec, protocol, eps, plan_settings.as_dict() if plan_settings else None, max_steps,
@@ -308,6 +295,24 @@ def evaluate(
                     "envs_per_worker": envs_per_worker}
         _write_results(result, settings, bootstrap_reps, bootstrap_seed)
     return result
+
+
+def _take_batch(results: list[EpisodeResult], to_record: Callable[[EpisodeResult], EpisodeRecord],
+                appender: _CsvAppender, records: dict[tuple[str, int], EpisodeRecord], result: EvalResult, bar: Any,
+                t0: float) -> None:
+    """Record a batch of finished episodes: the CSV row, the run's counts, a video where frames came back."""
+    new = [to_record(r) for r in results]
+    appender.write(new)
+    for r, rec in zip(results, new):
+        records[(r.game, r.episode)] = rec
+        result.steps += r.length
+        result.episodes_run += 1
+        if r.frames is not None:
+            result.videos[r.game] = str(write_video(result.out_dir / "videos" / f"{r.game}_ep{r.episode}", r.frames,
+                                                    r.actions, r.q_values, r.game))
+    bar.update(len(results))
+    bar.set_postfix(ret=f"{np.mean([r.score for r in results]):.1f}",
+                    sps=f"{result.steps / max(time.perf_counter() - t0, 1e-9):.0f}")
 
 
 def _record(r: EpisodeResult, agents: dict[str, Agent], settings: dict[str, Any],

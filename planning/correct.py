@@ -247,8 +247,6 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
     context). The states and the answers depend only on the data, the model, the settings, `stride`,
     `max_states` and `seed` -- not on `workers`.
     """
-    from importlib.metadata import version
-
     from wam.datasets.atari import legal_action_mask
     from wam.worldmodel.checkpoint import latest_checkpoint
     from wam.worldmodel.model import WorldActionModel
@@ -300,18 +298,9 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
         with PlannerPool(model, settings, workers=workers, batch_size=batch_size, ray_address=ray_address) as pool:
             summary.changed = _plan_states(pool, states, request, arrays, block, progress)
             summary.restarted_workers = pool.stats.restarted_workers
-        attrs = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "wam_version": version("wam"),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "agent": str(ckpt_path.resolve()), "agent_sha256": sha256_file(ckpt_path),
-            "tokenizer_id": tokens.tokenizer_id, "model_config": json.dumps(model.config_dict()),
-            "games": json.dumps(games), "planner": json.dumps(dataclasses.asdict(settings)),
-            "context_frames": frames, "stride": stride, "max_states": -1 if max_states is None else max_states,
-            "seed": seed, "num_states": n, "content_sha256": _content_digest(arrays),
-            "datasets": json.dumps([{"path": str(Path(s.directory).resolve()), "game": s.game,
-                                     "episodes": int(s.num_episodes), "steps": int(s.num_steps),
-                                     "tokenizer_id": s.tokenizer_id()} for s in stores]),
-        }
+        attrs = _file_attrs(ckpt_path, model, tokens.tokenizer_id, games, settings, stores, arrays,
+                            dict(context_frames=frames, stride=stride, seed=seed, num_states=n,
+                                 max_states=-1 if max_states is None else max_states))
         _publish_targets(tmp, out, arrays, attrs)
     finally:
         if tmp.exists():
@@ -321,6 +310,24 @@ def correct_q_values(agent: str | os.PathLike, data: str | os.PathLike | Sequenc
     log.info("corrected Q at %d states in %.1fs; planning changed the greedy action at %d", n, summary.seconds,
              summary.changed)
     return summary
+
+
+def _file_attrs(ckpt_path: Path, model, tokenizer_id: str, games: list[str], settings: PlannerSettings,
+                stores: list, arrays: dict[str, np.ndarray], run: dict[str, int]) -> dict[str, Any]:
+    """The corrected-Q file's attributes: format, provenance (agent, tokenizer, datasets), settings and digest."""
+    from importlib.metadata import version
+
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "wam_version": version("wam"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "agent": str(ckpt_path.resolve()), "agent_sha256": sha256_file(ckpt_path),
+        "tokenizer_id": tokenizer_id, "model_config": json.dumps(model.config_dict()),
+        "games": json.dumps(games), "planner": json.dumps(dataclasses.asdict(settings)), **run,
+        "content_sha256": _content_digest(arrays),
+        "datasets": json.dumps([{"path": str(Path(s.directory).resolve()), "game": s.game,
+                                 "episodes": int(s.num_episodes), "steps": int(s.num_steps),
+                                 "tokenizer_id": s.tokenizer_id()} for s in stores]),
+    }
 
 
 # ---------------------------------------------------------------------------------------- load

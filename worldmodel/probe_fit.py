@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -284,24 +284,12 @@ def fit_mlp(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: to
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     has_val = mv.any(0)  # [V]
-    # standardise once when the float32 copies fit in PRECOMPUTE_BYTES, else per batch
-    if (len(x_fit) + len(x_val)) * std.features * 4 <= PRECOMPUTE_BYTES:
-        z_fit = torch.cat([std(x_fit[a:b], torch.float32) for a, b in spans(len(x_fit), 4096)])
-        z_val = torch.cat([std(x_val[a:b], torch.float32) for a, b in spans(len(x_val), 4096)]) if len(x_val) \
-            else torch.zeros(0, std.features)
-
-        def inputs(x: torch.Tensor, idx: torch.Tensor | slice, pre: torch.Tensor) -> torch.Tensor:
-            return pre[idx]
-    else:
-        z_fit = z_val = torch.zeros(0)
-
-        def inputs(x: torch.Tensor, idx: torch.Tensor | slice, pre: torch.Tensor) -> torch.Tensor:
-            return std(x[idx], torch.float32)
+    fit_rows, val_rows = _standardized_rows(std, x_fit, len(x_val)), _standardized_rows(std, x_val, len(x_fit))
 
     @torch.no_grad()
     def val_losses() -> torch.Tensor:
         net.eval()
-        preds = torch.cat([net(inputs(x_val, slice(a, b), z_val)) for a, b in spans(len(x_val), 2048)])
+        preds = torch.cat([net(val_rows(slice(a, b))) for a, b in spans(len(x_val), 2048)])
         net.train()
         return masked_mse(preds, yv, mv)
 
@@ -318,7 +306,7 @@ def fit_mlp(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: to
             order = torch.randperm(len(x_fit), generator=gen)
             for a, b in spans(len(order), batch_size):
                 idx = order[a:b]
-                loss = masked_mse(net(inputs(x_fit, idx, z_fit)), yn[idx], m[idx]).mean()
+                loss = masked_mse(net(fit_rows(idx)), yn[idx], m[idx]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -345,6 +333,17 @@ def fit_mlp(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: to
     net.eval()
     return MlpProbe(std=std, net=net, y_mean=y_mean, y_std=y_std, states=states, state_of=state_of, epochs=done,
                     best_epoch=best_epoch)
+
+
+def _standardized_rows(std: Standardizer, x: torch.Tensor, other_rows: int = 0
+                       ) -> Callable[[torch.Tensor | slice], torch.Tensor]:
+    """Rows of x, standardised, as float32: standardised once when they fit in PRECOMPUTE_BYTES beside
+    `other_rows` more rows, else per call."""
+    if (len(x) + other_rows) * std.features * 4 <= PRECOMPUTE_BYTES:
+        z = (torch.cat([std(x[a:b], torch.float32) for a, b in spans(len(x), 4096)]) if len(x)
+             else torch.zeros(0, std.features))
+        return lambda idx: z[idx]
+    return lambda idx: std(x[idx], torch.float32)
 
 
 def _standardized_targets(y_fit: np.ndarray, m: torch.Tensor, y_val: np.ndarray
