@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from wam.datasets.errors import WamError
 from wam.worldmodel.cores import build_core
-from wam.worldmodel.cores.atlas import AtlasCore, AtlasMixer, chunk_segments
+from wam.worldmodel.cores.atlas import AtlasCore, AtlasMixer
+from wam.worldmodel.cores.atlas_ops import chunk_segments
 
 D, B, T = 16, 2, 13
 
