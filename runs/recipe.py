@@ -74,8 +74,9 @@ class RecipeConfig:
     """Fraction of random actions in the behaviour data."""
     transitions: int = 5000
     """Transitions of the held-out game used for fine-tuning and for the from-scratch baseline."""
-    tokenizer_steps: int = 3000
-    """Optimiser steps of the tokenizer."""
+    tokenizer_steps: int = 9000
+    """Optimiser steps of the tokenizer (9,000 draw Pong's ball and place its x to 5.5 px; 3,000 did not:
+    docs/tokenizer.md)."""
     pretrain_steps: int = 4000
     """Optimiser steps of pretraining."""
     finetune_steps: int = 1500
