@@ -91,6 +91,9 @@ class RecipeConfig:
     bootstrap: Literal["max", "data"] | None = None
     """Action the TD target bootstraps from: `max` (Q-learning, JOWA) or `data` (in-sample); none given: the
     preset's (`data` for `small`)."""
+    mc_mix: float | None = None
+    """Share of the TD target taken from the data's own Monte-Carlo return (mixed Monte-Carlo targets,
+    docs/training.md); none given: the preset's."""
     calibration_episodes: int = 2
     """Last episodes of each dataset held out of every training run: Q calibration on them is logged at every
     checkpoint step and `wam diagnose` reads them after training."""
@@ -194,6 +197,8 @@ class Recipe:
             common.append("--double-q" if c.double_q else "--no-double-q")
         if c.bootstrap is not None:
             common += ["--bootstrap", c.bootstrap]
+        if c.mc_mix is not None:
+            common += ["--mc-mix", str(c.mc_mix)]
         pre = self.p("runs", "pretrain")
         jobs = [Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
                                                          for a in ("--data", str(self.behaviour_data(g)))],

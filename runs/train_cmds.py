@@ -81,7 +81,8 @@ TRAINING_PRESETS: dict[str, TrainingPreset] = {
                             LossConfig(target_update_every=50, **_CPU_LOSS)),
     "small": TrainingPreset(32, TrainerConfig(steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=100, log_every=50,
                                               checkpoint_every=500),
-                            LossConfig(target_update_every=200, **_CPU_LOSS)),
+                            # mixed Monte-Carlo targets: Q that follows the state, planning above greedy (docs/training.md)
+                            LossConfig(target_update_every=200, mc_mix=0.2, **_CPU_LOSS)),
     "jowa-40m": _JOWA,
     "jowa-70m": _JOWA,
     "jowa-150m": _JOWA,
@@ -181,6 +182,10 @@ class _Pieces:
     tokens_per_frame: int | None = None  # the tokenizer's (None: synthetic tokens, the model's own)
 
 
+def _unknown_returns(batch: Batch) -> Batch:
+    return dataclasses.replace(batch, mc_return=torch.full_like(batch.rewards, float("nan")))
+
+
 def _load_tokenizer(path: str, device: str) -> Any:
     from wam.worldmodel.tokenizer import load_tokenizer
 
@@ -197,13 +202,15 @@ def _data_pieces(cfg: DataOptions, horizon: int, vocab: int | None, tokenizer_pa
         raise WamError(f"--batch-size {cfg.batch_size} does not split over --workers {world}")
     per_rank = cfg.batch_size // world
     if tuple(cfg.data) == (SYNTHETIC,):
-        if returns is not None:
-            raise WamError("--mc-mix needs each step's Monte-Carlo return, which synthetic tokens do not have")
         assert vocab is not None, "synthetic data needs the model's vocab_size"
         src = SyntheticTokenSource(cfg.batch_size, horizon, vocab, games=synthetic_games, seed=cfg.seed,
                                    rank=rank, world_size=world, tokens_per_obs=tokens_per_obs)
         log.info("data: synthetic random tokens (%d games, vocab %d)", len(synthetic_games), vocab)
-        return _Pieces(src, None, {"id": "synthetic", "path": ""}, list(synthetic_games)), vocab
+        unknown = None
+        if returns is not None:  # random tokens have no episodes: every return unknown, every target pure TD
+            log.info("synthetic tokens have no Monte-Carlo returns: --mc-mix leaves every TD target as it is")
+            unknown = _unknown_returns
+        return _Pieces(src, unknown, {"id": "synthetic", "path": ""}, list(synthetic_games)), vocab
     if not cfg.data:
         raise WamError("give the training data with --data DIR [DIR ...] (or --data synthetic for a smoke test)")
     if not tokenizer_path:

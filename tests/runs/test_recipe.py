@@ -79,13 +79,14 @@ def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_p
         assert [j.name for j in jobs] == ["pretrain", "scratch-seed0", "scratch-seed1", "scratch-seed2",
                                           "finetune-seed0", "finetune-seed1", "finetune-seed2"]
         # each job's command line parses into the loss that run trains with
-        return {(cfg.loss.lambda_cql, cfg.loss.n_step, cfg.loss.double_q)
+        return {(cfg.loss.lambda_cql, cfg.loss.n_step, cfg.loss.double_q, cfg.loss.mc_mix)
                 for cfg in (parse_command(j.argv[0], j.argv[1:])[1] for j in jobs)}
 
-    assert losses([]) == {(0.01, 1, False)}  # the `small` preset: JOWA's objective with CQL 0.01
-    assert losses(["--lambda-cql", "1.0", "--n-step", "4", "--double-q", "True"]) == {(1.0, 4, True)}
-    assert losses(["--double-q", "False"]) == {(0.01, 1, False)}
-    assert losses(["--lambda-cql", "0.1"]) == {(0.1, 1, False)}  # JOWA's weight
+    # the `small` preset: JOWA's objective with CQL 0.01 and 20 % of each target from the data's own return
+    assert losses([]) == {(0.01, 1, False, 0.2)}
+    assert losses(["--lambda-cql", "1.0", "--n-step", "4", "--double-q", "True"]) == {(1.0, 4, True, 0.2)}
+    assert losses(["--double-q", "False", "--mc-mix", "0"]) == {(0.01, 1, False, 0.0)}
+    assert losses(["--lambda-cql", "0.1"]) == {(0.1, 1, False, 0.2)}  # JOWA's weight
 
 
 def test_recipe_refuses_a_held_out_game_it_pretrains_on(tmp_path, capsys):
