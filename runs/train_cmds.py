@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import tyro
@@ -34,17 +34,13 @@ import tyro
 from wam.datasets.batch import Batch
 from wam.datasets.config import preset_value
 from wam.datasets.errors import WamError
+from wam.runs.distill import q_target_source
 from wam.worldmodel.checkpoint import RunDir, config_from_dict, config_to_dict, load_checkpoint
 from wam.worldmodel.device import resolve_device
 from wam.worldmodel.losses import LossConfig, WorldActionObjective, objective_name
 from wam.worldmodel.model import CHECKPOINT_KIND, FREEZABLE_PARTS, WorldActionModel, WorldActionModelConfig
 from wam.worldmodel.synthetic import SyntheticTokenSource
 from wam.worldmodel.trainer import Trainer, TrainerConfig, TrainResult
-
-if TYPE_CHECKING:
-    pass
-
-from wam.runs.distill import q_target_source
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +77,8 @@ TRAINING_PRESETS: dict[str, TrainingPreset] = {
                             LossConfig(target_update_every=50, **_CPU_LOSS)),
     "small": TrainingPreset(32, TrainerConfig(steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=100, log_every=50,
                                               checkpoint_every=500),
-                            # mixed Monte-Carlo targets: Q that follows the state, planning above greedy (docs/training.md)
+                            # mixed Monte-Carlo targets: Q follows the state, planning beats greedy
+                            # (docs/training.md)
                             LossConfig(target_update_every=200, mc_mix=0.2, **_CPU_LOSS)),
     "jowa-40m": _JOWA,
     "jowa-70m": _JOWA,

@@ -150,7 +150,8 @@ class FrameSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.pool.state_dict(), "rng": _rng_json(self.rng), "drawn": self.drawn,
-                "mean_frames": torch.from_numpy(self.mean_frames), "median_frames": torch.from_numpy(self.median_frames)}
+                "mean_frames": torch.from_numpy(self.mean_frames),
+                "median_frames": torch.from_numpy(self.median_frames)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The generator and the count; the pool is built from the same state's windows (`train_tokenizer`)."""
@@ -214,7 +215,6 @@ def _starting_point(cfg: TokenizerConfig, data: Sequence[str | Path], run: RunDi
         cfg = dataclasses.replace(cfg, steps=steps)
     if not resume:
         paths = resolve_data(data)
-
     return cfg, paths, ckpt
 
 
@@ -222,19 +222,17 @@ def _frame_source(cfg: TokenizerConfig, stores: list[TrajectoryStore], train_spl
                   ckpt: dict[str, Any] | None) -> tuple[FrameSource, dict[str, Any] | None]:
     """The frame source of a fresh run, or of a resumed one with the checkpoint in the shared loop's form."""
     if ckpt is None:
-        torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, rng)
         return FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_interval, pool.mean_frames(),
                            pool.median_frames(titles)), None
     state = ckpt["sampler"][0] if isinstance(ckpt["sampler"], list) else ckpt["sampler"]  # dict: the old loop's
     state = {"drawn": int(ckpt["step"]), **state}
-    pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, _rng_from_json(state["rng"]),
-                     windows=state["windows"].numpy())
+    rng = _rng_from_json(state["rng"])  # the pool is rebuilt from its windows and draws nothing from it
+    pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, rng, windows=state["windows"].numpy())
     median = (state["median_frames"].numpy() if "median_frames" in state
               else pool.median_frames(titles))  # checkpoints before foreground fidelity
-    source = FrameSource(pool, _rng_from_json(state["rng"]), cfg.batch_size, cfg.pool_refresh_interval,
-                         state["mean_frames"].numpy(), median)
+    source = FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_interval, state["mean_frames"].numpy(), median)
     return source, {**ckpt, "sampler": [state]}
 
 
@@ -255,6 +253,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
     titles = [s.game for s in stores]
     splits = split_episodes(stores, cfg.holdout_fraction)
     model = build_tokenizer(cfg).to(device)
+    if ckpt is None:
+        torch.manual_seed(cfg.seed)  # after the model is built, as the runs recorded in docs/ were
     source, ckpt = _frame_source(cfg, stores, [t for t, _ in splits], titles, ckpt)
     last_eval = EvalResult(**ckpt["eval"]) if ckpt is not None and ckpt.get("eval") else None
     run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
@@ -290,7 +290,8 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
                 "eval": dataclasses.asdict(e) if e else None,
                 "summary": {**e.metrics(), "eval_step": seen["step"]} if e else {}}
 
-    meta = {"kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "data": [str(p) for p in paths], "data_fingerprints": [st.fingerprint() for st in stores]}
+    meta = {"kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "data": [str(p) for p in paths],
+            "data_fingerprints": [st.fingerprint() for st in stores]}  # moved-data resume
     trainer = Trainer(TokenizerObjective(model, source.median_frames), source, trainer_config(cfg, progress),
                       run_dir=run, checkpoint_meta=meta, evaluate=eval_hook, eval_every=1,
                       count=lambda b: len(b.frames), unit="images", decays=decays, window_mean=True,

@@ -377,7 +377,8 @@ class Trainer:
                         if self.on_log is not None:
                             self.on_log(self.step, logs)
                         if bar is not None:
-                            post = {"loss": f"{logs['loss']:.3f}", self.rate_key.replace("_per_s", "/s"): f"{logs[self.rate_key]:.0f}"}
+                            rate = self.rate_key.replace("_per_s", "/s")  # e.g. tokens/s
+                            post = {"loss": f"{logs['loss']:.3f}", rate: f"{logs[self.rate_key]:.0f}"}
                             if "mfu" in logs:
                                 post["mfu"] = f"{logs['mfu']:.1%}"
                             bar.set_postfix(post)
