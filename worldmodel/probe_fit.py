@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,10 +111,10 @@ def fit_ridge(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: 
     α of the grid `alphas` with the lowest validation MSE (on its masked validation rows) is kept (the middle
     one when it has no validation rows). The search starts at the middle α and tries the untried neighbour
     closest to it of any variable's current best until every best has both neighbours tried (a local
-    minimum along the grid; the error is normally unimodal in log α), which saves most factorisations. Targets sharing a mask are solved together: with more frames than
-    features in the primal form (the F x F Gram of the group's rows, obtained as the Gram of all fitting
-    rows minus that of the excluded ones), otherwise in the dual form (the n x n kernel); one Cholesky
-    factorisation per α.
+    minimum along the grid; the error is normally unimodal in log α), which saves most factorisations.
+    Targets sharing a mask are solved together: with more frames than features in the primal form (the
+    F x F Gram of the group's rows, obtained as the Gram of all fitting rows minus that of the excluded
+    ones), otherwise in the dual form (the n x n kernel); one Cholesky factorisation per α.
     """
     std = Standardizer(x_fit, scale)
     f, v_count = std.features, y_fit.shape[1]
@@ -138,17 +138,7 @@ def fit_ridge(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: 
         ybar = y_g.mean(0)
         if n < f:  # dual form: the n x n kernel of the centred rows
             z = torch.cat([std(x_fit[torch.from_numpy(rows[a:b])]) for a, b in spans(n, chunk)])
-            mu = z.mean(0)
-            z -= mu
-            kernel = z @ z.T
-            yc = y_g - ybar
-
-            def solve(lam: float, z=z, kernel=kernel, yc=yc) -> torch.Tensor:
-                k = kernel.clone()
-                k.diagonal().add_(lam)
-                chol, info = torch.linalg.cholesky_ex(k)
-                dual = torch.cholesky_solve(yc, chol) if int(info) == 0 else torch.linalg.lstsq(k, yc).solution
-                return z.T @ dual  # [F, Vg]
+            solve, mu = _dual_form(z, y_g - ybar)
         else:  # primal form: the F x F Gram of the group's rows, centred
             excluded = np.flatnonzero(~group_mask)
             if len(excluded) <= n:  # the Gram of all rows minus that of the (few) excluded ones
@@ -160,22 +150,8 @@ def fit_ridge(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: 
             else:
                 a_mat = torch.zeros(f, f, dtype=torch.float64)
                 rows_gram(rows, a_mat, 1.0)
-            sx = torch.zeros(f, dtype=torch.float64)
-            sxy = torch.zeros(f, len(cols), dtype=torch.float64)
-            for a, b in spans(n, chunk):
-                z = std(x_fit[torch.from_numpy(rows[a:b])])
-                sx += z.sum(0)
-                sxy += z.T @ y_g[a:b]
-            mu = sx / n
-            a_mat -= n * torch.outer(mu, mu)  # centred Gram: sum (z - mu)(z - mu)^T
-            b_mat = sxy - n * torch.outer(mu, ybar)  # centred cross-products
-            diag = a_mat.diagonal().clone()
-
-            def solve(lam: float, a_mat=a_mat, b_mat=b_mat, diag=diag) -> torch.Tensor:
-                a_mat.diagonal().copy_(diag + lam)
-                chol, info = torch.linalg.cholesky_ex(a_mat)
-                return (torch.cholesky_solve(b_mat, chol) if int(info) == 0
-                        else torch.linalg.lstsq(a_mat, b_mat).solution)  # [F, Vg]
+            chunks = (std(x_fit[torch.from_numpy(rows[a:b])]) for a, b in spans(n, chunk))  # lazily: n may be large
+            solve, mu = _primal_form(a_mat, chunks, y_g, ybar)
         def fitted(alpha: float, n=n, solve=solve, ybar=ybar, mu=mu) -> tuple[torch.Tensor, torch.Tensor]:
             w = solve(alpha * n)
             return w, ybar - mu @ w
@@ -185,6 +161,51 @@ def fit_ridge(x_fit: torch.Tensor, y_fit: np.ndarray, m_fit: np.ndarray, x_val: 
                 fitted, std, x_val, y_val_t[:, cols], val_mask, alphas, chunk))):
             weight[:, c], bias[c], chosen[c] = w[:, j], b0[j], alpha
     return RidgeProbe(std=std, weight=weight, bias=bias, alpha=chosen)
+
+
+def _dual_form(z: torch.Tensor, yc: torch.Tensor) -> tuple[Callable[[float], torch.Tensor], torch.Tensor]:
+    """Ridge in the dual form on standardised rows z [n, F] and centred targets yc [n, V]: (solve, mean of z).
+
+    `solve(lam)` gives the weights [F, V] for the penalty lam from the n x n kernel of the centred rows.
+    """
+    mu = z.mean(0)
+    z -= mu
+    kernel = z @ z.T
+
+    def solve(lam: float) -> torch.Tensor:
+        k = kernel.clone()
+        k.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(k)
+        dual = torch.cholesky_solve(yc, chol) if int(info) == 0 else torch.linalg.lstsq(k, yc).solution
+        return z.T @ dual  # [F, V]
+    return solve, mu
+
+
+def _primal_form(a_mat: torch.Tensor, z_chunks: Iterable[torch.Tensor], y_g: torch.Tensor,
+                 ybar: torch.Tensor) -> tuple[Callable[[float], torch.Tensor], torch.Tensor]:
+    """Ridge in the primal form: (solve, mean of the rows) from the uncentred Gram a_mat [F, F] of the rows.
+
+    z_chunks are the standardised rows in order, in chunks aligned with y_g [n, V]; a_mat is centred in place.
+    """
+    f, n = a_mat.shape[0], len(y_g)
+    sx = torch.zeros(f, dtype=torch.float64)
+    sxy = torch.zeros(f, y_g.shape[1], dtype=torch.float64)
+    start = 0
+    for z in z_chunks:
+        sx += z.sum(0)
+        sxy += z.T @ y_g[start:start + len(z)]
+        start += len(z)
+    mu = sx / n
+    a_mat -= n * torch.outer(mu, mu)  # centred Gram: sum (z - mu)(z - mu)^T
+    b_mat = sxy - n * torch.outer(mu, ybar)  # centred cross-products
+    diag = a_mat.diagonal().clone()
+
+    def solve(lam: float) -> torch.Tensor:
+        a_mat.diagonal().copy_(diag + lam)
+        chol, info = torch.linalg.cholesky_ex(a_mat)
+        return (torch.cholesky_solve(b_mat, chol) if int(info) == 0
+                else torch.linalg.lstsq(a_mat, b_mat).solution)  # [F, V]
+    return solve, mu
 
 
 def _search_alpha(fitted, std: Standardizer, x_val: torch.Tensor, y_val: torch.Tensor, val_mask: torch.Tensor,

@@ -260,17 +260,8 @@ class AtlasMixer(nn.Module):
             y = read(0, qf)
         else:
             y = qf + read(1, F.silu(read(0, qf)))
-        # state after the segment's last token
-        q_last, d_last = q_mat[..., -1, :], d_mat[..., -1, :]  # [B, H, n]
-        th, al, bl = theta_cum[..., -1], a_seg[..., -1], b_vec[..., -1]  # [B, H]
-        momentum, delta = [], []
-        for w, (left, right) in enumerate(factors):
-            s_in, dm_in = st.momentum[w], st.mem_delta[w]
-            lq = (left * q_last[..., None].to(left.dtype)).mT @ right  # [B, H, out, in]
-            ld = (left * d_last[..., None].to(left.dtype)).mT @ right
-            momentum.append((th[..., None, None] * s_in - lq).to(state_dtype))
-            delta.append((al[..., None, None] * dm_in + bl[..., None, None] * s_in - ld).to(state_dtype))
-        decay = (st.decay * al).to(state_dtype)
+        momentum, delta, decay = self._state_after(factors, st, q_mat[..., -1, :], d_mat[..., -1, :],
+                                                   theta_cum[..., -1], a_seg[..., -1], b_vec[..., -1])
         mem_start = st.mem_start
         if closes is not None:  # rows whose chunk ends here: fold ΔM into M̄ (through NS5 if on)
             ns = self.newton_schulz == "chunk"
@@ -284,6 +275,22 @@ class AtlasMixer(nn.Module):
             mem_start, delta, decay = close_chunks(closes, full, mem_start, delta, decay)
         new = AtlasLayerState(st.conv, mem_start, tuple(delta), tuple(momentum), decay, win_k, win_v, win_g)
         return y, new
+
+    @staticmethod
+    def _state_after(factors: list[tuple[torch.Tensor, torch.Tensor]], st: AtlasLayerState, q_last: torch.Tensor,
+                     d_last: torch.Tensor, th: torch.Tensor, al: torch.Tensor, bl: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Momentum, ΔM and decay after a segment's last token (chunk form): q_last, d_last [B, H, n] are the
+        last rows of Q and D; th, al, bl [B, H] its cumulative θ, α and momentum-to-memory coefficient."""
+        state_dtype = st.decay.dtype
+        momentum, delta = [], []
+        for w, (left, right) in enumerate(factors):
+            s_in, dm_in = st.momentum[w], st.mem_delta[w]
+            lq = (left * q_last[..., None].to(left.dtype)).mT @ right  # [B, H, out, in]
+            ld = (left * d_last[..., None].to(left.dtype)).mT @ right
+            momentum.append((th[..., None, None] * s_in - lq).to(state_dtype))
+            delta.append((al[..., None, None] * dm_in + bl[..., None, None] * s_in - ld).to(state_dtype))
+        return momentum, delta, (st.decay * al).to(state_dtype)
 
     def _segment_token_ns(self, qf: torch.Tensor, eta: torch.Tensor, s_coef: torch.Tensor, theta_cum: torch.Tensor,
                           r_mat: torch.Tensor, a_seg: torch.Tensor, a_start: torch.Tensor,
@@ -335,8 +342,8 @@ class AtlasBlock(nn.Module):
 class AtlasCore(SequenceCore):
     """A stack of ATLAS blocks (RMSNorm, ATLAS mixer, RMSNorm, GELU MLP) and a final RMSNorm.
 
-    Options (docs/atlas.md): n_heads (default: heads of 32 channels) / head_dim; window c (Omega rule, 1 = delta rule); poly_degree p;
-    memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d); momentum; newton_schulz
+    Options (docs/atlas.md): n_heads (default: heads of 32 channels) / head_dim; window c (Omega rule,
+    1 = delta rule); poly_degree p; memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d); momentum; newton_schulz
     ("token", the paper's, default; "chunk"; False gives OmegaNet); chunk_size (part of the model's
     definition: gradients are taken at the chunk-start memory); conv_kernel; dropout (of the MLP).
     """
