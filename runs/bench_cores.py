@@ -126,6 +126,8 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    if proc.returncode == -9:  # SIGKILL with nothing said: the kernel's out-of-memory killer, as a rule
+        return {"error": "killed (SIGKILL): out of memory"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
         return {"error": f"exit {proc.returncode}: {tail}"}
@@ -353,7 +355,8 @@ def plot(result: dict, path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for core, rows in sorted(result.get("train", {}).items()):
-        pts = sorted((int(t), r["wall_s"] / (r["B"] * r["T"]) * 1e6) for t, r in rows.items())
+        pts = sorted((int(t), r["wall_s"] / (r["B"] * r["T"]) * 1e6) for t, r in rows.items()
+                     if "wall_s" in r)  # lengths that failed (out of memory, timed out) have no point
         if len(pts) > 1:
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=core)
     ax1.set(xscale="log", xlabel="sequence length T", ylabel="µs per token (fwd+bwd)",

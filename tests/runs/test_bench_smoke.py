@@ -21,3 +21,16 @@ def test_benchmark_runs_at_its_quick_size(name, tmp_path, ray_session):
     assert result["machine"].get("cpus", 0) >= 1
     report = md.read_text()
     assert f"## {name}" in report and "_Machine:" in report
+
+
+def test_cores_report_and_plot_survive_a_length_that_ran_out_of_memory(tmp_path):
+    """A (core, T) child killed for memory is reported as such; the plot leaves its point out instead of
+    failing the whole `wam bench cores` (as it did on 2026-12-07 when the per-token ATLAS ran out of memory)."""
+    from wam.runs import bench_cores
+
+    ok = {"wall_s": 1.0, "cpu_s": 1.0, "peak_mem_bytes": 2 ** 20, "B": 2, "T": 8}
+    result = {"train": {"transformer": {"8": ok, "16": dict(ok, T=16, wall_s=2.0)},
+                        "atlas": {"8": dict(ok, wall_s=3.0), "16": {"error": "killed (SIGKILL): out of memory"}}},
+              "step": {}}
+    bench_cores.plot(result, tmp_path / "cores.png")
+    assert (tmp_path / "cores.png").stat().st_size > 1000
