@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from wam.datasets.errors import WamError
 from wam.worldmodel.cores.base import register_core
@@ -79,11 +80,12 @@ class _SelectiveScan(torch.autograd.Function):
             torch.mul(dt[:, i, :, None], a, out=decay).exp_()
             h.mul_(decay).addcmul_(dtx[:, i, :, None], b[:, i, None, :])
             torch.bmm(h, c[:, i, :, None], out=y[i])
-        ctx.save_for_backward(x, dt, a, b, c, torch.stack(entries))
+        ctx.save_for_backward(x, dt, a, b, c, torch.stack(entries) if entries else h[None].clone())
         ctx.chunk_size, ctx.h0_dtype = chunk_size, h0.dtype
         return y[..., 0].transpose(0, 1), h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy, gh_last):  # noqa: ANN001, ANN205
         x, dt, a, b, c, entries = ctx.saved_tensors
         ln = ctx.chunk_size
