@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -483,8 +484,10 @@ def test_sigkill_during_appends_keeps_every_committed_episode(tmp_path, commit_e
     rng = np.random.default_rng(commit_every)
     for _ in range(3):  # kill at random moments, resume from what survived each time
         lines = _run_writer(tmp_path, commit_every, float(rng.uniform(0.2, 0.9)), signal.SIGKILL)
-        committed = int(lines[-1].split()[-1]) if len(lines) > 1 else int(lines[0].split()[1])
-        appended = int(lines[-1].split()[1]) + 1 if len(lines) > 1 else committed
+        # the writer's progress lines; anything else on stdout (a library's message) is not one
+        progress = [m for m in map(re.compile(r"appended (\d+) committed (\d+)").fullmatch, lines[1:]) if m]
+        committed = int(progress[-1][2]) if progress else int(lines[0].split()[1])
+        appended = int(progress[-1][1]) + 1 if progress else committed
         # every episode reported committed survives; at most the in-flight batch beyond it
         _check_holds_exactly(tmp_path, committed, max(appended, committed) + commit_every)
 
