@@ -190,12 +190,14 @@ def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatc
     assert claims["games"]["Freeway"]["agent_minus_data"][0] == pytest.approx(3.0)
     assert claims["games"]["Boxing"]["agent_minus_data"][0] == pytest.approx(-4.0)
     assert claims["games"]["Pong"]["agent_minus_data"][0] == pytest.approx(-9.5 + 4.0)
-    assert claims["beats_data"] == {"games_above": 1, "of": 3, "holds": False}
+    assert claims["beats_data"] == {"games_above": 1, "of": 3, "holds": False, "games_above_with_ci": 1,
+                                    "supported": False}  # Freeway: 3.0 above with no spread
     assert claims["planning"]["hns_with_minus_without"][0] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
     assert claims["pretraining"]["finetuned_minus_scratch_return"][0] == pytest.approx(2.5)
     assert claims["pretraining"]["verdict"] == "holds, supported by the CI"
     from wam.runs.claims import claims_markdown
 
     text = claims_markdown(claims, cfg)
-    assert "DOES NOT HOLD** (1 of 3)" in text and "| Freeway | pretraining |" in text
+    assert "DOES NOT HOLD** (1 of 3 on the point estimate; 1 of 3 with the CI's lower bound" in text
+    assert "| Freeway | pretraining |" in text
     assert "| Boxing | 3.0 [3.0, 3.0] | -1.0 [-1.0, -1.0] | does not hold |" in text
