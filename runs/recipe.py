@@ -327,7 +327,7 @@ class Recipe:
             diff = seed_diff_ci([data], agent)
             ok = diff[0] > 0
             beaten += ok
-            beaten_ci += bool(diff[1] > 0)  # the CI's lower bound above the data's mean (issue 18's target)
+            beaten_ci += diff[1] > 0  # the CI's lower bound above the data's mean (issue 18's target)
             out["games"][g] = {
                 "role": "pretraining" if g in c.pretrain_games else "held out (fine-tuned)",
                 "behaviour_data_return": d_pt, "behaviour_data_episodes": int(data.size),

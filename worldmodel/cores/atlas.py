@@ -343,9 +343,10 @@ class AtlasCore(SequenceCore):
     """A stack of ATLAS blocks (RMSNorm, ATLAS mixer, RMSNorm, GELU MLP) and a final RMSNorm.
 
     Options (docs/atlas.md): n_heads (default: heads of 32 channels) / head_dim; window c (Omega rule,
-    1 = delta rule); poly_degree p; memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d); momentum; newton_schulz
-    ("token", the paper's, default; "chunk"; False gives OmegaNet); chunk_size (part of the model's
-    definition: gradients are taken at the chunk-start memory); conv_kernel; dropout (of the MLP).
+    1 = delta rule); poly_degree p; memory_depth 1 (linear) or 2 (residual MLP, hidden memory_expansion·d);
+    momentum; newton_schulz ("token", the paper's, default; "chunk"; False gives OmegaNet); chunk_size
+    (part of the model's definition: gradients are taken at the chunk-start memory); conv_kernel; dropout
+    (of the MLP).
     """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int | None = None, head_dim: int | None = None,
