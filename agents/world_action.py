@@ -306,12 +306,15 @@ class WorldActionAgent:
 def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: PlannerSettings | None,
                             device: str = "cpu", memory: Memory = "window", context: int | None = None,
                             bf16: bool = False, tokenizer: str | None = None,
-                            support_threshold: float | None = None) -> WorldActionAgent:
+                            support_threshold: float | None = None,
+                            behaviour_prior: float | None = None) -> WorldActionAgent:
     """The `load_agent` loader of "world-action-model" checkpoints.
 
     The tokenizer is the one the checkpoint names (`ckpt["tokenizer"]["path"]`), or `tokenizer` when
     given (e.g. after moving run directories); its id must equal the one recorded in the checkpoint.
-    `support_threshold` overrides the model's acting filter (`WorldActionModelConfig.support_threshold`).
+    `support_threshold` overrides the model's acting filter (`WorldActionModelConfig.support_threshold`),
+    `behaviour_prior` its acting weight tau on log pi_b (`WorldActionModelConfig.behaviour_prior`; only for a
+    model trained with a prior head).
     """
     from wam.worldmodel.tokenizer import load_tokenizer
 
@@ -330,6 +333,13 @@ def load_world_action_agent(path: Path, ckpt: dict[str, Any], game: str, plan: P
     model, _ = WorldActionModel.from_checkpoint(path, map_location=device)
     if support_threshold is not None:  # the config checks its range
         model.cfg = dataclasses.replace(model.cfg, support_threshold=float(support_threshold))
+    if behaviour_prior is not None:
+        if model.prior_head is None:
+            raise WamError(f"{path} was trained without a behaviour prior head (behaviour_prior 0); "
+                           "--behaviour-prior can only reweight a prior the model has")
+        if not behaviour_prior > 0:
+            raise WamError(f"--behaviour-prior must be > 0 for a model with a prior head, got {behaviour_prior}")
+        model.cfg = dataclasses.replace(model.cfg, behaviour_prior=float(behaviour_prior))
     if tok.cfg.codebook_size != model.cfg.vocab_size:
         raise WamError(f"tokenizer {tok_path} has {tok.cfg.codebook_size} codes, the model a vocabulary of "
                        f"{model.cfg.vocab_size}")

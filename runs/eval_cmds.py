@@ -62,6 +62,9 @@ class EvalConfig:
     support_threshold: float | None = None
     """Model agents with a behaviour prior: act only on actions with pi_b(a | s) >= this x the most likely
     action's (discrete BCQ's filter; default: the model's `support_threshold`)."""
+    behaviour_prior: float | None = None
+    """Model agents with a behaviour prior: act on E[Q] + this x log pi_b (default: the model's
+    `behaviour_prior`, the tau it was trained with; larger stays closer to the data's policy)."""
 
 
 def evaluate(cfg: EvalConfig) -> int:
@@ -97,6 +100,8 @@ def _agent_kwargs(cfg: EvalConfig) -> dict:
         kw["bf16"] = True
     if cfg.support_threshold is not None:
         kw["support_threshold"] = cfg.support_threshold
+    if cfg.behaviour_prior is not None:
+        kw["behaviour_prior"] = cfg.behaviour_prior
     return kw
 
 

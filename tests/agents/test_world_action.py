@@ -36,14 +36,14 @@ LEGAL = legal_action_mask("Pong").copy()  # bool [18]
 
 
 
-def _save_model(out: Path, tok_dir: Path, tok_id: str, core: str, seed: int) -> Path:
+def _save_model(out: Path, tok_dir: Path, tok_id: str, core: str, seed: int, behaviour_prior: float = 0.0) -> Path:
     """A random-weight world-action model checkpointed exactly as `wam pretrain` does (Trainer.save)."""
     torch.manual_seed(seed)
     cfg = WorldActionModelConfig.from_preset("debug")
     vocab = TokenizerConfig.from_preset("debug").codebook_size  # the tokenizer the agents load
     cfg = dataclasses.replace(cfg, vocab_size=vocab, d_model=32, n_layers=1, horizon=4, core=core, games=GAMES,
                               core_options=("d_state=8",) if core == "mamba" else (),
-                              behaviour_prior=0.0)  # acting on Q alone (the prior has its own test)
+                              behaviour_prior=behaviour_prior)  # default: acting on Q alone (the prior has its own test)
     model = WorldActionModel(cfg)
     with torch.no_grad():  # spread the Q head's outputs so that actions differ by clear margins
         model.q_head.heads[0].net[-1].weight.mul_(50.0)
@@ -127,6 +127,31 @@ def test_load_agent_and_user_errors(runs):
         load_agent(str(runs["transformer"]), "Pong", plan=PlannerSettings(beam_width=2, horizon=4))
     with pytest.raises(WamError, match="context of 5 frames does not fit"):
         load_agent(str(runs["transformer"]), "Pong", context=5)
+    with pytest.raises(WamError, match="trained without a behaviour prior head"):
+        load_agent(str(runs["transformer"]), "Pong", behaviour_prior=0.3)
+
+
+def test_an_acting_time_behaviour_prior_overrides_the_trained_one(runs):
+    """`wam eval --behaviour-prior` reweights the prior of a model trained with one; acting follows the new tau."""
+    from wam.runs.eval_cmds import EvalConfig, _agent_kwargs
+
+    tok_id = load_agent(str(runs["transformer"]), "Pong").tokenizer.tokenizer_id()
+    path = runs["root"] / "with_prior"
+    _save_model(path, runs["tokenizer"], tok_id, "transformer", 5, behaviour_prior=0.1)
+    assert load_agent(str(path), "Pong").model.cfg.behaviour_prior == 0.1
+    kw = _agent_kwargs(EvalConfig(agent=str(path), game=["Pong"], behaviour_prior=2.5))
+    assert kw == {"behaviour_prior": 2.5}
+    agent = load_agent(str(path), "Pong", **kw)
+    assert agent.model.cfg.behaviour_prior == 2.5
+    cfg = agent.model.cfg
+    flat_q = torch.zeros(1, cfg.q_ensemble, 18, cfg.n_atoms)  # every action the same expected Q
+    legal = torch.from_numpy(LEGAL)[None]
+    prior = torch.zeros(1, 18)
+    prior[0, 3] = 1.0  # log pi_b(3) - log pi_b(a) = 1 for every other legal a (inside the support filter)
+    vals = agent.model.acting_values(flat_q, legal, prior)
+    assert (vals[0, 3] - vals[0, 0]).item() == pytest.approx(2.5 * 1.0, rel=1e-5)
+    with pytest.raises(WamError, match="must be > 0"):
+        load_agent(str(path), "Pong", behaviour_prior=0.0)
     other = build_tokenizer(dataclasses.replace(TokenizerConfig.from_preset("debug"), seed=7))
     bad = runs["root"] / "other_tok"
     save_checkpoint(bad / "checkpoints" / "step_00000000.pt",
