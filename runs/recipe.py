@@ -94,6 +94,10 @@ class RecipeConfig:
     mc_mix: float | None = None
     """Share of the TD target taken from the data's own Monte-Carlo return (mixed Monte-Carlo targets,
     docs/training.md); none given: the preset's."""
+    behaviour_prior: float | None = None
+    """Acting weight tau of the behaviour prior in every evaluation of a wam model (`wam eval
+    --behaviour-prior`; acting only, the training is unchanged); none given: the tau each model was trained
+    with (its preset's)."""
     calibration_episodes: int = 2
     """Last episodes of each dataset held out of every training run: Q calibration on them is logged at every
     checkpoint step and `wam diagnose` reads them after training."""
@@ -249,7 +253,16 @@ class Recipe:
         from wam.runs.demo import run_wam
 
         out = self.p("eval", name)
-        if not (out / "results.json").exists():
+        tau = self.cfg.behaviour_prior if "--behaviour-prior" in [str(a) for a in extra] else None
+        if (out / "results.json").exists():
+            had = json.loads((out / "eval_config.json").read_text()).get("agent_kwargs", {}).get("behaviour_prior")
+            if had != tau:
+                def say(t: float | None) -> str:
+                    return "the model's own" if t is None else str(t)
+                raise WamError(f"{out} was evaluated with behaviour prior {say(had)} and this recipe asks for "
+                               f"{say(tau)}; move {self.p('eval')}, {self.p('merged')} and {self.p('report')} "
+                               "away to evaluate again, or pass the same --behaviour-prior")
+        else:
             run_wam("eval", "--agent", agent, *[a for g in games for a in ("--game", g)], "--episodes", episodes,
                  "--workers", self.cfg.workers, "--envs-per-worker", 2, "--max-steps", self.cfg.eval_max_steps,
                  "--seed", seed, "--out", out, *extra)
@@ -257,17 +270,18 @@ class Recipe:
 
     def evaluate(self) -> str:
         c = self.cfg
-        plan = ["--plan", "beam", "--beam-width", c.beam_width, "--horizon", c.plan_horizon]
+        tau = [] if c.behaviour_prior is None else ["--behaviour-prior", c.behaviour_prior]
+        plan = ["--plan", "beam", "--beam-width", c.beam_width, "--horizon", c.plan_horizon, *tau]
         n = c.eval_episodes * len(c.seeds)
         self._eval("random", "random", self.games, n, 0)
         self._eval("behaviour", "scripted", self.games, n, 0)
         for s in c.seeds:
-            self._eval(f"pretrained-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.eval_episodes, s)
+            self._eval(f"pretrained-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.eval_episodes, s, tau)
             self._eval(f"pretrained-plan-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.plan_episodes,
                        s, plan)
             for kind in ("finetune", "scratch"):
                 self._eval(f"{kind}-seed{s}", self.p("runs", f"{kind}-seed{s}"), [c.finetune_game],
-                           c.eval_episodes, s)
+                           c.eval_episodes, s, tau)
             self._eval(f"finetune-plan-seed{s}", self.p("runs", f"finetune-seed{s}"), [c.finetune_game],
                        c.plan_episodes, s, plan)
             for g in self.games:  # one trained baseline per game, its episodes seeded like the agents'

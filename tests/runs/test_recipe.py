@@ -201,3 +201,36 @@ def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatc
     assert "DOES NOT HOLD** (1 of 3 on the point estimate; 1 of 3 with the CI's lower bound" in text
     assert "| Freeway | pretraining |" in text
     assert "| Boxing | 3.0 [3.0, 3.0] | -1.0 [-1.0, -1.0] | does not hold |" in text
+
+
+def test_an_acting_tau_reaches_every_model_evaluation_and_a_stale_one_is_refused(tmp_path, monkeypatch):
+    """`wam recipe --behaviour-prior` adds the flag to the wam models' evaluations (greedy and planning), not to
+    random, the behaviour policy or DiscreteCQL; evaluations done with another tau are refused, not reused."""
+    calls: list[list[str]] = []
+
+    def fake_run_wam(*argv):
+        argv = [str(a) for a in argv]
+        calls.append(argv)
+        out = tmp_path / "eval" / argv[argv.index("--out") + 1].rsplit("/", 1)[-1]
+        out.mkdir(parents=True, exist_ok=True)
+        kw = {"behaviour_prior": float(argv[argv.index("--behaviour-prior") + 1])} if "--behaviour-prior" in argv else {}
+        (out / "eval_config.json").write_text(json.dumps({"agent_kwargs": kw}))
+        (out / "results.json").write_text("{}")
+
+    monkeypatch.setattr("wam.runs.demo.run_wam", fake_run_wam)
+    monkeypatch.setattr(Recipe, "_merge", lambda self: None)
+    monkeypatch.setattr("wam.runs.recipe.finished", lambda run, steps: True)
+    r = Recipe(RecipeConfig(out=tmp_path, seeds=[0], behaviour_prior=0.3))
+    r.evaluate()
+    by_out = {c[c.index("--out") + 1].rsplit("/", 1)[-1]: c for c in calls}
+    with_tau = sorted(n for n, c in by_out.items() if "--behaviour-prior" in c)
+    assert with_tau == ["finetune-plan-seed0", "finetune-seed0", "pretrained-plan-seed0", "pretrained-seed0",
+                        "scratch-seed0"]
+    assert all(by_out[n][by_out[n].index("--behaviour-prior") + 1] == "0.3" for n in with_tau)
+    assert {"random", "behaviour", "cql-pong-seed0"} <= set(by_out) - set(with_tau)
+    calls.clear()
+    r.evaluate()  # same tau: everything reused, nothing run
+    assert calls == []
+    with pytest.raises(WamError, match=r"pretrained-seed0 was evaluated with behaviour prior 0.3 and this recipe "
+                                       r"asks for the model's own"):
+        Recipe(RecipeConfig(out=tmp_path, seeds=[0])).evaluate()
