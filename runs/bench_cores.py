@@ -192,13 +192,20 @@ def run(quick: bool = False) -> dict[str, Any]:
     load_before = _load()
     max_t = max(cfg["lengths"])
     train: dict[str, dict[str, Any]] = {}
+    oom_tokens: dict[str, int] = {}  # name -> fewest tokens per batch (T x B) at which its child ran out of memory
     for t, b in cfg["lengths"].items():
         base = {"d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "T": t, "B": b, "reps": cfg["reps"],
                 "threads": cfg["threads"]}
         specs = [{"kind": "core", "name": n} for n in cores]
         specs += [{"kind": k, "name": k} for k in ("mambapy", "titans") if refs[k] and t in cfg["reference_lengths"]]
         for s in specs:
-            r = _run_child({**base, **s})
+            if t * b >= oom_tokens.get(s["name"], t * b + 1):  # it would only run out of memory again
+                r = {"error": f"skipped: ran out of memory at {oom_tokens[s['name']]} tokens per batch, fewer "
+                              f"than the {t * b} here"}
+            else:
+                r = _run_child({**base, **s})
+                if r.get("error", "").endswith("out of memory"):
+                    oom_tokens[s["name"]] = min(oom_tokens.get(s["name"], t * b), t * b)
             r.update(T=t, B=b)
             train.setdefault(s["name"], {})[str(t)] = r
     for per_t in train.values():  # ratios vs the transformer at the same T

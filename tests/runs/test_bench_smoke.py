@@ -34,3 +34,29 @@ def test_cores_report_and_plot_survive_a_length_that_ran_out_of_memory(tmp_path)
               "step": {}}
     bench_cores.plot(result, tmp_path / "cores.png")
     assert (tmp_path / "cores.png").stat().st_size > 1000
+
+
+def test_cores_skip_the_lengths_after_a_core_ran_out_of_memory_at_no_more_tokens(monkeypatch):
+    """A core killed for memory at T x B tokens is not run again at a length with as many tokens or more (its
+    child would take minutes to be killed again); other cores and shorter batches still run."""
+    from wam.runs import bench_cores
+
+    quick = {"d_model": 8, "n_layers": 1, "lengths": {64: 4, 128: 4, 512: 1, 256: 2}, "reps": 1, "threads": 1,
+             "step_contexts": [0], "step_tokens": 1, "window": 8, "reference_lengths": [64]}
+    monkeypatch.setattr(bench_cores, "QUICK", quick)
+    monkeypatch.setattr(bench_cores, "_step_costs", lambda name, kwargs, cfg: [{"state_bytes": 1, "context": 0}])
+    ran: list[tuple[str, int]] = []
+
+    def child(spec):
+        ran.append((spec["name"], spec["T"]))
+        if spec["name"] == "atlas" and spec["T"] == 128:
+            return {"error": "killed (SIGKILL): out of memory"}
+        return {"wall_s": 1.0, "cpu_s": 1.0, "peak_mem_bytes": 1}
+
+    monkeypatch.setattr(bench_cores, "_run_child", child)
+    result = bench_cores.run(quick=True)
+    atlas = [t for n, t in ran if n == "atlas"]
+    assert atlas == [64, 128]  # 512 x 1 = 512 and 256 x 2 = 512 tokens: as many as 128 x 4, skipped
+    assert result["train"]["atlas"]["512"]["error"].startswith("skipped: ran out of memory at 512 tokens")
+    assert result["train"]["atlas"]["256"]["error"].startswith("skipped")
+    assert [t for n, t in ran if n == "transformer"] == [64, 128, 512, 256]
