@@ -63,14 +63,14 @@ def _median_time(fn, reps: int) -> float:
 
 def _speed_one(preset: str, precision: str, frames: np.ndarray, peak: float, reps: int) -> dict[str, Any]:
     """Train and encode throughput of one preset in one precision."""
-    from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer
+    from wam.worldmodel.tokenizer import TokenizerConfig, TokenizerTrainConfig, build_tokenizer
     from wam.worldmodel.tokenizer_train import make_optimizer
 
-    cfg = TokenizerConfig.from_preset(preset)
-    model = build_tokenizer(cfg)
+    cfg, train = TokenizerConfig.from_preset(preset), TokenizerTrainConfig.from_preset(preset)
+    model = build_tokenizer(cfg, seed=train.seed)
     flops = model.flops_per_frame()
-    opt = make_optimizer(model, cfg)
-    batch = torch.from_numpy(frames[np.random.default_rng(0).integers(0, len(frames), cfg.batch_size)])
+    opt = make_optimizer(model, train)
+    batch = torch.from_numpy(frames[np.random.default_rng(0).integers(0, len(frames), train.batch_size)])
     enc = torch.from_numpy(frames[:256])
 
     def autocast():
@@ -81,7 +81,7 @@ def _speed_one(preset: str, precision: str, frames: np.ndarray, peak: float, rep
             loss, _ = model.compute_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         opt.step()
 
     def encode():
@@ -89,7 +89,7 @@ def _speed_one(preset: str, precision: str, frames: np.ndarray, peak: float, rep
             model.encode(enc, batch_size=256)
 
     model.train()
-    train_ips = cfg.batch_size / _median_time(step, reps)
+    train_ips = train.batch_size / _median_time(step, reps)
     enc_fps = len(enc) / _median_time(encode, reps)
     enc_flops = flops["encoder"] + flops["quantizer"]
     return {
@@ -97,7 +97,7 @@ def _speed_one(preset: str, precision: str, frames: np.ndarray, peak: float, rep
         "train_flops_per_s": train_ips * 3 * flops["total"], "encode_flops_per_s": enc_fps * enc_flops,
         "train_peak_fraction": train_ips * 3 * flops["total"] / peak,
         "encode_peak_fraction": enc_fps * enc_flops / peak,
-        "batch_size": cfg.batch_size, "gflops_per_frame_forward": flops["total"] / 1e9,
+        "batch_size": train.batch_size, "gflops_per_frame_forward": flops["total"] / 1e9,
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
 
@@ -107,14 +107,14 @@ def _speed(preset: str, frames: np.ndarray, peaks: dict[str, float], reps: int) 
 
 
 def _quality(preset: str, dirs: list[Path], steps: int, work: Path) -> dict[str, Any]:
-    from wam.worldmodel.tokenizer import TokenizerConfig
+    from wam.worldmodel.tokenizer import TokenizerConfig, TokenizerTrainConfig
     from wam.worldmodel.tokenizer_train import train_tokenizer
 
-    cfg = dataclasses.replace(TokenizerConfig.from_preset(preset), steps=steps, eval_interval=steps,
-                              plot_interval=steps, checkpoint_interval=steps,
-                              warmup_steps=min(TokenizerConfig.from_preset(preset).warmup_steps, steps // 5 + 1))
+    cfg, preset_train = TokenizerConfig.from_preset(preset), TokenizerTrainConfig.from_preset(preset)
+    train = dataclasses.replace(preset_train, steps=steps, eval_interval=steps, plot_interval=steps,
+                                checkpoint_interval=steps, warmup_steps=min(preset_train.warmup_steps, steps // 5 + 1))
     t0 = time.perf_counter()
-    r = train_tokenizer(cfg, dirs, work / f"run-{preset}", progress=False)
+    r = train_tokenizer(cfg, train, dirs, work / f"run-{preset}", progress=False)
     e = r.eval
     return {"steps": steps, "seconds": time.perf_counter() - t0, "heldout_psnr": e.psnr,
             "baseline_psnr": e.baseline_psnr, "psnr_gain_db": e.psnr - e.baseline_psnr, "usage": e.usage,

@@ -20,7 +20,7 @@ import tyro
 
 from wam.datasets.errors import WamError
 from wam.worldmodel.probe import ProbeConfig
-from wam.worldmodel.tokenizer import TokenizerConfig
+from wam.worldmodel.tokenizer import TokenizerConfig, TokenizerTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,21 @@ class TokenizerTrainArgs:
     out: str = ""
     """Run directory: config.json, metrics.jsonl, checkpoints/, plots/ (reconstruction grids)."""
     preset: str = "debug"
-    """Size preset: debug, small, jowa-40m, jowa-70m, jowa-150m (sets every --tokenizer.* default)."""
+    """Size preset: debug, small, jowa-40m, jowa-70m, jowa-150m (sets every --tokenizer.* and --train.* default)."""
     steps: int | None = None
-    """Training steps (default: the preset's); with --resume, extends or shortens the run."""
+    """Training steps (default: --train.steps, the preset's); with --resume, extends or shortens the run."""
     resume: bool = False
     """Continue the run in --out from its newest checkpoint (with its stored configuration)."""
     progress: bool = True
     """Show a progress bar."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    """Architecture, codebook upkeep and training hyper-parameters."""
+    """What the tokenizer is: architecture, reconstruction loss, codebook upkeep."""
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    """How it is trained: optimiser, schedule, frame pool, evaluation and checkpoint cadence, device, seed."""
 
     @classmethod
     def from_preset(cls, name: str) -> TokenizerTrainArgs:
-        return cls(preset=name, tokenizer=TokenizerConfig.from_preset(name))
+        return cls(preset=name, tokenizer=TokenizerConfig.from_preset(name), train=TokenizerTrainConfig.from_preset(name))
 
 
 @dataclass
@@ -90,8 +92,8 @@ def train(args: TokenizerTrainArgs) -> int:
     if not args.out:
         raise WamError("give the run directory with --out RUN")
     # with --resume the run's stored configuration is used; --steps still applies
-    result = train_tokenizer(args.tokenizer, args.data, args.out, resume=args.resume, progress=args.progress,
-                             steps=args.steps)
+    result = train_tokenizer(args.tokenizer, args.train, args.data, args.out, resume=args.resume,
+                             progress=args.progress, steps=args.steps)
     print(result.summary_line())
     return 0
 

@@ -408,7 +408,7 @@ def probe_tokenizer(run: str | Path, data: Sequence[str | Path], out: str | Path
     stores = [TrajectoryStore.open(p) for p in find_datasets(list(data))]
     _check_datasets(stores)
     tokenizer = load_tokenizer(run, device=resolve_device(device))
-    holdout = cfg.holdout_fraction if cfg.holdout_fraction is not None else tokenizer.cfg.holdout_fraction
+    holdout = cfg.holdout_fraction if cfg.holdout_fraction is not None else tokenizer.train_cfg.holdout_fraction
     by_game: dict[str, list[TrajectoryStore]] = {}
     for s in stores:
         by_game.setdefault(s.game, []).append(s)

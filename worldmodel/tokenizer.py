@@ -50,6 +50,8 @@ from wam.worldmodel.tokenizer_config import (
     TOKENIZER_PRESETS,
     TOKENS_PER_FRAME,
     TokenizerConfig,
+    TokenizerPreset,
+    TokenizerTrainConfig,
 )
 from wam.worldmodel.vq import Quantized, VectorQuantizer
 
@@ -172,6 +174,8 @@ class VQTokenizer(nn.Module):
         self.decoder = Decoder(cfg)
         self.extra: dict[str, object] = {}
         """Run facts attached by `load_tokenizer` (held-out PSNR, ...); not part of the weights."""
+        self.train_cfg: TokenizerTrainConfig | None = None
+        """How the loaded weights were trained (set by `load_tokenizer`; its held-out split is the probe's)."""
 
     @property
     def device(self) -> torch.device:
@@ -339,10 +343,11 @@ class VQTokenizer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ loading
-def build_tokenizer(cfg: TokenizerConfig) -> VQTokenizer:
-    """A fresh tokenizer with weights drawn from `cfg.seed` (the global torch RNG is left as it was)."""
+def build_tokenizer(cfg: TokenizerConfig, seed: int = 0) -> VQTokenizer:
+    """A fresh tokenizer with weights drawn from `seed` (training uses `TokenizerTrainConfig.seed`; the global
+    torch RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         return VQTokenizer(cfg)
 
 
@@ -364,13 +369,14 @@ def load_tokenizer(run_or_path: str | Path, device: str | torch.device = "cpu") 
         raise WamError(f"{path}: the weights hash to tokenizer id {tid} but the checkpoint records "
                        f"{ckpt.get('tokenizer_id')!r}; the file is damaged or was edited — retrain or use another checkpoint")
     model.extra = dict(ckpt.get("summary", {}), checkpoint=str(path), step=int(ckpt.get("step", 0)))
+    model.train_cfg = TokenizerTrainConfig.from_stored(ckpt.get("train", ckpt["config"]))
     log.info("loaded tokenizer %s from %s (step %s)", tid, path, ckpt.get("step"))
     return model
 
 
 __all__ = [
     "CHECKPOINT_KIND", "FOREGROUND_THRESHOLD", "FRAME_SIZE", "GRID_SIZE", "LEGACY_DEFAULTS", "TOKENS_PER_FRAME",
-    "TOKENIZER_PRESETS", "ForegroundFidelity", "TokenizerConfig",
+    "TOKENIZER_PRESETS", "ForegroundFidelity", "TokenizerConfig", "TokenizerPreset", "TokenizerTrainConfig",
     "TokenizerOutput", "VQTokenizer", "VectorQuantizer", "build_tokenizer", "foreground_fidelity",
     "foreground_mask", "foreground_weights", "image_gradient_l1",
     "load_tokenizer", "psnr",

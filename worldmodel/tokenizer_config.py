@@ -25,7 +25,8 @@ CHECKPOINT_KIND = "tokenizer"
 # ------------------------------------------------------------------------------------------ config
 @dataclass
 class TokenizerConfig:
-    """VQ-VAE tokenizer: architecture, codebook upkeep and its training hyper-parameters.
+    """VQ-VAE tokenizer: architecture, reconstruction loss and codebook upkeep (what the tokenizer is; how it is
+    trained is `TokenizerTrainConfig`).
 
     The defaults are the `debug` preset; `TokenizerConfig.from_preset(name)` gives the others.
     """
@@ -83,7 +84,60 @@ class TokenizerConfig:
     normalize_codes: bool = True
     """Quantize l2-normalised encoder outputs against l2-normalised codes (cosine distance): keeps the
     latents from shrinking towards the codes and keeps far more of the codebook in use."""
-    # -- training
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
+        if not 2 <= self.codebook_size <= 65_536:
+            raise WamError(f"codebook_size must be in [2, 65536] (tokens are stored as uint16), got {self.codebook_size}")
+        if self.grid not in (6, 11):
+            raise WamError(f"grid must be 6 (36 tokens a frame) or 11 (121 tokens), got {self.grid}")
+        if self.grid == 11 and len(self.channels) == 4:
+            self.channels = self.channels[:3]  # type: ignore[assignment]
+        if len(self.channels) != GRID_LEVELS[self.grid]:
+            raise WamError(f"channels needs one entry per resolution level: {GRID_LEVELS[self.grid]} for grid {self.grid} "
+                           f"({', '.join(map(str, LEVEL_SIZES[:GRID_LEVELS[self.grid]]))} cells wide), got {self.channels}")
+        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.usage_decay < 1.0:
+            raise WamError(f"ema_decay must be in [0, 1) and usage_decay in (0, 1), got {self.ema_decay}, {self.usage_decay}")
+        if not 0.0 < self.foreground_max_share < 1.0:
+            raise WamError(f"foreground_max_share must be in (0, 1), got {self.foreground_max_share}")
+        if self.foreground_small_object < 0:
+            raise WamError(f"foreground_small_object must be >= 0, got {self.foreground_small_object}")
+        if self.foreground_weight < 0 or not 0 <= self.foreground_threshold <= 255:
+            raise WamError(f"foreground_weight must be >= 0 and foreground_threshold in [0, 255], got "
+                           f"{self.foreground_weight}, {self.foreground_threshold}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid
+
+    @classmethod
+    def from_preset(cls, name: str) -> TokenizerConfig:
+        """The named preset: debug, small, jowa-40m, jowa-70m or jowa-150m."""
+        return dataclasses.replace(preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset").model)
+
+    @classmethod
+    def from_stored(cls, data: dict) -> TokenizerConfig:
+        """The config a checkpoint or config.json recorded. Fields added since take the value that reproduces the
+        behaviour of the version that wrote it (`LEGACY_DEFAULTS`), not today's default. Checkpoints written
+        before the split recorded the training fields in the same dict; they are left to `TokenizerTrainConfig`."""
+        from wam.worldmodel.checkpoint import config_from_dict
+
+        return config_from_dict(cls, {**LEGACY_DEFAULTS, **{k: v for k, v in data.items() if k not in TRAIN_FIELDS}})
+
+    def architecture_dict(self) -> dict[str, object]:
+        """The fields that decide what the weights mean (hashed into the tokenizer id)."""
+        keys = ("codebook_size", "codebook_dim", "channels", "res_blocks", "normalize_codes")
+        if self.background_bank:  # only when set, so tokenizers trained before the bank keep their ids
+            keys += ("background_bank",)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """How a tokenizer is trained: optimiser, schedule, data pool, evaluation and checkpoint cadence, device.
+
+    The defaults are the `debug` preset's; `TokenizerTrainConfig.from_preset(name)` gives the others.
+    """
+
     lr: float = 1e-3
     """AdamW learning rate (peak, after warm-up; 2e-3 diverged with the foreground weighting)."""
     weight_decay: float = 0.0
@@ -120,30 +174,12 @@ class TokenizerConfig:
     seed: int = 0
     """Seed of the weights, the sampler and the codebook restarts."""
 
+
     def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
-        if not 2 <= self.codebook_size <= 65_536:
-            raise WamError(f"codebook_size must be in [2, 65536] (tokens are stored as uint16), got {self.codebook_size}")
-        if self.grid not in (6, 11):
-            raise WamError(f"grid must be 6 (36 tokens a frame) or 11 (121 tokens), got {self.grid}")
-        if self.grid == 11 and len(self.channels) == 4:
-            self.channels = self.channels[:3]  # type: ignore[assignment]
-        if len(self.channels) != GRID_LEVELS[self.grid]:
-            raise WamError(f"channels needs one entry per resolution level: {GRID_LEVELS[self.grid]} for grid {self.grid} "
-                           f"({', '.join(map(str, LEVEL_SIZES[:GRID_LEVELS[self.grid]]))} cells wide), got {self.channels}")
         if self.autocast not in ("none", "bf16", "auto"):
             raise WamError(f"autocast must be 'none', 'bf16' or 'auto', got {self.autocast!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise WamError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.usage_decay < 1.0:
-            raise WamError(f"ema_decay must be in [0, 1) and usage_decay in (0, 1), got {self.ema_decay}, {self.usage_decay}")
-        if not 0.0 < self.foreground_max_share < 1.0:
-            raise WamError(f"foreground_max_share must be in (0, 1), got {self.foreground_max_share}")
-        if self.foreground_small_object < 0:
-            raise WamError(f"foreground_small_object must be >= 0, got {self.foreground_small_object}")
-        if self.foreground_weight < 0 or not 0 <= self.foreground_threshold <= 255:
-            raise WamError(f"foreground_weight must be >= 0 and foreground_threshold in [0, 255], got "
-                           f"{self.foreground_weight}, {self.foreground_threshold}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise WamError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         for name in ("batch_size", "steps", "eval_interval", "plot_interval", "checkpoint_interval", "eval_frames",
@@ -151,29 +187,30 @@ class TokenizerConfig:
             if getattr(self, name) <= 0:
                 raise WamError(f"{name} must be positive, got {getattr(self, name)}")
 
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.grid * self.grid
+    @classmethod
+    def from_preset(cls, name: str) -> TokenizerTrainConfig:
+        """The named preset's training settings: debug, small, jowa-40m, jowa-70m or jowa-150m."""
+        return dataclasses.replace(preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset").train)
 
     @classmethod
-    def from_preset(cls, name: str) -> TokenizerConfig:
-        """The named preset: debug, small, jowa-40m, jowa-70m or jowa-150m."""
-        return dataclasses.replace(preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset"))
-
-    @classmethod
-    def from_stored(cls, data: dict) -> TokenizerConfig:
-        """The config a checkpoint or config.json recorded. Fields added since take the value that reproduces the
-        behaviour of the version that wrote it (`LEGACY_DEFAULTS`), not today's default."""
+    def from_stored(cls, data: dict) -> TokenizerTrainConfig:
+        """The training settings a checkpoint recorded (its `train` dict; before the split, the training
+        fields of its `config` dict)."""
         from wam.worldmodel.checkpoint import config_from_dict
 
-        return config_from_dict(cls, {**LEGACY_DEFAULTS, **data})
+        return config_from_dict(cls, {k: v for k, v in data.items() if k in TRAIN_FIELDS})
 
-    def architecture_dict(self) -> dict[str, object]:
-        """The fields that decide what the weights mean (hashed into the tokenizer id)."""
-        keys = ("codebook_size", "codebook_dim", "channels", "res_blocks", "normalize_codes")
-        if self.background_bank:  # only when set, so tokenizers trained before the bank keep their ids
-            keys += ("background_bank",)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
+
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TokenizerTrainConfig))
+"""Names of the training fields (checkpoints written before the split stored them beside the architecture)."""
+
+
+@dataclass(frozen=True)
+class TokenizerPreset:
+    """A named tokenizer preset: what the tokenizer is, and how it is trained."""
+
+    model: TokenizerConfig
+    train: TokenizerTrainConfig
 
 
 LEGACY_DEFAULTS: dict[str, object] = {"background_bank": 0, "foreground_weight": 0.0, "foreground_small_object": 0}
@@ -182,21 +219,23 @@ background bank and the foreground weighting, every tokenizer had one bias image
 
 # The paper presets share one tokenizer: JOWA trains it once (stage 1, 2,048 x 512 codebook, 250k steps) and
 # freezes it for every model size.
-_JOWA = TokenizerConfig(
-    codebook_size=2048, codebook_dim=512, channels=(128, 128, 256, 256), res_blocks=2, background_bank=0,
-    foreground_weight=0.0,
-    ema_decay=0.99, usage_decay=0.99, dead_code_threshold=0.05, lr=1e-4, weight_decay=0.01, warmup_steps=2000,
-    batch_size=128, steps=250_000, eval_interval=5000, plot_interval=10_000, checkpoint_interval=10_000,
-    eval_frames=2048, pool_frames=500_000, pool_refresh_interval=5000, autocast="auto",
+_JOWA = TokenizerPreset(
+    TokenizerConfig(codebook_size=2048, codebook_dim=512, channels=(128, 128, 256, 256), res_blocks=2,
+                    background_bank=0, foreground_weight=0.0, ema_decay=0.99, usage_decay=0.99,
+                    dead_code_threshold=0.05),
+    TokenizerTrainConfig(lr=1e-4, weight_decay=0.01, warmup_steps=2000, batch_size=128, steps=250_000,
+                         eval_interval=5000, plot_interval=10_000, checkpoint_interval=10_000, eval_frames=2048,
+                         pool_frames=500_000, pool_refresh_interval=5000, autocast="auto"),
 )
-TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+TOKENIZER_PRESETS: dict[str, TokenizerPreset] = {
     # The defaults. Keeps the objects: foreground-weighted loss, a bank of 8 learned screens, 1,024 codes
     # (docs/tokenizer.md, "Keeping the objects", for the ablation that chose them).
-    "debug": TokenizerConfig(),
+    "debug": TokenizerPreset(TokenizerConfig(), TokenizerTrainConfig()),
     # debug + one residual block per level: the `small` recipe's tokenizer, minutes on 2 CPU cores. The block
     # lifted Freeway's foreground gain from +6.7 to above +8 dB (docs/tokenizer.md, "Keeping the objects").
-    "small": TokenizerConfig(res_blocks=1, steps=3000),
+    "small": TokenizerPreset(TokenizerConfig(res_blocks=1), TokenizerTrainConfig(steps=3000)),
     "jowa-40m": _JOWA,
     "jowa-70m": _JOWA,
     "jowa-150m": _JOWA,
 }
+"""Every tokenizer preset, as (architecture, training) config pairs."""

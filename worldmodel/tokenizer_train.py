@@ -1,6 +1,7 @@
 """Training the frame tokenizer, and encoding datasets into the token cache.
 
-`train_tokenizer(cfg, data, out)` trains a `VQTokenizer` on single frames of one or more datasets:
+`train_tokenizer(cfg, train, data, out)` trains a `VQTokenizer` (`cfg`, a `TokenizerConfig`: what the tokenizer is) on
+single frames of one or more datasets, with the settings of `train` (a `TokenizerTrainConfig`):
 
 - **Held-out episodes.** The last `holdout_fraction` of each dataset's episodes (at least one; a dataset
   with a single episode gives none) are never trained on; every `eval_interval` steps a fixed set of
@@ -16,7 +17,7 @@
   `metrics.jsonl` rows every 10 steps (the window's training averages; the held-out figures join the row of
   their step), a PNG grid of held-out frames beside their reconstructions every `plot_interval` steps
   (`plots/recon_step_XXXXXXXX.png`, matplotlib's Agg canvas), atomic self-describing checkpoints of kind
-  "tokenizer" (config, weights, optimizer, schedule, step, RNG states, pool and sampler state, tokenizer id,
+  "tokenizer" (config and training config, weights, optimizer, schedule, step, RNG states, pool and sampler state, tokenizer id,
   data, the last evaluation). `resume=True` continues from the newest checkpoint exactly (same batches, same
   weights as an uninterrupted run on CPU; checkpoints of the loop before it was shared resume too). Ctrl-C
   finishes the step, saves and raises KeyboardInterrupt.
@@ -50,6 +51,7 @@ from wam.worldmodel.tokenize_cache import EncodeSummary, encode_datasets
 from wam.worldmodel.tokenizer import (
     CHECKPOINT_KIND,
     TokenizerConfig,
+    TokenizerTrainConfig,
     VQTokenizer,
     build_tokenizer,
     load_tokenizer,
@@ -98,7 +100,7 @@ class TrainResult:
                 f"{self.images_per_s:.0f} images/s; run {self.run_dir}")
 
 
-def trainer_config(cfg: TokenizerConfig, progress: bool = True) -> TrainerConfig:
+def trainer_config(cfg: TokenizerTrainConfig, progress: bool = True) -> TrainerConfig:
     """The generic loop's settings for a tokenizer run: AdamW (betas 0.9, 0.999), linear warm-up, then cosine
     from `lr` to `lr / 10` at `cfg.steps`, gradient clipping, optional bf16 autocast."""
     return TrainerConfig(steps=cfg.steps, lr=cfg.lr, min_lr=cfg.lr * 0.1, warmup_steps=cfg.warmup_steps,
@@ -113,7 +115,7 @@ def decays(name: str, p: torch.nn.Parameter) -> bool:
     return p.dim() == 4 and not name.startswith(("decoder.pixel_bias", "decoder.backgrounds"))
 
 
-def make_optimizer(model: VQTokenizer, cfg: TokenizerConfig) -> torch.optim.AdamW:
+def make_optimizer(model: VQTokenizer, cfg: TokenizerTrainConfig) -> torch.optim.AdamW:
     """The optimizer a tokenizer run trains with (`trainer_config`, `decays`)."""
     return make_trainer_optimizer(model, trainer_config(cfg), decays)
 
@@ -191,9 +193,11 @@ def _same_data(paths: Sequence[Path], fingerprints: list[str] | None) -> bool:
         return False
 
 
-def _starting_point(cfg: TokenizerConfig, data: Sequence[str | Path], run: RunDir, resume: bool, steps: int | None
-                    ) -> tuple[TokenizerConfig, list[Path], dict[str, Any] | None]:
-    """(config, dataset paths, checkpoint to resume or None) of a `train_tokenizer` call, with its clear errors."""
+def _starting_point(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Sequence[str | Path], run: RunDir,
+                    resume: bool, steps: int | None
+                    ) -> tuple[TokenizerConfig, TokenizerTrainConfig, list[Path], dict[str, Any] | None]:
+    """(config, training config, dataset paths, checkpoint to resume or None) of a `train_tokenizer` call, with
+    its clear errors."""
     ckpt = None
     if resume:
         latest = run.latest()
@@ -201,6 +205,7 @@ def _starting_point(cfg: TokenizerConfig, data: Sequence[str | Path], run: RunDi
             raise WamError(f"--resume: {run.path} has no checkpoint to resume from; start without --resume")
         ckpt = load_checkpoint(latest, kind=CHECKPOINT_KIND)
         cfg = TokenizerConfig.from_stored(ckpt["config"])
+        train = TokenizerTrainConfig.from_stored(ckpt.get("train", ckpt["config"]))  # before the split: one dict
         stored_data = [Path(p) for p in ckpt["data"]]
         paths = resolve_data(data) if data else stored_data
         if [p.resolve() for p in paths] != [p.resolve() for p in stored_data] and not _same_data(
@@ -210,15 +215,15 @@ def _starting_point(cfg: TokenizerConfig, data: Sequence[str | Path], run: RunDi
     elif run.latest() is not None:
         raise WamError(f"{run.path} already holds a tokenizer run; pass --resume to continue it or choose "
                        f"another --out")
-    if steps is not None and steps != cfg.steps:
-        log.info("training to step %d (the config says %d)", steps, cfg.steps)
-        cfg = dataclasses.replace(cfg, steps=steps)
+    if steps is not None and steps != train.steps:
+        log.info("training to step %d (the config says %d)", steps, train.steps)
+        train = dataclasses.replace(train, steps=steps)
     if not resume:
         paths = resolve_data(data)
-    return cfg, paths, ckpt
+    return cfg, train, paths, ckpt
 
 
-def _frame_source(cfg: TokenizerConfig, stores: list[TrajectoryStore], train_splits: list, titles: list[str],
+def _frame_source(cfg: TokenizerTrainConfig, stores: list[TrajectoryStore], train_splits: list, titles: list[str],
                   ckpt: dict[str, Any] | None) -> tuple[FrameSource, dict[str, Any] | None]:
     """The frame source of a fresh run, or of a resumed one with the checkpoint in the shared loop's form."""
     if ckpt is None:
@@ -236,42 +241,44 @@ def _frame_source(cfg: TokenizerConfig, stores: list[TrajectoryStore], train_spl
     return source, {**ckpt, "sampler": [state]}
 
 
-def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str | Path, resume: bool = False,
-                    progress: bool = True, stop_at: int | None = None, steps: int | None = None) -> TrainResult:
-    """Train a tokenizer on the datasets `data` into the run directory `out`; see the module docstring.
+def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Sequence[str | Path], out: str | Path,
+                    resume: bool = False, progress: bool = True, stop_at: int | None = None, steps: int | None = None
+                    ) -> TrainResult:
+    """Train a tokenizer `cfg` with the settings `train` on the datasets `data` into the run directory `out`; see
+    the module docstring.
 
-    resume: continue the run in `out` from its newest checkpoint with the run's stored config (`cfg` is
-        ignored); `data` may be empty (the run's datasets are used) or must name the same datasets.
-    steps: if given, overrides the config's `steps` (with `resume`: extends or shortens the run).
+    resume: continue the run in `out` from its newest checkpoint with the run's stored configs (`cfg` and
+        `train` are ignored); `data` may be empty (the run's datasets are used) or must name the same datasets.
+    steps: if given, overrides `train.steps` (with `resume`: extends or shortens the run).
     stop_at: stop after this step as if Ctrl-C had been pressed, but without raising (saves a checkpoint);
         for tests and time-boxed jobs.
     """
     run = RunDir(out)
-    cfg, paths, ckpt = _starting_point(cfg, data, run, resume, steps)
-    device = resolve_device(cfg.device)
+    cfg, train, paths, ckpt = _starting_point(cfg, train, data, run, resume, steps)
+    device = resolve_device(train.device)
     stores = [TrajectoryStore.open(p) for p in paths]
     titles = [s.game for s in stores]
-    splits = split_episodes(stores, cfg.holdout_fraction)
-    model = build_tokenizer(cfg).to(device)
+    splits = split_episodes(stores, train.holdout_fraction)
+    model = build_tokenizer(cfg, seed=train.seed).to(device)
     if ckpt is None:
-        torch.manual_seed(cfg.seed)  # after the model is built, as the runs recorded in docs/ were
-    source, ckpt = _frame_source(cfg, stores, [t for t, _ in splits], titles, ckpt)
+        torch.manual_seed(train.seed)  # after the model is built, as the runs recorded in docs/ were
+    source, ckpt = _frame_source(train, stores, [t for t, _ in splits], titles, ckpt)
     last_eval = EvalResult(**ckpt["eval"]) if ckpt is not None and ckpt.get("eval") else None
-    run.write_config(cfg, data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
+    run.write_config(cfg, train=config_to_dict(train), data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
 
-    eval_frames, eval_owner = heldout_frames(stores, [h for _, h in splits], cfg.eval_frames)
+    eval_frames, eval_owner = heldout_frames(stores, [h for _, h in splits], train.eval_frames)
     plot_idx = plot_selection(eval_owner, PLOT_FRAMES)
     log.info("tokenizer: %d datasets, %d training frames, %d held-out evaluation frames, device %s, autocast %s",
-             len(stores), source.pool.total_frames, len(eval_frames), device, cfg.autocast)
+             len(stores), source.pool.total_frames, len(eval_frames), device, train.autocast)
     seen = {"eval": last_eval,
             "step": int(ckpt["summary"].get("eval_step", ckpt["step"])) if ckpt and ckpt.get("summary") else 0}
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    end = train.steps if stop_at is None else min(stop_at, train.steps)
 
     def run_eval(step: int) -> EvalResult:
         result, recon = evaluate(model, eval_frames, eval_owner, source.mean_frames,
                                  median_frames=source.median_frames, games=titles)
         seen.update(eval=result, step=step)
-        if step % cfg.plot_interval == 0 or step == cfg.steps:
+        if step % train.plot_interval == 0 or step == train.steps:
             grid = run.path / "plots" / f"recon_step_{step:08d}.png"
             plot_reconstructions(grid, eval_frames[plot_idx], recon[plot_idx], step, result,
                                  [titles[d] for d in eval_owner[plot_idx]])
@@ -281,7 +288,7 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
         return result
 
     def eval_hook(step: int) -> dict[str, float]:
-        due = step % cfg.eval_interval == 0 or step % cfg.plot_interval == 0 or step == cfg.steps
+        due = step % train.eval_interval == 0 or step % train.plot_interval == 0 or step == train.steps
         return run_eval(step).metrics() if due or (step == end and seen["eval"] is None) else {}
 
     def checkpoint_extra() -> dict[str, Any]:
@@ -290,9 +297,10 @@ def train_tokenizer(cfg: TokenizerConfig, data: Sequence[str | Path], out: str |
                 "eval": dataclasses.asdict(e) if e else None,
                 "summary": {**e.metrics(), "eval_step": seen["step"]} if e else {}}
 
-    meta = {"kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "data": [str(p) for p in paths],
+    meta = {"kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "train": config_to_dict(train),
+            "data": [str(p) for p in paths],
             "data_fingerprints": [st.fingerprint() for st in stores]}  # moved-data resume
-    trainer = Trainer(TokenizerObjective(model, source.median_frames), source, trainer_config(cfg, progress),
+    trainer = Trainer(TokenizerObjective(model, source.median_frames), source, trainer_config(train, progress),
                       run_dir=run, checkpoint_meta=meta, evaluate=eval_hook, eval_every=1,
                       count=lambda b: len(b.frames), unit="images", decays=decays, window_mean=True,
                       checkpoint_extra=checkpoint_extra, desc="tokenizer")

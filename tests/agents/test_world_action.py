@@ -152,7 +152,7 @@ def test_an_acting_time_behaviour_prior_overrides_the_trained_one(runs):
     assert (vals[0, 3] - vals[0, 0]).item() == pytest.approx(2.5 * 1.0, rel=1e-5)
     with pytest.raises(WamError, match="must be > 0"):
         load_agent(str(path), "Pong", behaviour_prior=0.0)
-    other = build_tokenizer(dataclasses.replace(TokenizerConfig.from_preset("debug"), seed=7))
+    other = build_tokenizer(TokenizerConfig.from_preset("debug"), seed=7)
     bad = runs["root"] / "other_tok"
     save_checkpoint(bad / "checkpoints" / "step_00000000.pt",
                     {"kind": TOKENIZER_KIND, "config": config_to_dict(other.cfg), "model": other.state_dict(),

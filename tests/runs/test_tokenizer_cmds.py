@@ -12,8 +12,8 @@ from wam.datasets.policies import make_policy
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 from wam.runs.cli import run_command
 
-SMALL = ["--tokenizer.batch-size", "8", "--tokenizer.eval-interval", "5", "--tokenizer.plot-interval", "10",
-         "--tokenizer.checkpoint-interval", "5", "--tokenizer.eval-frames", "32", "--no-progress"]
+SMALL = ["--train.batch-size", "8", "--train.eval-interval", "5", "--train.plot-interval", "10",
+         "--train.checkpoint-interval", "5", "--train.eval-frames", "32", "--no-progress"]
 
 
 def _data(dirs: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from wam.worldmodel.probe import (
     r2_score,
     token_features,
 )
-from wam.worldmodel.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
+from wam.worldmodel.tokenizer import TokenizerConfig, TokenizerTrainConfig, build_tokenizer, load_tokenizer
 from wam.worldmodel.tokenizer_train import encode_datasets, train_tokenizer
 
 
@@ -150,9 +150,9 @@ def probe_data(tmp_path_factory) -> tuple[list[str], str]:
     root = tmp_path_factory.mktemp("probe_frames")
     dirs = [_collect(root, "Pong", 5, 90, seed=1), _collect(root, "Breakout", 5, 60, seed=2)]
     run = tmp_path_factory.mktemp("probe_tok") / "tok"
-    cfg = dataclasses.replace(TokenizerConfig.from_preset("debug"), steps=4, batch_size=8, eval_frames=16,
-                              eval_interval=4, plot_interval=4, checkpoint_interval=4)
-    train_tokenizer(cfg, dirs, run, progress=False)
+    train = dataclasses.replace(TokenizerTrainConfig.from_preset("debug"), steps=4, batch_size=8, eval_frames=16,
+                                eval_interval=4, plot_interval=4, checkpoint_interval=4)
+    train_tokenizer(TokenizerConfig.from_preset("debug"), train, dirs, run, progress=False)
     return dirs, str(run)
 
 

@@ -21,6 +21,7 @@ from wam.worldmodel.checkpoint import load_checkpoint, save_checkpoint
 from wam.worldmodel.tokenizer import (
     TOKENIZER_PRESETS,
     TokenizerConfig,
+    TokenizerTrainConfig,
     VectorQuantizer,
     build_tokenizer,
     foreground_weights,
@@ -58,8 +59,9 @@ def datasets(tmp_path_factory) -> list[Path]:
     return [collect_random(root, g, EPISODES, MAX_STEPS, seed=k) for k, g in enumerate(GAMES)]
 
 
-def _quick(cfg: TokenizerConfig, **kw) -> TokenizerConfig:
-    return dataclasses.replace(cfg, **kw)
+def _quick(**kw) -> TokenizerTrainConfig:
+    """The `debug` preset's training settings, shortened for a test."""
+    return dataclasses.replace(TokenizerTrainConfig.from_preset("debug"), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def trained(datasets, tmp_path_factory):
     """The debug tokenizer trained briefly on both games (the shared run of most tests below)."""
     out = tmp_path_factory.mktemp("run") / "tok"
     cfg = TokenizerConfig.from_preset("debug")
-    return train_tokenizer(cfg, datasets, out, progress=False)
+    return train_tokenizer(cfg, TokenizerTrainConfig.from_preset("debug"), datasets, out, progress=False)
 
 
 # --------------------------------------------------------------------------------------- the model
@@ -79,6 +81,13 @@ def test_presets_and_config_errors():
         TokenizerConfig.from_preset("huge")
     with pytest.raises(WamError, match="uint16"):
         TokenizerConfig(codebook_size=70_000)
+    # what the tokenizer is and how it is trained are two configs; a preset names both
+    assert (TokenizerTrainConfig.from_preset("jowa-70m").steps, TokenizerTrainConfig.from_preset("small").steps,
+            TokenizerConfig.from_preset("small").res_blocks) == (250_000, 3000, 1)
+    with pytest.raises(TypeError):
+        TokenizerConfig(lr=1e-3)  # a training setting
+    with pytest.raises(WamError, match="batch_size must be positive"):
+        TokenizerTrainConfig(batch_size=0)
 
 
 def test_shapes_dtypes_and_bf16():
@@ -247,7 +256,7 @@ def test_token_cache_equals_on_the_fly_and_is_idempotent(trained, datasets, tmp_
     again = encode_datasets(model, dirs, progress=False)
     assert again.frames == 0 and len(again.skipped) == 2 and not again.encoded
 
-    other = build_tokenizer(dataclasses.replace(model.cfg, seed=1))
+    other = build_tokenizer(model.cfg, seed=1)
     assert other.tokenizer_id() != model.tokenizer_id()
     with pytest.raises(DataError, match=f"holds tokens of tokenizer {model.tokenizer_id()}"):
         encode_datasets(other, dirs, progress=False)
@@ -255,14 +264,14 @@ def test_token_cache_equals_on_the_fly_and_is_idempotent(trained, datasets, tmp_
 
 
 def test_resume_continues_exactly(datasets, tmp_path):
-    cfg = _quick(TokenizerConfig.from_preset("debug"), steps=12, batch_size=8, eval_interval=6, plot_interval=12,
+    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=12, batch_size=8, eval_interval=6, plot_interval=12,
                  checkpoint_interval=4, eval_frames=16, warmup_steps=3)
-    straight = train_tokenizer(cfg, datasets, tmp_path / "a", progress=False)
-    first = train_tokenizer(cfg, datasets, tmp_path / "b", progress=False, stop_at=6)
+    straight = train_tokenizer(cfg, train, datasets, tmp_path / "a", progress=False)
+    first = train_tokenizer(cfg, train, datasets, tmp_path / "b", progress=False, stop_at=6)
     assert first.step == 6
     with pytest.raises(WamError, match="already holds a tokenizer run"):
-        train_tokenizer(cfg, datasets, tmp_path / "b", progress=False)
-    resumed = train_tokenizer(cfg, [], tmp_path / "b", resume=True, progress=False)
+        train_tokenizer(cfg, train, datasets, tmp_path / "b", progress=False)
+    resumed = train_tokenizer(cfg, train, [], tmp_path / "b", resume=True, progress=False)
     assert resumed.step == 12 and resumed.tokenizer_id == straight.tokenizer_id
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
@@ -272,24 +281,28 @@ def test_resume_continues_exactly(datasets, tmp_path):
     strip = [[{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in rows] for rows in last]
     assert len(strip[0]) == 1 and {"loss", "heldout_psnr", "lr"} <= set(strip[0][0]) and strip[0] == strip[1]
     with pytest.raises(WamError, match="same --data"):
-        train_tokenizer(cfg, datasets[:1], tmp_path / "b", resume=True, progress=False)
+        train_tokenizer(cfg, train, datasets[:1], tmp_path / "b", resume=True, progress=False)
 
 
 def test_a_checkpoint_of_the_old_loop_resumes_exactly(datasets, tmp_path):
     """Before the tokenizer trained through the shared `Trainer`, its checkpoints held the sampler state as a
-    dict and no scheduler; such a run still resumes to the weights of an uninterrupted run."""
-    cfg = _quick(TokenizerConfig.from_preset("debug"), steps=8, batch_size=8, eval_interval=4, plot_interval=8,
+    dict and no scheduler, and before the config split one flat config dict (architecture and training); such a
+    run still loads with the same training settings and resumes to the weights of an uninterrupted run."""
+    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=8, batch_size=8, eval_interval=4, plot_interval=8,
                  checkpoint_interval=4, eval_frames=16, warmup_steps=3)
-    straight = train_tokenizer(cfg, datasets, tmp_path / "a", progress=False)
-    first = train_tokenizer(cfg, datasets, tmp_path / "b", progress=False, stop_at=4)
+    straight = train_tokenizer(cfg, train, datasets, tmp_path / "a", progress=False)
+    first = train_tokenizer(cfg, train, datasets, tmp_path / "b", progress=False, stop_at=4)
     ckpt = load_checkpoint(first.checkpoint, kind="tokenizer")
     state = ckpt["sampler"][0]
     del state["drawn"]
     for group in ckpt["optimizer"]["param_groups"]:  # the old loop set each step's rate before it: step 4 ran at lr(3)
-        group["lr"] = cfg.lr * lr_factor(3, trainer_config(cfg))
-    old = {k: v for k, v in ckpt.items() if k not in ("format_version", "scheduler", "trainer")}
+        group["lr"] = train.lr * lr_factor(3, trainer_config(train))
+    old = {k: v for k, v in ckpt.items() if k not in ("format_version", "scheduler", "trainer", "train")}
+    old["config"] = {**ckpt["config"], **ckpt["train"]}  # one flat dict, as before the split
     save_checkpoint(first.checkpoint, {**old, "sampler": state})
-    resumed = train_tokenizer(cfg, [], tmp_path / "b", resume=True, progress=False)
+    assert load_tokenizer(first.checkpoint).train_cfg == dataclasses.replace(train, steps=8)
+    other = dataclasses.replace(train, lr=1.0, batch_size=3)  # resuming takes the stored settings, not these
+    resumed = train_tokenizer(TokenizerConfig(res_blocks=2), other, [], tmp_path / "b", resume=True, progress=False)
     assert resumed.step == 8
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
@@ -298,9 +311,9 @@ def test_a_checkpoint_of_the_old_loop_resumes_exactly(datasets, tmp_path):
 def test_resume_accepts_moved_data_and_refuses_changed_data(datasets, tmp_path):
     """Datasets moved or copied since (same content: game, name, episode lengths and returns) resume the run;
     a copy that differs by one episode does not."""
-    cfg = _quick(TokenizerConfig.from_preset("debug"), steps=8, batch_size=8, eval_interval=4, plot_interval=8,
+    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=8, batch_size=8, eval_interval=4, plot_interval=8,
                  checkpoint_interval=4, eval_frames=16, warmup_steps=2)
-    train_tokenizer(cfg, datasets, tmp_path / "run", progress=False, stop_at=4)
+    train_tokenizer(cfg, train, datasets, tmp_path / "run", progress=False, stop_at=4)
     moved = [shutil.copytree(d, tmp_path / "moved" / d.parent.name / d.name) for d in datasets]
     assert [TrajectoryStore.open(d).fingerprint() for d in moved] == [
         TrajectoryStore.open(d).fingerprint() for d in datasets]
@@ -309,8 +322,8 @@ def test_resume_accepts_moved_data_and_refuses_changed_data(datasets, tmp_path):
         w.append(TrajectoryStore.open(datasets[0]).read_episode(0))
     assert TrajectoryStore.open(changed[0]).fingerprint() != TrajectoryStore.open(datasets[0]).fingerprint()
     with pytest.raises(WamError, match="same --data"):
-        train_tokenizer(cfg, changed, tmp_path / "run", resume=True, progress=False)
-    resumed = train_tokenizer(cfg, moved, tmp_path / "run", resume=True, progress=False)
+        train_tokenizer(cfg, train, changed, tmp_path / "run", resume=True, progress=False)
+    resumed = train_tokenizer(cfg, train, moved, tmp_path / "run", resume=True, progress=False)
     assert resumed.step == 8
 
 
@@ -395,7 +408,7 @@ def test_background_bank_mixes_learned_screens_and_changes_the_id():
     # weight decay never pulls the learned screens towards black
     from wam.worldmodel.tokenizer_train import make_optimizer
 
-    opt = make_optimizer(bank, dataclasses.replace(bank.cfg, weight_decay=0.1))
+    opt = make_optimizer(bank, TokenizerTrainConfig(weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(bank.decoder.backgrounds) not in decayed and id(bank.decoder.net[0].weight) in decayed
 
