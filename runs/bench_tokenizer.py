@@ -111,8 +111,8 @@ def _quality(preset: str, dirs: list[Path], steps: int, work: Path) -> dict[str,
     from wam.worldmodel.tokenizer_train import train_tokenizer
 
     cfg, preset_train = TokenizerConfig.from_preset(preset), TokenizerTrainConfig.from_preset(preset)
-    train = dataclasses.replace(preset_train, steps=steps, eval_interval=steps, plot_interval=steps,
-                                checkpoint_interval=steps, warmup_steps=min(preset_train.warmup_steps, steps // 5 + 1))
+    train = dataclasses.replace(preset_train, steps=steps, eval_every=steps, plot_every=steps,
+                                checkpoint_every=steps, warmup_steps=min(preset_train.warmup_steps, steps // 5 + 1))
     t0 = time.perf_counter()
     r = train_tokenizer(cfg, train, dirs, work / f"run-{preset}", progress=False)
     e = r.eval

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data export-minari": ("wam.runs.data_cmds", "export_minari", "Export a wam dataset as a Minari dataset."),
     "demo": ("wam.runs.demo", "demo", "Run the whole pipeline end to end on the debug preset (CPU, minutes)."),
     "recipe": ("wam.runs.recipe", "recipe", "Run the `small` recipe: several seeds, evaluations, checks whether the model learns."),
-    "eval": ("wam.runs.eval_cmds", "evaluate", "Evaluate an agent on Atari games with Ray workers (scores, HNS, IQM, CIs)."),
+    "eval": ("wam.runs.eval_cmds", "eval_command", "Evaluate an agent on Atari games with Ray workers (scores, HNS, IQM, CIs)."),
     "plan correct": ("wam.runs.plan_cmds", "correct", "Plan from dataset states on Ray workers; write corrected Q-values (HDF5)."),
     "report": ("wam.runs.report", "report", "Write report.md with tables and plots from eval and run directories."),
     "pretrain": ("wam.runs.train_cmds", "pretrain", "Pretrain the world-action model on trajectories of many games."),

@@ -67,7 +67,7 @@ class EvalConfig:
     `behaviour_prior`, the tau it was trained with; larger stays closer to the data's policy)."""
 
 
-def evaluate(cfg: EvalConfig) -> int:
+def eval_command(cfg: EvalConfig) -> int:
     from wam.agents.evaluate import evaluate as run_eval
     from wam.planning.beam import PlannerSettings
 
@@ -77,7 +77,7 @@ def evaluate(cfg: EvalConfig) -> int:
     result = run_eval(cfg.agent, cfg.game, episodes=cfg.episodes, workers=cfg.workers, protocol=cfg.protocol,
                       seed=cfg.seed, epsilon=cfg.epsilon, plan=plan, out_dir=cfg.out, video=cfg.video,
                       progress=cfg.progress, max_steps=cfg.max_steps, envs_per_worker=cfg.envs_per_worker,
-                      ray_address=cfg.ray_address, agent_kwargs=_agent_kwargs(cfg))
+                      ray_address=cfg.ray_address, agent_kwargs=agent_kwargs(cfg))
     print(format_summary(result.summary))
     print(f"{result.episodes_run} episodes, {result.steps} agent steps in {result.seconds:.1f}s "
           f"({result.steps_per_second:.0f} steps/s); restarted workers: {result.restarted_workers}")
@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig) -> int:
     return 0 if result.complete else 1
 
 
-def _agent_kwargs(cfg: EvalConfig) -> dict:
+def agent_kwargs(cfg: EvalConfig) -> dict:
     """Options for model agents; left out when unset so baselines see none."""
     if cfg.agent in ("random", "scripted"):
         return {}

@@ -150,11 +150,11 @@ class TokenizerTrainConfig:
     """Frames per training step."""
     steps: int = 600
     """Training steps."""
-    eval_interval: int = 100
+    eval_every: int = 100
     """Evaluate on held-out episodes (PSNR, codebook usage) every this many steps (and at the end)."""
-    plot_interval: int = 200
+    plot_every: int = 200
     """Write a PNG grid of held-out frames beside their reconstructions every this many steps (and at the end)."""
-    checkpoint_interval: int = 200
+    checkpoint_every: int = 200
     """Save a checkpoint every this many steps (and at the end, and on Ctrl-C)."""
     holdout_fraction: float = 0.1
     """Fraction of each dataset's episodes (the last ones) held out for evaluation (at least one)."""
@@ -164,7 +164,7 @@ class TokenizerTrainConfig:
     """Training frames kept in RAM; larger datasets are sampled as random windows, refreshed as training runs."""
     pool_window: int = 32
     """Length of the windows (consecutive frames) read into the training pool."""
-    pool_refresh_interval: int = 500
+    pool_refresh_every: int = 500
     """Replace a quarter of the pool's windows every this many steps (only when the data do not fit)."""
     autocast: str = "none"
     """Mixed precision of training: "none" (fp32), "bf16" (torch.autocast; codebook search stays fp32) or "auto"
@@ -182,8 +182,8 @@ class TokenizerTrainConfig:
             raise WamError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise WamError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        for name in ("batch_size", "steps", "eval_interval", "plot_interval", "checkpoint_interval", "eval_frames",
-                     "pool_frames", "pool_window", "pool_refresh_interval"):
+        for name in ("batch_size", "steps", "eval_every", "plot_every", "checkpoint_every", "eval_frames",
+                     "pool_frames", "pool_window", "pool_refresh_every"):
             if getattr(self, name) <= 0:
                 raise WamError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -195,14 +195,19 @@ class TokenizerTrainConfig:
     @classmethod
     def from_stored(cls, data: dict) -> TokenizerTrainConfig:
         """The training settings a checkpoint recorded (its `train` dict; before the split, the training
-        fields of its `config` dict)."""
+        fields of its `config` dict, where the cadences were named `*_interval`)."""
         from wam.worldmodel.checkpoint import config_from_dict
 
+        data = {RENAMED_TRAIN_FIELDS.get(k, k): v for k, v in data.items()}
         return config_from_dict(cls, {k: v for k, v in data.items() if k in TRAIN_FIELDS})
 
 
-TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TokenizerTrainConfig))
-"""Names of the training fields (checkpoints written before the split stored them beside the architecture)."""
+RENAMED_TRAIN_FIELDS = {"eval_interval": "eval_every", "plot_interval": "plot_every",
+                        "checkpoint_interval": "checkpoint_every", "pool_refresh_interval": "pool_refresh_every"}
+"""Names of training fields in checkpoints written before 2026-12-07 -> today's (`*_every`, as `TrainerConfig`)."""
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TokenizerTrainConfig)) | frozenset(RENAMED_TRAIN_FIELDS)
+"""Names of the training fields, old and new (checkpoints written before the split stored them beside the
+architecture)."""
 
 
 @dataclass(frozen=True)
@@ -224,8 +229,8 @@ _JOWA = TokenizerPreset(
                     background_bank=0, foreground_weight=0.0, ema_decay=0.99, usage_decay=0.99,
                     dead_code_threshold=0.05),
     TokenizerTrainConfig(lr=1e-4, weight_decay=0.01, warmup_steps=2000, batch_size=128, steps=250_000,
-                         eval_interval=5000, plot_interval=10_000, checkpoint_interval=10_000, eval_frames=2048,
-                         pool_frames=500_000, pool_refresh_interval=5000, autocast="auto"),
+                         eval_every=5000, plot_every=10_000, checkpoint_every=10_000, eval_frames=2048,
+                         pool_frames=500_000, pool_refresh_every=5000, autocast="auto"),
 )
 TOKENIZER_PRESETS: dict[str, TokenizerPreset] = {
     # The defaults. Keeps the objects: foreground-weighted loss, a bank of 8 learned screens, 1,024 codes

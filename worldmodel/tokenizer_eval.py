@@ -29,7 +29,7 @@ PLOT_FRAMES = 8
 
 
 @dataclass
-class EvalResult:
+class TokenizerEvalResult:
     """Held-out figures of one evaluation."""
 
     psnr: float
@@ -89,9 +89,9 @@ def gains_text(gains: dict[str, float]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray, mean_frames: np.ndarray,
-             batch_size: int = 256, median_frames: np.ndarray | None = None, games: Sequence[str] | None = None
-             ) -> tuple[EvalResult, torch.Tensor]:
+def evaluate_tokenizer(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray, mean_frames: np.ndarray,
+                       batch_size: int = 256, median_frames: np.ndarray | None = None,
+                       games: Sequence[str] | None = None) -> tuple[TokenizerEvalResult, torch.Tensor]:
     """Encode/decode held-out `frames` [M, 84, 84] (fp32, eval mode); returns the figures and the reconstructions.
 
     With `median_frames` (uint8 [n_datasets, 84, 84]) and `games` (the game of each dataset), the foreground
@@ -119,15 +119,15 @@ def evaluate(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray, mean_fra
             fid = foreground_fidelity(frames[sel], recon[torch.from_numpy(sel)], median_frames[owner[sel]],
                                       model.cfg.foreground_threshold)
             fg_psnr[game], fg_base[game], fg_frac[game] = fid.psnr, fid.background_psnr, fid.fraction
-    result = EvalResult(psnr=psnr(sq.mean()), baseline_psnr=psnr(base_sq.mean()),
+    result = TokenizerEvalResult(psnr=psnr(sq.mean()), baseline_psnr=psnr(base_sq.mean()),
                         usage=float((counts > 0).double().mean()), perplexity=perplexity,
                         psnr_per_dataset=per_dataset, fg_psnr=fg_psnr, fg_baseline_psnr=fg_base,
                         fg_fraction=fg_frac)
     return result, recon
 
 
-def plot_reconstructions(path: Path, frames: np.ndarray, recon: torch.Tensor, step: int, result: EvalResult,
-                         titles: Sequence[str]) -> None:
+def plot_reconstructions(path: Path, frames: np.ndarray, recon: torch.Tensor, step: int,
+                         result: TokenizerEvalResult, titles: Sequence[str]) -> None:
     """Write a PNG: held-out frames (top row) above their reconstructions (bottom row)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -4,18 +4,18 @@
 single frames of one or more datasets, with the settings of `train` (a `TokenizerTrainConfig`):
 
 - **Held-out episodes.** The last `holdout_fraction` of each dataset's episodes (at least one; a dataset
-  with a single episode gives none) are never trained on; every `eval_interval` steps a fixed set of
+  with a single episode gives none) are never trained on; every `eval_every` steps a fixed set of
   `eval_frames` frames spread evenly over them is encoded and decoded: held-out PSNR (from the mean squared
   error over all those pixels), codebook usage (fraction of the codes that occur) and perplexity, beside the
   PSNR of the **mean-frame baseline** (each dataset's per-pixel mean training frame, predicting every frame).
 - **Frames.** A `FramePool` keeps up to `pool_frames` training frames in RAM: every training episode when
   they fit, otherwise random windows of `pool_window` frames, a quarter of them replaced every
-  `pool_refresh_interval` steps. Batches are drawn uniformly from the pool.
+  `pool_refresh_every` steps. Batches are drawn uniformly from the pool.
 - **Loop.** The generic `Trainer` (`worldmodel/trainer.py`, the world-action model's loop too) trains a
   `TokenizerObjective` on batches of a `FrameSource`: AdamW (betas 0.9, 0.999; decay on conv kernels only),
   linear warm-up, cosine decay to 10 %, gradient clipping, optional bf16 autocast, a tqdm bar,
   `metrics.jsonl` rows every 10 steps (the window's training averages; the held-out figures join the row of
-  their step), a PNG grid of held-out frames beside their reconstructions every `plot_interval` steps
+  their step), a PNG grid of held-out frames beside their reconstructions every `plot_every` steps
   (`plots/recon_step_XXXXXXXX.png`, matplotlib's Agg canvas), atomic self-describing checkpoints of kind
   "tokenizer" (config and training config, weights, optimizer, schedule, step, RNG states, pool and sampler state, tokenizer id,
   data, the last evaluation). `resume=True` continues from the newest checkpoint exactly (same batches, same
@@ -58,8 +58,8 @@ from wam.worldmodel.tokenizer import (
 )
 from wam.worldmodel.tokenizer_eval import (
     PLOT_FRAMES,
-    EvalResult,
-    evaluate,
+    TokenizerEvalResult,
+    evaluate_tokenizer,
     fg_gains,
     gains_text,
     plot_reconstructions,
@@ -73,19 +73,19 @@ log = logging.getLogger(__name__)
 LOG_INTERVAL = 10
 """Steps between two rows of training averages in metrics.jsonl."""
 
-__all__ = ["EncodeSummary", "EvalResult", "FramePool", "TrainResult", "encode_datasets", "fg_gains", "gains_text",
-           "load_tokenizer", "split_episodes", "train_tokenizer"]
+__all__ = ["EncodeSummary", "FramePool", "TokenizerEvalResult", "TokenizerTrainResult", "encode_datasets", "fg_gains",
+           "gains_text", "load_tokenizer", "split_episodes", "train_tokenizer"]
 
 
 # -------------------------------------------------------------------------------------- training
 @dataclass
-class TrainResult:
+class TokenizerTrainResult:
     """What a training call ends with (also the command's one-line summary)."""
 
     run_dir: Path
     step: int
     tokenizer_id: str
-    eval: EvalResult
+    eval: TokenizerEvalResult
     checkpoint: Path
     images_per_s: float
     codebook_size: int
@@ -106,7 +106,7 @@ def trainer_config(cfg: TokenizerTrainConfig, progress: bool = True) -> TrainerC
     return TrainerConfig(steps=cfg.steps, lr=cfg.lr, min_lr=cfg.lr * 0.1, warmup_steps=cfg.warmup_steps,
                          schedule="cosine", weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                          grad_clip=cfg.grad_clip, precision={"none": "fp32"}.get(cfg.autocast, cfg.autocast),
-                         device=cfg.device, log_every=LOG_INTERVAL, checkpoint_every=cfg.checkpoint_interval,
+                         device=cfg.device, log_every=LOG_INTERVAL, checkpoint_every=cfg.checkpoint_every,
                          progress=progress)
 
 
@@ -229,7 +229,7 @@ def _frame_source(cfg: TokenizerTrainConfig, stores: list[TrajectoryStore], trai
     if ckpt is None:
         rng = np.random.default_rng(cfg.seed)
         pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, rng)
-        return FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_interval, pool.mean_frames(),
+        return FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_every, pool.mean_frames(),
                            pool.median_frames(titles)), None
     state = ckpt["sampler"][0] if isinstance(ckpt["sampler"], list) else ckpt["sampler"]  # dict: the old loop's
     state = {"drawn": int(ckpt["step"]), **state}
@@ -237,13 +237,13 @@ def _frame_source(cfg: TokenizerTrainConfig, stores: list[TrajectoryStore], trai
     pool = FramePool(stores, train_splits, cfg.pool_frames, cfg.pool_window, rng, windows=state["windows"].numpy())
     median = (state["median_frames"].numpy() if "median_frames" in state
               else pool.median_frames(titles))  # checkpoints before foreground fidelity
-    source = FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_interval, state["mean_frames"].numpy(), median)
+    source = FrameSource(pool, rng, cfg.batch_size, cfg.pool_refresh_every, state["mean_frames"].numpy(), median)
     return source, {**ckpt, "sampler": [state]}
 
 
 def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Sequence[str | Path], out: str | Path,
                     resume: bool = False, progress: bool = True, stop_at: int | None = None, steps: int | None = None
-                    ) -> TrainResult:
+                    ) -> TokenizerTrainResult:
     """Train a tokenizer `cfg` with the settings `train` on the datasets `data` into the run directory `out`; see
     the module docstring.
 
@@ -263,7 +263,7 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
     if ckpt is None:
         torch.manual_seed(train.seed)  # after the model is built, as the runs recorded in docs/ were
     source, ckpt = _frame_source(train, stores, [t for t, _ in splits], titles, ckpt)
-    last_eval = EvalResult(**ckpt["eval"]) if ckpt is not None and ckpt.get("eval") else None
+    last_eval = TokenizerEvalResult(**ckpt["eval"]) if ckpt is not None and ckpt.get("eval") else None
     run.write_config(cfg, train=config_to_dict(train), data=[str(p) for p in paths], kind=CHECKPOINT_KIND)
 
     eval_frames, eval_owner = heldout_frames(stores, [h for _, h in splits], train.eval_frames)
@@ -274,11 +274,11 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
             "step": int(ckpt["summary"].get("eval_step", ckpt["step"])) if ckpt and ckpt.get("summary") else 0}
     end = train.steps if stop_at is None else min(stop_at, train.steps)
 
-    def run_eval(step: int) -> EvalResult:
-        result, recon = evaluate(model, eval_frames, eval_owner, source.mean_frames,
+    def run_eval(step: int) -> TokenizerEvalResult:
+        result, recon = evaluate_tokenizer(model, eval_frames, eval_owner, source.mean_frames,
                                  median_frames=source.median_frames, games=titles)
         seen.update(eval=result, step=step)
-        if step % train.plot_interval == 0 or step == train.steps:
+        if step % train.plot_every == 0 or step == train.steps:
             grid = run.path / "plots" / f"recon_step_{step:08d}.png"
             plot_reconstructions(grid, eval_frames[plot_idx], recon[plot_idx], step, result,
                                  [titles[d] for d in eval_owner[plot_idx]])
@@ -288,7 +288,7 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
         return result
 
     def eval_hook(step: int) -> dict[str, float]:
-        due = step % train.eval_interval == 0 or step % train.plot_interval == 0 or step == train.steps
+        due = step % train.eval_every == 0 or step % train.plot_every == 0 or step == train.steps
         return run_eval(step).metrics() if due or (step == end and seen["eval"] is None) else {}
 
     def checkpoint_extra() -> dict[str, Any]:
@@ -319,8 +319,8 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
     if path is None or path != run.checkpoint_path(trainer.step):
         path = trainer.save()
     assert path is not None and seen["eval"] is not None
-    return TrainResult(run_dir=run.path, step=trainer.step, tokenizer_id=model.tokenizer_id(), eval=seen["eval"],
-                       checkpoint=path, images_per_s=result.tokens_per_s if trainer.step > start_step else 0.0,
-                       codebook_size=cfg.codebook_size, model=model)
+    return TokenizerTrainResult(run_dir=run.path, step=trainer.step, tokenizer_id=model.tokenizer_id(),
+                                eval=seen["eval"], checkpoint=path, codebook_size=cfg.codebook_size, model=model,
+                                images_per_s=result.tokens_per_s if trainer.step > start_step else 0.0)
 
 

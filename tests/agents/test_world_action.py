@@ -133,13 +133,13 @@ def test_load_agent_and_user_errors(runs):
 
 def test_an_acting_time_behaviour_prior_overrides_the_trained_one(runs):
     """`wam eval --behaviour-prior` reweights the prior of a model trained with one; acting follows the new tau."""
-    from wam.runs.eval_cmds import EvalConfig, _agent_kwargs
+    from wam.runs.eval_cmds import EvalConfig, agent_kwargs
 
     tok_id = load_agent(str(runs["transformer"]), "Pong").tokenizer.tokenizer_id()
     path = runs["root"] / "with_prior"
     _save_model(path, runs["tokenizer"], tok_id, "transformer", 5, behaviour_prior=0.1)
     assert load_agent(str(path), "Pong").model.cfg.behaviour_prior == 0.1
-    kw = _agent_kwargs(EvalConfig(agent=str(path), game=["Pong"], behaviour_prior=2.5))
+    kw = agent_kwargs(EvalConfig(agent=str(path), game=["Pong"], behaviour_prior=2.5))
     assert kw == {"behaviour_prior": 2.5}
     agent = load_agent(str(path), "Pong", **kw)
     assert agent.model.cfg.behaviour_prior == 2.5

@@ -12,8 +12,8 @@ from wam.datasets.policies import make_policy
 from wam.datasets.store import Episode, TrajectoryStore, dataset_dir
 from wam.runs.cli import run_command
 
-SMALL = ["--train.batch-size", "8", "--train.eval-interval", "5", "--train.plot-interval", "10",
-         "--train.checkpoint-interval", "5", "--train.eval-frames", "32", "--no-progress"]
+SMALL = ["--train.batch-size", "8", "--train.eval-every", "5", "--train.plot-every", "10",
+         "--train.checkpoint-every", "5", "--train.eval-frames", "32", "--no-progress"]
 
 
 def _data(dirs: list[str]) -> list[str]:

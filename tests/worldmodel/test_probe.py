@@ -151,7 +151,7 @@ def probe_data(tmp_path_factory) -> tuple[list[str], str]:
     dirs = [_collect(root, "Pong", 5, 90, seed=1), _collect(root, "Breakout", 5, 60, seed=2)]
     run = tmp_path_factory.mktemp("probe_tok") / "tok"
     train = dataclasses.replace(TokenizerTrainConfig.from_preset("debug"), steps=4, batch_size=8, eval_frames=16,
-                                eval_interval=4, plot_interval=4, checkpoint_interval=4)
+                                eval_every=4, plot_every=4, checkpoint_every=4)
     train_tokenizer(TokenizerConfig.from_preset("debug"), train, dirs, run, progress=False)
     return dirs, str(run)
 

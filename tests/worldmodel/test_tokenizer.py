@@ -27,6 +27,7 @@ from wam.worldmodel.tokenizer import (
     foreground_weights,
     load_tokenizer,
 )
+from wam.worldmodel.tokenizer_config import RENAMED_TRAIN_FIELDS
 from wam.worldmodel.tokenizer_train import (
     FramePool,
     encode_datasets,
@@ -264,8 +265,8 @@ def test_token_cache_equals_on_the_fly_and_is_idempotent(trained, datasets, tmp_
 
 
 def test_resume_continues_exactly(datasets, tmp_path):
-    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=12, batch_size=8, eval_interval=6, plot_interval=12,
-                 checkpoint_interval=4, eval_frames=16, warmup_steps=3)
+    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=12, batch_size=8, eval_every=6, plot_every=12,
+                 checkpoint_every=4, eval_frames=16, warmup_steps=3)
     straight = train_tokenizer(cfg, train, datasets, tmp_path / "a", progress=False)
     first = train_tokenizer(cfg, train, datasets, tmp_path / "b", progress=False, stop_at=6)
     assert first.step == 6
@@ -288,8 +289,8 @@ def test_a_checkpoint_of_the_old_loop_resumes_exactly(datasets, tmp_path):
     """Before the tokenizer trained through the shared `Trainer`, its checkpoints held the sampler state as a
     dict and no scheduler, and before the config split one flat config dict (architecture and training); such a
     run still loads with the same training settings and resumes to the weights of an uninterrupted run."""
-    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=8, batch_size=8, eval_interval=4, plot_interval=8,
-                 checkpoint_interval=4, eval_frames=16, warmup_steps=3)
+    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=8, batch_size=8, eval_every=4, plot_every=8,
+                 checkpoint_every=4, eval_frames=16, warmup_steps=3)
     straight = train_tokenizer(cfg, train, datasets, tmp_path / "a", progress=False)
     first = train_tokenizer(cfg, train, datasets, tmp_path / "b", progress=False, stop_at=4)
     ckpt = load_checkpoint(first.checkpoint, kind="tokenizer")
@@ -298,7 +299,8 @@ def test_a_checkpoint_of_the_old_loop_resumes_exactly(datasets, tmp_path):
     for group in ckpt["optimizer"]["param_groups"]:  # the old loop set each step's rate before it: step 4 ran at lr(3)
         group["lr"] = train.lr * lr_factor(3, trainer_config(train))
     old = {k: v for k, v in ckpt.items() if k not in ("format_version", "scheduler", "trainer", "train")}
-    old["config"] = {**ckpt["config"], **ckpt["train"]}  # one flat dict, as before the split
+    before = {new: name for name, new in RENAMED_TRAIN_FIELDS.items()}  # eval_every was eval_interval, ...
+    old["config"] = {**ckpt["config"], **{before.get(k, k): v for k, v in ckpt["train"].items()}}  # one flat dict
     save_checkpoint(first.checkpoint, {**old, "sampler": state})
     assert load_tokenizer(first.checkpoint).train_cfg == dataclasses.replace(train, steps=8)
     other = dataclasses.replace(train, lr=1.0, batch_size=3)  # resuming takes the stored settings, not these
@@ -311,8 +313,8 @@ def test_a_checkpoint_of_the_old_loop_resumes_exactly(datasets, tmp_path):
 def test_resume_accepts_moved_data_and_refuses_changed_data(datasets, tmp_path):
     """Datasets moved or copied since (same content: game, name, episode lengths and returns) resume the run;
     a copy that differs by one episode does not."""
-    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=8, batch_size=8, eval_interval=4, plot_interval=8,
-                 checkpoint_interval=4, eval_frames=16, warmup_steps=2)
+    cfg, train = TokenizerConfig.from_preset("debug"), _quick(steps=8, batch_size=8, eval_every=4, plot_every=8,
+                 checkpoint_every=4, eval_frames=16, warmup_steps=2)
     train_tokenizer(cfg, train, datasets, tmp_path / "run", progress=False, stop_at=4)
     moved = [shutil.copytree(d, tmp_path / "moved" / d.parent.name / d.name) for d in datasets]
     assert [TrajectoryStore.open(d).fingerprint() for d in moved] == [
