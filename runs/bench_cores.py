@@ -38,7 +38,10 @@ FULL = {"d_model": 256, "n_layers": 4, "lengths": {296: 8, 1024: 8, 4096: 2}, "r
 QUICK = {"d_model": 64, "n_layers": 2, "lengths": {128: 2}, "reps": 3, "threads": 1,
          "step_contexts": [0, 32, 128], "step_tokens": 4, "window": 32, "reference_lengths": [128]}
 TARGETS = {"mamba2_over_transformer_t296": 1.2, "mamba2_over_transformer_t4096": 1.0,
-           "mambapy_over_mamba": 4.0, "atlas_over_transformer_t1024": 3.0, "recurrent_state_growth": 1.0}
+           "mambapy_over_mamba": 4.0, "atlas_over_transformer_t1024": 3.0, "recurrent_state_growth": 1.0,
+           "mamba_memory": 4.0, "atlas_memory": 3.0}
+"""Issue 19's targets; `*_memory`: peak memory growth of the first forward+backward x the transformer's, at
+every measured length (a length killed for memory misses it)."""
 CHILD_TIMEOUT_S = 900
 
 
@@ -250,6 +253,8 @@ def _targets(result: dict[str, Any], max_t: int) -> tuple[dict[str, Any], dict[s
         "atlas_over_transformer_t1024": _ratio(train, "atlas", "transformer", 1024),
         "atlas_chunk_over_transformer_t1024": _ratio(train, "atlas-chunk", "transformer", 1024),
     }
+    for name in ("mamba", "atlas"):
+        figures[f"{name}_memory"] = _memory_ratios(train, name)
     growth = {}
     for name in ("mamba", "mamba2", "atlas"):
         if name in step:
@@ -266,8 +271,23 @@ def _targets(result: dict[str, Any], max_t: int) -> tuple[dict[str, Any], dict[s
                                else figures[f"mambapy_over_mamba_t{ref_t}"] >= TARGETS["mambapy_over_mamba"]),
         "atlas_over_transformer_t1024": _le(figures["atlas_over_transformer_t1024"], TARGETS["atlas_over_transformer_t1024"]),
         "recurrent_state_growth": all(g == 1.0 for g in growth.values()) if growth else None,
+        **{f"{n}_memory": _memory_met(figures[f"{n}_memory"], TARGETS[f"{n}_memory"]) for n in ("mamba", "atlas")},
     }
     return figures, met
+
+
+def _memory_ratios(train: dict, name: str) -> dict[str, Any]:
+    """Peak memory growth of core `name` x the transformer's at each length both ran, and the lengths at which
+    `name` ran out of memory (killed, or skipped after being killed at fewer tokens)."""
+    ratios = {t: r["mem_vs_transformer"] for t, r in train.get(name, {}).items() if "mem_vs_transformer" in r}
+    oom = [t for t, r in train.get(name, {}).items() if "out of memory" in r.get("error", "")]
+    return {"ratios": ratios, "out_of_memory": oom}
+
+
+def _memory_met(fig: dict[str, Any], bound: float) -> bool | None:
+    if fig["out_of_memory"]:
+        return False
+    return max(fig["ratios"].values()) <= bound if fig["ratios"] else None
 
 
 def _le(x: float | None, bound: float, strict: bool = False) -> bool | None:
@@ -278,6 +298,14 @@ def _le(x: float | None, bound: float, strict: bool = False) -> bool | None:
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
+
+
+def _mem_text(fig: dict[str, Any] | None) -> str:
+    if fig is None:  # figures of a run before the memory targets
+        return "—"
+    parts = [f"T={t}: {x:.2f}x" for t, x in fig["ratios"].items()]
+    parts += [f"T={t}: out of memory" for t in fig["out_of_memory"]]
+    return ", ".join(parts) or "—"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -312,7 +340,7 @@ def markdown(result: dict[str, Any]) -> str:
     t, met = result["targets"], result["targets_met"]
 
     def mark(key: str) -> str:
-        return {True: "met", False: "**missed**", None: "not measured"}[met[key]]
+        return {True: "met", False: "**missed**", None: "not measured"}[met.get(key)]
 
     def fmt(x: float | None) -> str:
         return "—" if x is None else f"{x:.2f}x"
@@ -327,6 +355,10 @@ def markdown(result: dict[str, Any]) -> str:
               f"| {mark('mambapy_over_mamba')} |",
               f"| atlas <= 3x transformer time at T=1024 | {fmt(t['atlas_over_transformer_t1024'])} "
               f"| {mark('atlas_over_transformer_t1024')} |",
+              f"| mamba peak memory <= 4x transformer, every length | {_mem_text(t.get('mamba_memory'))} "
+              f"| {mark('mamba_memory')} |",
+              f"| atlas peak memory <= 3x transformer, every length | {_mem_text(t.get('atlas_memory'))} "
+              f"| {mark('atlas_memory')} |",
               f"| (no target) atlas-chunk (NS5 once per chunk) time at T=1024 | "
               f"{fmt(t.get('atlas_chunk_over_transformer_t1024'))} | |",
               "| recurrent step state constant in context (max/min bytes) | "

@@ -44,7 +44,7 @@ def test_cores_skip_the_lengths_after_a_core_ran_out_of_memory_at_no_more_tokens
     quick = {"d_model": 8, "n_layers": 1, "lengths": {64: 4, 128: 4, 512: 1, 256: 2}, "reps": 1, "threads": 1,
              "step_contexts": [0], "step_tokens": 1, "window": 8, "reference_lengths": [64]}
     monkeypatch.setattr(bench_cores, "QUICK", quick)
-    monkeypatch.setattr(bench_cores, "_step_costs", lambda name, kwargs, cfg: [{"state_bytes": 1, "context": 0}])
+    monkeypatch.setattr(bench_cores, "_step_costs", lambda name, kwargs, cfg: [{"state_bytes": 1, "context": 0, "step_ms": 1.0}])
     ran: list[tuple[str, int]] = []
 
     def child(spec):
@@ -60,3 +60,9 @@ def test_cores_skip_the_lengths_after_a_core_ran_out_of_memory_at_no_more_tokens
     assert result["train"]["atlas"]["512"]["error"].startswith("skipped: ran out of memory at 512 tokens")
     assert result["train"]["atlas"]["256"]["error"].startswith("skipped")
     assert [t for n, t in ran if n == "transformer"] == [64, 128, 512, 256]
+    # the memory targets: atlas ran out of memory (missed whatever its ratios), mamba's growth equals the
+    # transformer's (1 byte each here: 1.00x, met)
+    assert result["targets"]["atlas_memory"]["out_of_memory"] == ["128", "512", "256"]
+    assert result["targets_met"]["atlas_memory"] is False and result["targets_met"]["mamba_memory"] is True
+    text = bench_cores.markdown(result)
+    assert "| atlas peak memory <= 3x transformer, every length | T=64: 1.00x, T=128: out of memory" in text
