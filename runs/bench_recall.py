@@ -198,6 +198,27 @@ def targets_met(result: dict[str, Any]) -> dict[str, bool | None]:
     return met
 
 
+def _figure_and_limit(result: dict[str, Any], key: str) -> tuple[str, str]:
+    """A target's figure and, measured in the same run, what bounded the core: its time budget (steps run of
+    those planned, ms a step) or, when it ran every step, its loss at the end."""
+    setting, name, kind = key.split("_", 2) if key.count("_") >= 2 else (key, "", "")
+    rows = result["results"].get(setting, {})
+    r = rows.get(name)
+    if r is None:
+        return "—", ""
+    limit = (f"its {r['steps']} of {r['planned_steps']} steps filled the time budget ({r['step_ms']:.0f} ms a step)"
+             if r["steps"] < r["planned_steps"] else
+             f"trained all {r['planned_steps']} steps; loss {r['loss_first']:.2f} → {r['loss_last']:.2f}")
+    if kind == "accuracy":
+        return f"{100 * r['accuracy']:.1f} % (≥ {100 * TARGETS[name]:.0f} %)", limit
+    if kind == "time":
+        return (f"{r['time_vs_transformer']:.2f}x (≤ {TARGETS['time_vs_transformer']:.0f}x)",
+                f"{r['step_ms']:.0f} ms a step against the transformer's {rows['transformer']['step_ms']:.0f}")
+    ref = rows.get("transformer-window", {})
+    return (f"{100 * r['accuracy']:.1f} % vs {100 * ref.get('accuracy', float('nan')):.1f} % (window)",
+            limit if r["accuracy"] < 0.2 else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [f"Multi-query associative recall (MQAR), d_model {cfg['d_model']}, {cfg['n_layers']} layers, batch "
@@ -218,8 +239,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     met = result["targets_met"]
     label = {True: "met", False: "**missed**", None: "not measured"}
-    lines += ["| target | status |", "|---|---|"]
-    lines += [f"| {k} | {label[v]} |" for k, v in met.items()]
+    lines += ["| target | figure | status | what limits a miss |", "|---|---|---|---|"]
+    lines += [f"| {k} | {figure} | {label[v]} | {why if v is False else ''} |"
+              for k, v in met.items() for figure, why in [_figure_and_limit(result, k)]]
     load = result["load_average_1min"]
     lines += ["", f"1-min load average {load['before']:.1f} before, {load['after']:.1f} after, on "
               f"{result['machine'].get('cpus')} CPUs." + (" Quick run: tiny sizes, figures only show the benchmark "

@@ -79,3 +79,8 @@ def test_targets_and_markdown():
     result["targets_met"] = met
     text = markdown(result)
     assert "| mamba | 40.0 % |" in text and "**missed**" in text and TARGETS["mamba"] == 0.5
+    # each target with its figure, and for a miss what bounded the core in the same run
+    assert ("| short_mamba_accuracy | 40.0 % (≥ 50 %) | **missed** | trained all 10 steps; loss 3.00 → 1.00 |"
+            in text)
+    assert "| short_mamba_time | 2.50x (≤ 2x) | **missed** | 5 ms a step against the transformer's 5 |" in text
+    assert "| short_mamba2_accuracy | — | not measured |  |" in text
