@@ -43,6 +43,19 @@ TARGETS = {"mamba2_over_transformer_t296": 1.2, "mamba2_over_transformer_t4096":
 """Issue 19's targets; `*_memory`: peak memory growth of the first forward+backward x the transformer's, at
 every measured length (a length killed for memory misses it)."""
 CHILD_TIMEOUT_S = 900
+LIMITS = {
+    "atlas_over_transformer_t1024": "the paper's Newton-Schulz on every token's momentum (the default since "
+    "2026-12-07) runs five 3-matrix products per token instead of per chunk; `atlas-chunk` is the fast form "
+    "(docs/atlas.md).",
+    "atlas_memory": "what grows with T is glibc's heap under the per-token NS5 transients, not stored tensors "
+    "(autograd keeps 11 MiB at T = 256; MALLOC_MMAP_THRESHOLD_=65536 cuts the peak 3x but trains 3x slower; "
+    "docs/atlas.md); use `newton_schulz=\"chunk\"` for long sequences on CPU.",
+    "mambapy_over_mamba": "the token-by-token selective scan (worldmodel/cores/mamba.py) is bound by Python "
+    "overhead per token at small widths.",
+    "mamba_memory": "the scan keeps one state per chunk for backward (chunk_size); smaller chunks trade time for "
+    "memory.",
+}
+"""What limits each target when it is missed (printed under the table only then)."""
 
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"atlas-chunk": ("atlas", {"newton_schulz": "chunk"})}
@@ -366,6 +379,7 @@ def markdown(result: dict[str, Any]) -> str:
               "| recurrent step state constant in context (max/min bytes) | "
               + ", ".join(f"{k} {v:.2f}x" for k, v in t["recurrent_state_growth"].items())
               + f" | {mark('recurrent_state_growth')} |"]
+    lines += [f"- **{key} missed:** {why}" for key, why in LIMITS.items() if met.get(key) is False]
     win = t.get("windowed_transformer_state_growth_after_window")
     if win is not None:
         lines.append(f"| (no target) windowed transformer cache constant once c >= window | {win:.2f}x | |")

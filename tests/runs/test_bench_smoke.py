@@ -67,3 +67,5 @@ def test_cores_skip_the_lengths_after_a_core_ran_out_of_memory_at_no_more_tokens
     text = bench_cores.markdown(result)
     assert "| atlas peak memory <= 3x transformer, every length | T=64: 1.00x, T=128: out of memory" in text
     assert result["targets_met"]["atlas_over_transformer_t1024"] is None  # no T=1024 in this run: not measured
+    assert "- **atlas_memory missed:** what grows with T is glibc's heap" in text  # what limits a miss
+    assert "mamba_memory missed" not in text
