@@ -69,3 +69,20 @@ def test_cores_skip_the_lengths_after_a_core_ran_out_of_memory_at_no_more_tokens
     assert result["targets_met"]["atlas_over_transformer_t1024"] is None  # no T=1024 in this run: not measured
     assert "- **atlas_memory missed:** what grows with T is glibc's heap" in text  # what limits a miss
     assert "mamba_memory missed" not in text
+
+
+def test_train_targets_are_marked_with_figures_and_limits():
+    """`wam bench train`'s report marks each target at `small`/transformer met or missed, with its figure and, for
+    a miss, what limits it; a CPU without native bf16 reports the bf16 target as not measured."""
+    from wam.runs import bench_train
+
+    row = {"preset": "small", "core": "transformer", "tokens_per_s": 1.0, "data_wait_share": 0.01}
+    result = {"targets": bench_train.TARGETS,
+              "rows": [dict(row, precision="fp32", mfu=0.60, full_vs_bare=0.80),
+                       dict(row, precision="bf16", mfu=0.10, full_vs_bare=0.9)]}
+    rows = {name: (fig, status, why) for name, fig, status, why in bench_train.target_rows(result)}
+    assert rows["fp32 MFU ≥ 55%"] == ("60.0%", "met", "")
+    assert rows["full / bare ≥ 85%"][:2] == ("0.80", "**missed**") and "heads" in rows["full / bare ≥ 85%"][2]
+    assert rows["bf16 MFU ≥ 30%"][:2] == ("10.0%", "**missed**") and rows["data wait < 5%"][1] == "met"
+    result["rows"] = result["rows"][:1]  # no bf16 row: an AVX2-only CPU
+    assert dict((n, s) for n, _, s, _ in bench_train.target_rows(result))["bf16 MFU ≥ 30%"] == "not measured"
