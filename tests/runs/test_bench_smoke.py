@@ -86,3 +86,21 @@ def test_train_targets_are_marked_with_figures_and_limits():
     assert rows["bf16 MFU ≥ 30%"][:2] == ("10.0%", "**missed**") and rows["data wait < 5%"][1] == "met"
     result["rows"] = result["rows"][:1]  # no bf16 row: an AVX2-only CPU
     assert dict((n, s) for n, _, s, _ in bench_train.target_rows(result))["bf16 MFU ≥ 30%"] == "not measured"
+
+
+def test_eval_report_says_what_limits_each_miss():
+    from wam.runs import bench_eval
+
+    speed = {"steps_per_s": 500.0, "share_emulator": 0.2, "share_tokenizer": 0.1, "share_rest": 0.7}
+    result = {"workers": {"1": {"marginal_steps_per_s": 100.0, "steps_per_s": 90.0},
+                          "2": {"marginal_steps_per_s": 150.0, "steps_per_s": 120.0}},
+              "raw_ale": {"steps_per_s": 300.0}, "in_process": {"steps_per_s": 200.0}, "ray_overhead_1_worker": 0.5,
+              "scaling_2_over_1": 1.5, "meets_scaling_target": False, "game": "Pong", "episode_cap": 10,
+              "episode_budgets": [1, 2], "machine": {"cpus": 2},
+              "model_agents": [{"envs": 4, "steps": 40, "greedy": speed, "planning": dict(speed, steps_per_s=120.0)}],
+              "model_agent_best": {"greedy": 500.0, "planning": 120.0}, "meets_greedy_target": False,
+              "meets_planning_target": True}
+    text = bench_eval.markdown(result)
+    assert "- **scaling missed:**" in text and "- **greedy missed:** model calls (70% of the time" in text
+    result.update(meets_scaling_target=True, meets_greedy_target=True)
+    assert "What limits each miss" not in bench_eval.markdown(result)
