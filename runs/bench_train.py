@@ -232,7 +232,8 @@ def markdown(result: dict) -> str:
 LIMITS = {
     "mfu_bf16": "at d = 128 the matmuls are too small for the bf16 kernels' higher peak to pay off (bf16 runs only "
                 "~1.2x faster than fp32 against a ~4.4x higher peak; docs/training.md, Throughput)",
-    "mfu_fp32": "the model's matmuls are small (d = 128); the measured 2048² peak is the bound",
+    "mfu_fp32": "the full step's heads and losses beside the backbone (compare the bare GPT loop's MFU in the "
+                "table, the same backbone with one cross-entropy head); docs/training.md, Throughput",
     "full_vs_bare": "the world-model, reward, termination, Q and target heads and their losses beside the bare "
                     "GPT's one cross-entropy head",
     "data_wait_share": "the sampler's prefetch thread cannot keep up with the step",
