@@ -244,8 +244,7 @@ def _frame_source(cfg: TokenizerTrainConfig, stores: list[TrajectoryStore], trai
 def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Sequence[str | Path], out: str | Path,
                     resume: bool = False, progress: bool = True, stop_at: int | None = None, steps: int | None = None
                     ) -> TokenizerTrainResult:
-    """Train a tokenizer `cfg` with the settings `train` on the datasets `data` into the run directory `out`; see
-    the module docstring.
+    """Train tokenizer `cfg` with settings `train` on datasets `data` into run directory `out` (module docstring).
 
     resume: continue the run in `out` from its newest checkpoint with the run's stored configs (`cfg` and
         `train` are ignored); `data` may be empty (the run's datasets are used) or must name the same datasets.
@@ -257,8 +256,7 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
     cfg, train, paths, ckpt = _starting_point(cfg, train, data, run, resume, steps)
     device = resolve_device(train.device)
     stores = [TrajectoryStore.open(p) for p in paths]
-    titles = [s.game for s in stores]
-    splits = split_episodes(stores, train.holdout_fraction)
+    titles, splits = [s.game for s in stores], split_episodes(stores, train.holdout_fraction)
     model = build_tokenizer(cfg, seed=train.seed).to(device)
     if ckpt is None:
         torch.manual_seed(train.seed)  # after the model is built, as the runs recorded in docs/ were
