@@ -369,7 +369,7 @@ def load_tokenizer(run_or_path: str | Path, device: str | torch.device = "cpu") 
         raise WamError(f"{path}: the weights hash to tokenizer id {tid} but the checkpoint records "
                        f"{ckpt.get('tokenizer_id')!r}; the file is damaged or was edited — retrain or use another checkpoint")
     model.extra = dict(ckpt.get("summary", {}), checkpoint=str(path), step=int(ckpt.get("step", 0)))
-    model.train_cfg = TokenizerTrainConfig.from_stored(ckpt.get("train", ckpt["config"]))
+    model.train_cfg = TokenizerTrainConfig.from_checkpoint(ckpt)
     log.info("loaded tokenizer %s from %s (step %s)", tid, path, ckpt.get("step"))
     return model
 

@@ -84,6 +84,7 @@ class TokenizerConfig:
     normalize_codes: bool = True
     """Quantize l2-normalised encoder outputs against l2-normalised codes (cosine distance): keeps the
     latents from shrinking towards the codes and keeps far more of the codebook in use."""
+
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)  # type: ignore[assignment]
         if not 2 <= self.codebook_size <= 65_536:
@@ -174,7 +175,6 @@ class TokenizerTrainConfig:
     seed: int = 0
     """Seed of the weights, the sampler and the codebook restarts."""
 
-
     def __post_init__(self) -> None:
         if self.autocast not in ("none", "bf16", "auto"):
             raise WamError(f"autocast must be 'none', 'bf16' or 'auto', got {self.autocast!r}")
@@ -193,12 +193,12 @@ class TokenizerTrainConfig:
         return dataclasses.replace(preset_value(TOKENIZER_PRESETS, name, what="tokenizer preset").train)
 
     @classmethod
-    def from_stored(cls, data: dict) -> TokenizerTrainConfig:
-        """The training settings a checkpoint recorded (its `train` dict; before the split, the training
-        fields of its `config` dict, where the cadences were named `*_interval`)."""
+    def from_checkpoint(cls, ckpt: dict) -> TokenizerTrainConfig:
+        """The training settings a tokenizer checkpoint recorded: its `train` dict, or, before the split, the
+        training fields of its `config` dict (where the cadences were named `*_interval`)."""
         from wam.worldmodel.checkpoint import config_from_dict
 
-        data = {RENAMED_TRAIN_FIELDS.get(k, k): v for k, v in data.items()}
+        data = {RENAMED_TRAIN_FIELDS.get(k, k): v for k, v in ckpt.get("train", ckpt["config"]).items()}
         return config_from_dict(cls, {k: v for k, v in data.items() if k in TRAIN_FIELDS})
 
 

@@ -120,9 +120,9 @@ def evaluate_tokenizer(model: VQTokenizer, frames: np.ndarray, owner: np.ndarray
                                       model.cfg.foreground_threshold)
             fg_psnr[game], fg_base[game], fg_frac[game] = fid.psnr, fid.background_psnr, fid.fraction
     result = TokenizerEvalResult(psnr=psnr(sq.mean()), baseline_psnr=psnr(base_sq.mean()),
-                        usage=float((counts > 0).double().mean()), perplexity=perplexity,
-                        psnr_per_dataset=per_dataset, fg_psnr=fg_psnr, fg_baseline_psnr=fg_base,
-                        fg_fraction=fg_frac)
+                                 usage=float((counts > 0).double().mean()), perplexity=perplexity,
+                                 psnr_per_dataset=per_dataset, fg_psnr=fg_psnr, fg_baseline_psnr=fg_base,
+                                 fg_fraction=fg_frac)
     return result, recon
 
 

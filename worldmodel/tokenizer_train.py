@@ -1,7 +1,7 @@
 """Training the frame tokenizer, and encoding datasets into the token cache.
 
-`train_tokenizer(cfg, train, data, out)` trains a `VQTokenizer` (`cfg`, a `TokenizerConfig`: what the tokenizer is) on
-single frames of one or more datasets, with the settings of `train` (a `TokenizerTrainConfig`):
+`train_tokenizer(cfg, train, data, out)` trains a `VQTokenizer` (`cfg`, a `TokenizerConfig`: what the tokenizer
+is) on single frames of one or more datasets, with the settings of `train` (a `TokenizerTrainConfig`):
 
 - **Held-out episodes.** The last `holdout_fraction` of each dataset's episodes (at least one; a dataset
   with a single episode gives none) are never trained on; every `eval_every` steps a fixed set of
@@ -17,8 +17,8 @@ single frames of one or more datasets, with the settings of `train` (a `Tokenize
   `metrics.jsonl` rows every 10 steps (the window's training averages; the held-out figures join the row of
   their step), a PNG grid of held-out frames beside their reconstructions every `plot_every` steps
   (`plots/recon_step_XXXXXXXX.png`, matplotlib's Agg canvas), atomic self-describing checkpoints of kind
-  "tokenizer" (config and training config, weights, optimizer, schedule, step, RNG states, pool and sampler state, tokenizer id,
-  data, the last evaluation). `resume=True` continues from the newest checkpoint exactly (same batches, same
+  "tokenizer" (config and training config, weights, optimizer, schedule, step, RNG states, pool and sampler
+  state, tokenizer id, data, the last evaluation). `resume=True` continues from the newest checkpoint exactly (same batches, same
   weights as an uninterrupted run on CPU; checkpoints of the loop before it was shared resume too). Ctrl-C
   finishes the step, saves and raises KeyboardInterrupt.
 
@@ -205,7 +205,7 @@ def _starting_point(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
             raise WamError(f"--resume: {run.path} has no checkpoint to resume from; start without --resume")
         ckpt = load_checkpoint(latest, kind=CHECKPOINT_KIND)
         cfg = TokenizerConfig.from_stored(ckpt["config"])
-        train = TokenizerTrainConfig.from_stored(ckpt.get("train", ckpt["config"]))  # before the split: one dict
+        train = TokenizerTrainConfig.from_checkpoint(ckpt)
         stored_data = [Path(p) for p in ckpt["data"]]
         paths = resolve_data(data) if data else stored_data
         if [p.resolve() for p in paths] != [p.resolve() for p in stored_data] and not _same_data(
@@ -274,7 +274,7 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
 
     def run_eval(step: int) -> TokenizerEvalResult:
         result, recon = evaluate_tokenizer(model, eval_frames, eval_owner, source.mean_frames,
-                                 median_frames=source.median_frames, games=titles)
+                                           median_frames=source.median_frames, games=titles)
         seen.update(eval=result, step=step)
         if step % train.plot_every == 0 or step == train.steps:
             grid = run.path / "plots" / f"recon_step_{step:08d}.png"
@@ -296,8 +296,7 @@ def train_tokenizer(cfg: TokenizerConfig, train: TokenizerTrainConfig, data: Seq
                 "summary": {**e.metrics(), "eval_step": seen["step"]} if e else {}}
 
     meta = {"kind": CHECKPOINT_KIND, "config": config_to_dict(cfg), "train": config_to_dict(train),
-            "data": [str(p) for p in paths],
-            "data_fingerprints": [st.fingerprint() for st in stores]}  # moved-data resume
+            "data": [str(p) for p in paths], "data_fingerprints": [st.fingerprint() for st in stores]}  # moved-data resume
     trainer = Trainer(TokenizerObjective(model, source.median_frames), source, trainer_config(train, progress),
                       run_dir=run, checkpoint_meta=meta, evaluate=eval_hook, eval_every=1,
                       count=lambda b: len(b.frames), unit="images", decays=decays, window_mean=True,
