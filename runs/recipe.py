@@ -249,11 +249,13 @@ class Recipe:
         return f"{len(jobs)} runs"
 
     def _eval(self, name: str, agent: str | Path, games: list[str], episodes: int, seed: int,
-              extra: Sequence[object] = ()) -> Path:
+              extra: Sequence[object] = (), model: bool = True) -> Path:
+        """`wam eval` of `agent` into eval/NAME unless done already. A wam model (`model`) acts with
+        --behaviour-prior when the recipe sets one; a finished evaluation made with another is refused."""
         from wam.runs.demo import run_wam
 
         out = self.p("eval", name)
-        tau = self.cfg.behaviour_prior if "--behaviour-prior" in [str(a) for a in extra] else None
+        tau = self.cfg.behaviour_prior if model else None
         if (out / "results.json").exists():
             had = json.loads((out / "eval_config.json").read_text()).get("agent_kwargs", {}).get("behaviour_prior")
             if had != tau:
@@ -263,31 +265,31 @@ class Recipe:
                                f"{say(tau)}; move {self.p('eval')}, {self.p('merged')} and {self.p('report')} "
                                "away to evaluate again, or pass the same --behaviour-prior")
         else:
+            tau_flag = [] if tau is None else ["--behaviour-prior", tau]
             run_wam("eval", "--agent", agent, *[a for g in games for a in ("--game", g)], "--episodes", episodes,
                  "--workers", self.cfg.workers, "--envs-per-worker", 2, "--max-steps", self.cfg.eval_max_steps,
-                 "--seed", seed, "--out", out, *extra)
+                 "--seed", seed, "--out", out, *extra, *tau_flag)
         return out
 
     def evaluate(self) -> str:
         c = self.cfg
-        tau = [] if c.behaviour_prior is None else ["--behaviour-prior", c.behaviour_prior]
-        plan = ["--plan", "beam", "--beam-width", c.beam_width, "--horizon", c.plan_horizon, *tau]
+        plan = ["--plan", "beam", "--beam-width", c.beam_width, "--horizon", c.plan_horizon]
         n = c.eval_episodes * len(c.seeds)
-        self._eval("random", "random", self.games, n, 0)
-        self._eval("behaviour", "scripted", self.games, n, 0)
+        self._eval("random", "random", self.games, n, 0, model=False)
+        self._eval("behaviour", "scripted", self.games, n, 0, model=False)
         for s in c.seeds:
-            self._eval(f"pretrained-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.eval_episodes, s, tau)
+            self._eval(f"pretrained-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.eval_episodes, s)
             self._eval(f"pretrained-plan-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.plan_episodes,
                        s, plan)
             for kind in ("finetune", "scratch"):
                 self._eval(f"{kind}-seed{s}", self.p("runs", f"{kind}-seed{s}"), [c.finetune_game],
-                           c.eval_episodes, s, tau)
+                           c.eval_episodes, s)
             self._eval(f"finetune-plan-seed{s}", self.p("runs", f"finetune-seed{s}"), [c.finetune_game],
                        c.plan_episodes, s, plan)
             for g in self.games:  # one trained baseline per game, its episodes seeded like the agents'
                 run = self.p("runs", f"cql-{g.lower()}")
                 if finished(run, c.baseline_steps):
-                    self._eval(f"cql-{g.lower()}-seed{s}", run, [g], c.eval_episodes, s)
+                    self._eval(f"cql-{g.lower()}-seed{s}", run, [g], c.eval_episodes, s, model=False)
         self._merge()
         return f"{len(list(self.p('eval').iterdir()))} evaluations"
 
