@@ -51,10 +51,10 @@ LIMITS = {
     "(autograd keeps 11 MiB at T = 256; MALLOC_MMAP_THRESHOLD_=65536 cuts the peak 3x but trains 3x slower; "
     "docs/atlas.md); use `newton_schulz=\"chunk\"` for long sequences on CPU. That form (`atlas-chunk`) still "
     "grows 5.3-5.5x the transformer's memory; its cause is not measured yet.",
-    "mambapy_over_mamba": "the token-by-token selective scan (worldmodel/cores/mamba.py) is bound by Python "
-    "overhead per token at small widths.",
-    "mamba_memory": "the scan keeps one state per chunk for backward (chunk_size); smaller chunks trade time for "
-    "memory.",
+    "mambapy_over_mamba": "the token-by-token selective scan (worldmodel/cores/mamba.py) steps through the "
+    "sequence one token at a time; not profiled since its rewrite (docs/cores.md).",
+    "mamba_memory": "the scan keeps its inputs and one state per chunk (`chunk_size`) for backward "
+    "(docs/cores.md).",
 }
 """What limits each target when it is missed (printed under the table only then)."""
 

@@ -221,7 +221,7 @@ def markdown(result: dict) -> str:
     limits = []
     if not result["meets_scaling_target"]:
         limits.append("- **scaling missed:** the two workers share the machine's cores with the driver process and "
-                      "Ray's own processes (on 2 cores nothing is left for them).")
+                      "Ray's own processes; this benchmark does not separate their shares.")
     if agents and not result["meets_greedy_target"]:
         top = max(agents, key=lambda r: r["greedy"]["steps_per_s"])["greedy"]
         limits.append(f"- **greedy missed:** model calls ({top['share_rest']:.0%} of the time at the best setting): the "

@@ -77,13 +77,14 @@ def test_train_targets_are_marked_with_figures_and_limits():
     from wam.runs import bench_train
 
     row = {"preset": "small", "core": "transformer", "tokens_per_s": 1.0, "data_wait_share": 0.01}
-    result = {"targets": bench_train.TARGETS,
+    result = {"targets": bench_train.TARGETS, "peak_flops": {"fp32": 1e11, "bf16": 4e11},
               "rows": [dict(row, precision="fp32", mfu=0.60, full_vs_bare=0.80),
-                       dict(row, precision="bf16", mfu=0.10, full_vs_bare=0.9)]}
+                       dict(row, precision="bf16", mfu=0.10, full_vs_bare=0.9, tokens_per_s=1.5)]}
     rows = {name: (fig, status, why) for name, fig, status, why in bench_train.target_rows(result)}
     assert rows["fp32 MFU ≥ 55%"] == ("60.0%", "met", "")
     assert rows["full / bare ≥ 85%"][:2] == ("0.80", "**missed**") and "heads" in rows["full / bare ≥ 85%"][2]
     assert rows["bf16 MFU ≥ 30%"][:2] == ("10.0%", "**missed**") and rows["data wait < 5%"][1] == "met"
+    assert "1.50x as fast as fp32 here against a 4.0x higher matmul peak" in rows["bf16 MFU ≥ 30%"][2]
     result["rows"] = result["rows"][:1]  # no bf16 row: an AVX2-only CPU
     assert dict((n, s) for n, _, s, _ in bench_train.target_rows(result))["bf16 MFU ≥ 30%"] == "not measured"
 
