@@ -56,7 +56,9 @@ def claims_markdown(claims: dict[str, Any], cfg: RecipeConfig) -> str:
         f"Seeds {claims['seeds']}; every return is over the first {cap} agent steps of an episode (the evaluation "
         "cap), for the agents and for the behaviour data alike. Brackets: 95 % bootstrap CIs (seeds resampled, "
         "then episodes within each seed, so they carry seed-to-seed variance; 3 seeds make them coarse). Agent = the model pretrained on "
-        f"{' + '.join(cfg.pretrain_games)} (those games) or fine-tuned from it on {cfg.finetune_game}, acting "
+        f"{' + '.join(cfg.pretrain_games)} (those games; "
+        f"{'one pretraining per seed' if cfg.seeded_pretraining else 'one pretraining, seed 0, for every seed'}) "
+        f"or fine-tuned from it on {cfg.finetune_game}, acting "
         "greedily on its Q (ε = 0.001).", "",
         "## 1. Agent vs its behaviour data", "",
         "| game | role | random | behaviour policy (ε = 0.001) | behaviour data | agent | agent with planning "

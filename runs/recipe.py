@@ -7,10 +7,11 @@ the same `wam` commands as a user would, at the `small` preset, with several tra
     and one held-out game, plus a little random-policy data (only for the tokenizer);
  2. train the VQ tokenizer, fill the token caches and probe the tokens for the objects' positions
     (`wam tokenizer probe`, on the recorded RAM);
- 3. train, two processes at a time (one torch thread each): pretraining on the two games, and for every
-    seed a fine-tuning run from the pretrained model and a from-scratch run on the held-out game's first
-    few thousand transitions; every run holds the last `--calibration-episodes` episodes of each dataset
-    out and logs its Q against their Monte-Carlo returns at every checkpoint step;
+ 3. train, two processes at a time (one torch thread each): for every seed a pretraining on the two games,
+    a fine-tuning run from it and a from-scratch run on the held-out game's first few thousand transitions
+    (`--no-seeded-pretraining`: one pretraining that every seed fine-tunes from); every run holds the last
+    `--calibration-episodes` episodes of each dataset out and logs its Q against their Monte-Carlo returns at
+    every checkpoint step;
  4. evaluate with Ray rollouts, capped episodes: random and the behaviour policy on all three games; the
     model agent (pretrained on the pretraining games, fine-tuned on the held-out one) with and without
     beam-search planning; the from-scratch agent on the held-out game;
@@ -81,6 +82,12 @@ class RecipeConfig:
     """Optimiser steps of pretraining."""
     finetune_steps: int = 1500
     """Optimiser steps of each fine-tuning and from-scratch run."""
+    seeded_pretraining: bool = True
+    """One pretraining per seed (`runs/pretrain-seedS`, seed S), each evaluated with that seed and fine-tuned
+    with it, so the CIs carry the spread between pretrainings (which moved greedy Boxing from -1.8 to 31.2
+    between runs). `--no-seeded-pretraining`: one pretraining (`runs/pretrain`, seed 0) that every seed
+    evaluates and fine-tunes from: (seeds - 1) fewer pretrainings, ~30 min of one core each, and CIs on the
+    pretraining games that miss that spread."""
     lambda_cql: float | None = None
     """Weight of the CQL regulariser in every run (none given: the preset's, 0.01 for `small`; JOWA used 0.1)."""
     n_step: int | None = None
@@ -188,8 +195,13 @@ class Recipe:
             run_wam("tokenizer", "probe", run, "--data", self.p("data"), "--out", probe)
         return tokenizer_summary(load_tokenizer(run).extra)
 
+    def pretrain_run(self, seed: int) -> Path:
+        """The pretraining that seed `seed` evaluates and fine-tunes from."""
+        return self.p("runs", f"pretrain-seed{seed}" if self.cfg.seeded_pretraining else "pretrain")
+
     def training_jobs(self) -> list[Job]:
-        """Pretraining, then fine-tuning from it and from scratch for every seed (wam command lines)."""
+        """Pretraining (per seed, or once), then fine-tuning from it and from scratch for every seed (wam
+        command lines)."""
         c = self.cfg
         tok = str(self.p("runs", "tokenizer"))
         common = ["--preset", c.preset, "--calibration-episodes", str(c.calibration_episodes)]
@@ -203,11 +215,13 @@ class Recipe:
             common += ["--bootstrap", c.bootstrap]
         if c.mc_mix is not None:
             common += ["--mc-mix", str(c.mc_mix)]
-        pre = self.p("runs", "pretrain")
-        jobs = [Job("pretrain", ["pretrain", *common, *[a for g in c.pretrain_games
-                                                         for a in ("--data", str(self.behaviour_data(g)))],
-                                  "--tokenizer", tok, "--core", c.core, "--steps", str(c.pretrain_steps),
-                                  "--seed", "0", "--out", str(pre)], pre, c.pretrain_steps)]
+        pre_data = [a for g in c.pretrain_games for a in ("--data", str(self.behaviour_data(g)))]
+        jobs = []
+        for s in dict.fromkeys(c.seeds if c.seeded_pretraining else [0]):
+            pre = self.pretrain_run(s)
+            jobs.append(Job(pre.name, ["pretrain", *common, *pre_data, "--tokenizer", tok, "--core", c.core,
+                                       "--steps", str(c.pretrain_steps), "--seed", str(s), "--out", str(pre)],
+                            pre, c.pretrain_steps))
         ft = ["--data", str(self.behaviour_data(c.finetune_game)), "--game", c.finetune_game,
               "--transitions", str(c.transitions), "--tokenizer", tok, "--steps", str(c.finetune_steps)]
         for s in c.seeds:
@@ -215,9 +229,9 @@ class Recipe:
             jobs.append(Job(f"scratch-seed{s}", ["finetune", "--from", "scratch", "--core", c.core, *common, *ft,
                                                   "--seed", str(s), "--out", str(run)], run, c.finetune_steps))
         for s in c.seeds:
-            run = self.p("runs", f"finetune-seed{s}")
+            run, pre = self.p("runs", f"finetune-seed{s}"), self.pretrain_run(s)
             jobs.append(Job(f"finetune-seed{s}", ["finetune", "--from", str(pre), *common, *ft, "--seed", str(s),
-                                                   "--out", str(run)], run, c.finetune_steps, after=("pretrain",)))
+                                                   "--out", str(run)], run, c.finetune_steps, after=(pre.name,)))
         if self.baseline_available():
             for g in self.games:
                 run = self.p("runs", f"cql-{g.lower()}")
@@ -244,7 +258,7 @@ class Recipe:
 
     def train(self) -> str:
         jobs = self.training_jobs()
-        # pretraining first: the fine-tuning runs wait for it, the from-scratch runs fill the other slot
+        # pretraining first: the fine-tuning runs wait for theirs, the from-scratch runs fill the free slots
         run_jobs(jobs, self.cfg.parallel)
         return f"{len(jobs)} runs"
 
@@ -278,9 +292,8 @@ class Recipe:
         self._eval("random", "random", self.games, n, 0, model=False)
         self._eval("behaviour", "scripted", self.games, n, 0, model=False)
         for s in c.seeds:
-            self._eval(f"pretrained-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.eval_episodes, s)
-            self._eval(f"pretrained-plan-seed{s}", self.p("runs", "pretrain"), c.pretrain_games, c.plan_episodes,
-                       s, plan)
+            self._eval(f"pretrained-seed{s}", self.pretrain_run(s), c.pretrain_games, c.eval_episodes, s)
+            self._eval(f"pretrained-plan-seed{s}", self.pretrain_run(s), c.pretrain_games, c.plan_episodes, s, plan)
             for kind in ("finetune", "scratch"):
                 self._eval(f"{kind}-seed{s}", self.p("runs", f"{kind}-seed{s}"), [c.finetune_game],
                            c.eval_episodes, s)
@@ -390,8 +403,8 @@ class Recipe:
         (rdir / "claims.md").write_text(claims_markdown(claims, self.cfg))
         c = self.cfg
         first = c.seeds[0]
-        for name, games in (("pretrain", c.pretrain_games), (f"finetune-seed{first}", [c.finetune_game]),
-                            (f"scratch-seed{first}", [c.finetune_game])):
+        for name, games in ((self.pretrain_run(first).name, c.pretrain_games),
+                            (f"finetune-seed{first}", [c.finetune_game]), (f"scratch-seed{first}", [c.finetune_game])):
             diag = rdir / f"diagnose-{name}"
             if not (diag / "diagnose.json").is_file():  # Q vs Monte-Carlo returns on the held-out episodes
                 run_wam("diagnose", self.p("runs", name), *[a for g in games for a in ("--data", self.behaviour_data(g))],

@@ -81,7 +81,7 @@ def test_the_journeys_train_like_the_recipe_whose_output_they_show(tmp_path):
         if argv[0] in ("pretrain", "finetune"):
             kind = argv[0] if argv[0] == "pretrain" else ("scratch" if "scratch" in argv else "finetune")
             readme.setdefault(kind, parse_command(argv[0], argv[1:])[1])
-    for kind, job in (("pretrain", "pretrain"), ("finetune", "finetune-seed0"), ("scratch", "scratch-seed0")):
+    for kind, job in (("pretrain", "pretrain-seed0"), ("finetune", "finetune-seed0"), ("scratch", "scratch-seed0")):
         want = parse_command(jobs[job].argv[0], jobs[job].argv[1:])[1]
         got = readme[kind]
         assert (got.preset, got.loss, got.batch_size) == (want.preset, want.loss, want.batch_size), kind

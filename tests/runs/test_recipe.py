@@ -76,8 +76,9 @@ def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_p
     def losses(flags: list[str]):
         recipe = Recipe(parse_command("recipe", ["--out", str(tmp_path), "--no-baseline", *flags])[1])
         jobs = recipe.training_jobs()
-        assert [j.name for j in jobs] == ["pretrain", "scratch-seed0", "scratch-seed1", "scratch-seed2",
-                                          "finetune-seed0", "finetune-seed1", "finetune-seed2"]
+        assert [j.name for j in jobs] == ["pretrain-seed0", "pretrain-seed1", "pretrain-seed2", "scratch-seed0",
+                                          "scratch-seed1", "scratch-seed2", "finetune-seed0", "finetune-seed1",
+                                          "finetune-seed2"]
         # each job's command line parses into the loss that run trains with
         return {(cfg.loss.lambda_cql, cfg.loss.n_step, cfg.loss.double_q, cfg.loss.mc_mix)
                 for cfg in (parse_command(j.argv[0], j.argv[1:])[1] for j in jobs)}
@@ -87,6 +88,29 @@ def test_training_jobs_take_the_presets_objective_unless_flags_override_it(tmp_p
     assert losses(["--lambda-cql", "1.0", "--n-step", "4", "--double-q", "True"]) == {(1.0, 4, True, 0.2)}
     assert losses(["--double-q", "False", "--mc-mix", "0"]) == {(0.01, 1, False, 0.0)}
     assert losses(["--lambda-cql", "0.1"]) == {(0.1, 1, False, 0.2)}  # JOWA's weight
+
+
+def test_each_seed_pretrains_and_fine_tunes_from_its_own_pretraining_unless_asked_for_one(tmp_path):
+    def jobs(flags: list[str]) -> dict[str, dict]:
+        recipe = Recipe(parse_command("recipe", ["--out", str(tmp_path), "--no-baseline", "--seeds", "3",
+                                                 "--seeds", "5", *flags])[1])
+        return {j.name: {"cfg": parse_command(j.argv[0], j.argv[1:])[1], "after": j.after, "argv": j.argv}
+                for j in recipe.training_jobs()}
+
+    seeded = jobs([])
+    assert [n for n in seeded if n.startswith("pretrain")] == ["pretrain-seed3", "pretrain-seed5"]
+    for s in (3, 5):
+        assert seeded[f"pretrain-seed{s}"]["cfg"].seed == s
+        assert seeded[f"pretrain-seed{s}"]["cfg"].out == str(tmp_path / "runs" / f"pretrain-seed{s}")
+        ft = seeded[f"finetune-seed{s}"]
+        assert ft["after"] == (f"pretrain-seed{s}",) and ft["cfg"].seed == s
+        assert ft["argv"][ft["argv"].index("--from") + 1] == str(tmp_path / "runs" / f"pretrain-seed{s}")
+    once = jobs(["--no-seeded-pretraining"])
+    assert [n for n in once if n.startswith("pretrain")] == ["pretrain"] and once["pretrain"]["cfg"].seed == 0
+    for s in (3, 5):
+        ft = once[f"finetune-seed{s}"]
+        assert ft["after"] == ("pretrain",)
+        assert ft["argv"][ft["argv"].index("--from") + 1] == str(tmp_path / "runs" / "pretrain")
 
 
 def test_recipe_refuses_a_held_out_game_it_pretrains_on(tmp_path, capsys):
