@@ -16,7 +16,7 @@ the same `wam` commands as a user would, at the `small` preset, with several tra
     model agent (pretrained on the pretraining games, fine-tuned on the held-out one) with and without
     beam-search planning; the from-scratch agent on the held-out game;
  5. check the three claims of issue 9 against the numbers and write `claims.md` / `claims.json`, run
-    `wam diagnose` (Q against Monte-Carlo returns, action histograms, on the held-out episodes) on the
+    `wam diagnose` (Q against Monte-Carlo returns, action histograms, on the held-out episodes) on every
     pretrained model and on the first seed's fine-tuned and from-scratch models, then `wam report` with its plots.
 
 The claims, each with a 95 % bootstrap confidence interval (seeds resampled, then episodes within each seed;
@@ -403,8 +403,10 @@ class Recipe:
         (rdir / "claims.md").write_text(claims_markdown(claims, self.cfg))
         c = self.cfg
         first = c.seeds[0]
-        for name, games in ((self.pretrain_run(first).name, c.pretrain_games),
-                            (f"finetune-seed{first}", [c.finetune_game]), (f"scratch-seed{first}", [c.finetune_game])):
+        pretrainings = dict.fromkeys(self.pretrain_run(s).name for s in c.seeds)  # each one's Q calibration
+        targets = [(n, c.pretrain_games) for n in pretrainings] + [
+            (f"finetune-seed{first}", [c.finetune_game]), (f"scratch-seed{first}", [c.finetune_game])]
+        for name, games in targets:
             diag = rdir / f"diagnose-{name}"
             if not (diag / "diagnose.json").is_file():  # Q vs Monte-Carlo returns on the held-out episodes
                 run_wam("diagnose", self.p("runs", name), *[a for g in games for a in ("--data", self.behaviour_data(g))],

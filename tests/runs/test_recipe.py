@@ -258,3 +258,32 @@ def test_an_acting_tau_reaches_every_model_evaluation_and_a_stale_one_is_refused
     with pytest.raises(WamError, match=r"pretrained-seed0 was evaluated with behaviour prior 0.3 and this recipe "
                                        r"asks for the model's own"):
         Recipe(RecipeConfig(out=tmp_path, seeds=[0])).evaluate()
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_each_seed_evaluates_its_own_pretraining_and_every_pretraining_is_diagnosed(tmp_path, monkeypatch, seeded):
+    calls: list[list[str]] = []
+
+    def fake_run_wam(*argv):
+        argv = [str(a) for a in argv]
+        calls.append(argv)
+
+    monkeypatch.setattr("wam.runs.demo.run_wam", fake_run_wam)
+    monkeypatch.setattr(Recipe, "_merge", lambda self: None)
+    monkeypatch.setattr(Recipe, "claims", lambda self: {})
+    monkeypatch.setattr("wam.runs.recipe.claims_markdown", lambda claims, cfg: "")
+    r = Recipe(RecipeConfig(out=tmp_path, seeds=[4, 6], seeded_pretraining=seeded, baseline=False))
+    (tmp_path / "eval").mkdir()
+    r.evaluate()
+    agent = {c[c.index("--out") + 1].rsplit("/", 1)[-1]: c[c.index("--agent") + 1] for c in calls}
+    for s in (4, 6):
+        want = str(tmp_path / "runs" / (f"pretrain-seed{s}" if seeded else "pretrain"))
+        assert agent[f"pretrained-seed{s}"] == agent[f"pretrained-plan-seed{s}"] == want
+        assert agent[f"finetune-seed{s}"] == str(tmp_path / "runs" / f"finetune-seed{s}")
+    calls.clear()
+    (tmp_path / "merged").mkdir()
+    r.report()
+    diagnosed = [c[1].rsplit("/", 1)[-1] for c in calls if c[0] == "diagnose"]
+    pre = ["pretrain-seed4", "pretrain-seed6"] if seeded else ["pretrain"]
+    assert diagnosed == [*pre, "finetune-seed4", "scratch-seed4"]
+    assert [c[0] for c in calls][-1] == "report"
