@@ -73,8 +73,9 @@ def claims_markdown(claims: dict[str, Any], cfg: RecipeConfig) -> str:
     b = claims["beats_data"]
     lines += ["", f"**Claim: above its data on at least 2 of 3 games — "
               f"{'HOLDS' if b['holds'] else 'DOES NOT HOLD'}** ({b['games_above']} of {b['of']} on the point "
-              f"estimate; {b.get('games_above_with_ci', '?')} of {b['of']} with the CI's lower bound above the "
-              "data's mean, the target of issue 18).", "",
+              f"estimate; {b.get('games_above_with_ci', '?')} of {b['of']} with the agent's CI's lower bound "
+              f"above the data's mean, the target of issue 18; {b.get('games_above_with_difference_ci', '?')} of "
+              f"{b['of']} with the CI of agent − data above 0, which adds the data's own spread).", "",
               "## 2. Planning vs no planning", "",
               f"Mean over games of HNS with − without planning (beam K = {cfg.beam_width}, H = {cfg.plan_horizon}): "
               f"{_f(claims['planning']['hns_with_minus_without'], 3)}.", "",

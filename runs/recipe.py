@@ -347,7 +347,7 @@ class Recipe:
             return [fn(f"{kind}-seed{s}", game) for s in c.seeds]
 
         out: dict[str, Any] = {"cap_steps": cap, "seeds": list(c.seeds), "games": {}}
-        beaten = beaten_ci = 0
+        beaten = beaten_ci = beaten_diff_ci = 0
         for g in self.games:
             data = behaviour_data_returns(self.behaviour_data(g), cap)
             agent = agent_groups(g, False)
@@ -356,7 +356,8 @@ class Recipe:
             diff = seed_diff_ci([data], agent)
             ok = diff[0] > 0
             beaten += ok
-            beaten_ci += diff[1] > 0  # the CI's lower bound above the data's mean (issue 18's target)
+            beaten_ci += a_pt[1] > d_pt[0]  # the agent's CI above the data's mean (issue 18's target)
+            beaten_diff_ci += diff[1] > 0  # stricter: the difference's CI, the data's own spread included
             out["games"][g] = {
                 "role": "pretraining" if g in c.pretrain_games else "held out (fine-tuned)",
                 "behaviour_data_return": d_pt, "behaviour_data_episodes": int(data.size),
@@ -367,7 +368,8 @@ class Recipe:
                 "behaviour_policy_return": seed_mean_ci([returns("behaviour", g)]),
             }
         out["beats_data"] = {"games_above": beaten, "of": len(self.games), "holds": beaten >= 2,
-                             "games_above_with_ci": beaten_ci, "supported": beaten_ci >= 2}
+                             "games_above_with_ci": beaten_ci, "supported": beaten_ci >= 2,
+                             "games_above_with_difference_ci": beaten_diff_ci}
         # planning: mean over games of (HNS with planning - HNS without); games fixed, seeds and episodes resampled
         with_p = [agent_groups(g, True, hns) for g in self.games]
         without = [agent_groups(g, False, hns) for g in self.games]

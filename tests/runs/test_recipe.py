@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -215,16 +216,27 @@ def test_claims_read_the_evaluations_and_the_behaviour_data(tmp_path, monkeypatc
     assert claims["games"]["Boxing"]["agent_minus_data"][0] == pytest.approx(-4.0)
     assert claims["games"]["Pong"]["agent_minus_data"][0] == pytest.approx(-9.5 + 4.0)
     assert claims["beats_data"] == {"games_above": 1, "of": 3, "holds": False, "games_above_with_ci": 1,
-                                    "supported": False}  # Freeway: 3.0 above with no spread
+                                    "supported": False, "games_above_with_difference_ci": 1}  # Freeway: no spread
     assert claims["planning"]["hns_with_minus_without"][0] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
     assert claims["pretraining"]["finetuned_minus_scratch_return"][0] == pytest.approx(2.5)
     assert claims["pretraining"]["verdict"] == "holds, supported by the CI"
     from wam.runs.claims import claims_markdown
 
     text = claims_markdown(claims, cfg)
-    assert "DOES NOT HOLD** (1 of 3 on the point estimate; 1 of 3 with the CI's lower bound" in text
+    assert "DOES NOT HOLD** (1 of 3 on the point estimate; 1 of 3 with the agent's CI's lower bound above the data" in text
     assert "| Freeway | pretraining |" in text
     assert "| Boxing | 3.0 [3.0, 3.0] | -1.0 [-1.0, -1.0] | does not hold |" in text
+    # Boxing at 6.5 every episode: the agent's CI [6.5, 6.5] lies above the data's mean 6.0 (the issue's
+    # target), but agent - data resamples the data's episodes (5, 7) and its CI reaches -0.5
+    for s in (0, 1):
+        d = tmp_path / "eval" / f"pretrained-seed{s}"
+        shutil.rmtree(d)
+        _write_eval(d, "Freeway", [4.0], [0.1])
+        with open(d / "episodes.csv", "a", newline="") as f:
+            f.write("Boxing,1,6.5,0.2\n")
+    b = r.claims()["beats_data"]
+    assert (b["games_above"], b["games_above_with_ci"], b["games_above_with_difference_ci"]) == (2, 2, 1)
+    assert b["supported"] is True
 
 
 def test_an_acting_tau_reaches_every_model_evaluation_and_a_stale_one_is_refused(tmp_path, monkeypatch):
