@@ -86,7 +86,7 @@ class RecipeConfig:
     """One pretraining per seed (`runs/pretrain-seedS`, seed S), each evaluated with that seed and fine-tuned
     with it, so the CIs carry the spread between pretrainings (which moved greedy Boxing from -1.8 to 31.2
     between runs). `--no-seeded-pretraining`: one pretraining (`runs/pretrain`, seed 0) that every seed
-    evaluates and fine-tunes from: (seeds - 1) fewer pretrainings, ~30 min of one core each, and CIs on the
+    evaluates and fine-tunes from: (seeds - 1) fewer pretrainings, ~40 min of one core each, and CIs on the
     pretraining games that miss that spread."""
     lambda_cql: float | None = None
     """Weight of the CQL regulariser in every run (none given: the preset's, 0.01 for `small`; JOWA used 0.1)."""
@@ -199,6 +199,10 @@ class Recipe:
         """The pretraining that seed `seed` evaluates and fine-tunes from."""
         return self.p("runs", f"pretrain-seed{seed}" if self.cfg.seeded_pretraining else "pretrain")
 
+    def pretrainings(self) -> dict[int, Path]:
+        """Every pretraining the recipe trains, by its training seed: one per seed, or the one seed-0 run."""
+        return {s: self.pretrain_run(s) for s in (self.cfg.seeds if self.cfg.seeded_pretraining else [0])}
+
     def training_jobs(self) -> list[Job]:
         """Pretraining (per seed, or once), then fine-tuning from it and from scratch for every seed (wam
         command lines)."""
@@ -217,8 +221,7 @@ class Recipe:
             common += ["--mc-mix", str(c.mc_mix)]
         pre_data = [a for g in c.pretrain_games for a in ("--data", str(self.behaviour_data(g)))]
         jobs = []
-        for s in dict.fromkeys(c.seeds if c.seeded_pretraining else [0]):
-            pre = self.pretrain_run(s)
+        for s, pre in self.pretrainings().items():
             jobs.append(Job(pre.name, ["pretrain", *common, *pre_data, "--tokenizer", tok, "--core", c.core,
                                        "--steps", str(c.pretrain_steps), "--seed", str(s), "--out", str(pre)],
                             pre, c.pretrain_steps))
@@ -405,8 +408,8 @@ class Recipe:
         (rdir / "claims.md").write_text(claims_markdown(claims, self.cfg))
         c = self.cfg
         first = c.seeds[0]
-        pretrainings = dict.fromkeys(self.pretrain_run(s).name for s in c.seeds)  # each one's Q calibration
-        targets = [(n, c.pretrain_games) for n in pretrainings] + [
+        # every pretraining (each one's Q calibration), the first seed's fine-tuned and from-scratch models
+        targets = [(run.name, c.pretrain_games) for run in self.pretrainings().values()] + [
             (f"finetune-seed{first}", [c.finetune_game]), (f"scratch-seed{first}", [c.finetune_game])]
         for name, games in targets:
             diag = rdir / f"diagnose-{name}"
